@@ -1,0 +1,162 @@
+"""Prompts from JSONL/CSV files (local or s3://) into a versioned train/eval dataset with a manifest."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import re
+import unicodedata
+from collections import Counter
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from rlhf_components.core import storage
+from rlhf_components.core.config import StrictModel
+from rlhf_components.core.errors import UserError
+from rlhf_components.core.splits import is_eval
+from rlhf_components.core.step import step_output
+from rlhf_components.core.tracking import RunContext, log_metrics, step_run
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_SUFFIXES = (".jsonl", ".csv")
+
+
+class Config(StrictModel):
+    sources: list[str] = Field(min_length=1, description="files or prefixes, local or s3://; .jsonl / .csv")
+    text_field: str = Field(default="prompt", description="column/key that holds the prompt text")
+    min_chars: int = Field(default=1, ge=1)
+    max_chars: int = Field(default=2000, ge=1)
+    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_prompts: int | None = Field(default=None, ge=1, description="keep at most this many (train+eval)")
+
+    @model_validator(mode="after")
+    def _lengths_ordered(self) -> Config:
+        if self.min_chars > self.max_chars:
+            raise ValueError("min_chars must not exceed max_chars")
+        return self
+
+
+class Inputs(StrictModel):
+    """collect_prompts is a source step: everything it reads is named in its config."""
+
+
+class PromptRecord(StrictModel):
+    id: str
+    prompt: str
+    source: str
+
+
+class Outputs(StrictModel):
+    train: str
+    eval: str
+    quarantine: str
+    manifest: str
+    content_hash: str
+    counts: dict[str, int]
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip()
+
+
+def prompt_id(text: str) -> str:
+    return hashlib.sha256(normalize(text).casefold().encode()).hexdigest()[:16]
+
+
+def _rows(uri: str) -> list[tuple[str, Any]]:
+    """(location, raw row) for every row of one file; parse errors become rows the caller quarantines."""
+    text = storage.read_text(uri)
+    if uri.endswith(".csv"):
+        return [(f"{uri}:{n}", row) for n, row in enumerate(csv.DictReader(io.StringIO(text)), start=2)]
+    rows: list[tuple[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{uri}:{number}", json.loads(line)))
+        except json.JSONDecodeError as error:
+            rows.append((f"{uri}:{number}", ValueError(f"invalid JSON: {error.msg}")))
+    return rows
+
+
+def _source_files(sources: list[str]) -> list[str]:
+    files: list[str] = []
+    for source in sources:
+        found = [f for f in storage.list_files(source) if f.endswith(SUPPORTED_SUFFIXES)]
+        if not found:
+            raise UserError(f"{source}: no .jsonl or .csv prompt files found")
+        files.extend(found)
+    return files
+
+
+def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
+    with step_run(context, "collect_prompts", config):
+        counts: Counter[str] = Counter()
+        quarantine: list[dict[str, str]] = []
+        kept: dict[str, PromptRecord] = {}
+        files = _source_files(config.sources)
+        for file_uri in files:
+            for location, row in _rows(file_uri):
+                counts["read"] += 1
+                reason = None
+                if isinstance(row, Exception):
+                    reason = str(row)
+                elif not isinstance(row, dict) or not isinstance(row.get(config.text_field), str):
+                    reason = f"missing or non-text field {config.text_field!r}"
+                if reason is not None:
+                    quarantine.append({"location": location, "reason": reason})
+                    counts["invalid"] += 1
+                    continue
+                text = normalize(row[config.text_field])
+                if not config.min_chars <= len(text) <= config.max_chars:
+                    counts["filtered_length"] += 1
+                    continue
+                record = PromptRecord(id=prompt_id(text), prompt=text, source=location)
+                if record.id in kept:
+                    counts["duplicates"] += 1
+                    continue
+                kept[record.id] = record
+        records = sorted(kept.values(), key=lambda r: r.id)
+        if config.max_prompts is not None:
+            counts["over_max_prompts"] = max(0, len(records) - config.max_prompts)
+            records = records[: config.max_prompts]
+        if not records:
+            raise UserError(f"collect_prompts: no usable prompts in {', '.join(config.sources)}")
+        train = [r.model_dump() for r in records if not is_eval(r.id, config.eval_fraction)]
+        evaluation = [r.model_dump() for r in records if is_eval(r.id, config.eval_fraction)]
+        counts.update(kept=len(records), train=len(train), eval=len(evaluation))
+        content_hash = hashlib.sha256("\n".join(r.id for r in records).encode()).hexdigest()
+        outputs = Outputs(
+            train=step_output(context, "collect_prompts", "train.jsonl"),
+            eval=step_output(context, "collect_prompts", "eval.jsonl"),
+            quarantine=step_output(context, "collect_prompts", "quarantine.jsonl"),
+            manifest=step_output(context, "collect_prompts", "manifest.json"),
+            content_hash=content_hash,
+            counts=dict(counts),
+        )
+        storage.write_jsonl(outputs.train, train)
+        storage.write_jsonl(outputs.eval, evaluation)
+        storage.write_jsonl(outputs.quarantine, quarantine)
+        # The manifest goes last: its presence marks a complete dataset.
+        storage.write_json(
+            outputs.manifest,
+            {"row_count": len(records), "content_hash": content_hash, "sources": files, "counts": dict(counts)},
+        )
+        log_metrics({f"prompts_{key}": value for key, value in counts.items()})
+        _log_dataset(records, outputs.manifest, content_hash)
+        log.info("collect_prompts: %s", dict(counts))
+        return outputs
+
+
+def _log_dataset(records: list[PromptRecord], manifest_uri: str, content_hash: str) -> None:
+    import mlflow
+    import pandas as pd
+
+    frame = pd.DataFrame([r.model_dump() for r in records])
+    dataset = mlflow.data.from_pandas(frame, source=manifest_uri, name="prompts", digest=content_hash[:16])
+    mlflow.log_input(dataset, context="training")

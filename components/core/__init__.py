@@ -1,0 +1,1 @@
+"""Shared foundations: configs, storage, tracking, model loading, generation, logging."""

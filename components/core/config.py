@@ -1,0 +1,68 @@
+"""Base model for every config and record, and YAML loading with errors that name the file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from rlhf_components.core.errors import ConfigError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo in a config must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def describe_validation_error(error: ValidationError, source: str) -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "<root>"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{field}: {message}")
+    return f"{source}: invalid config: " + "; ".join(problems)
+
+
+def validate_mapping(model: type[ModelT], data: Any, source: str) -> ModelT:
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, source)) from None
+
+
+def parse_yaml_text(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+
+
+def load_yaml_config(model: type[ModelT], path: str | Path) -> ModelT:
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise ConfigError(f"{config_path}: config file not found")
+    data = parse_yaml_text(config_path.read_text(encoding="utf-8"), str(config_path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
+    return validate_mapping(model, data, str(config_path))
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → `section.field` keys, the shape MLflow params want."""
+    flat: dict[str, str] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat

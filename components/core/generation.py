@@ -1,0 +1,179 @@
+"""Batched sampling with the KV cache, and log-probs that match it exactly.
+
+Conventions every step shares (they are what makes PPO's importance ratio start at exactly 1):
+- prompts are left-padded with a pad token that is not EOS, and position ids follow the attention mask;
+- logits are divided by the sampling temperature wherever log-probs are taken;
+- a response ends at its first EOS; everything after it is pad and masked out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_components.core.config import StrictModel
+
+
+class SamplingConfig(StrictModel):
+    max_new_tokens: int = Field(default=32, ge=1)
+    temperature: float = Field(default=0.7, gt=0.0)
+    top_k: int = Field(default=0, ge=0, description="0 = no top-k filtering (the RLHF default)")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="1.0 = no nucleus filtering")
+    greedy: bool = Field(default=False, description="argmax decoding, for near-greedy evaluation")
+
+
+@dataclass
+class Batch:
+    """Left-padded prompts followed by right-padded responses."""
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    """per response token, at the sampling temperature, from the generation pass itself"""
+    ended_with_eos: torch.Tensor
+
+    def sequence(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask, position ids) of prompt + response."""
+        ids = torch.cat([self.query_ids, self.response_ids], dim=1)
+        mask = torch.cat([self.query_mask, self.response_mask], dim=1)
+        return ids, mask, positions(mask)
+
+    def last_token_index(self) -> torch.Tensor:
+        """Index into `sequence()` of each row's last real token (the EOS, or the final sampled token)."""
+        return self.query_ids.shape[1] + self.response_mask.sum(-1).clamp(min=1) - 1
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_prompt_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    encoded = tokenizer(
+        prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens,
+        add_special_tokens=False,
+    )
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    config: SamplingConfig,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> Batch:
+    """Sample responses token by token with the KV cache; stops as soon as every row has emitted EOS."""
+    batch_size = query_ids.shape[0]
+    attention = query_mask.clone()
+    position = positions(attention)
+    output = model(input_ids=query_ids, attention_mask=attention, position_ids=position, use_cache=True)
+    position = position[:, -1:]
+    finished = torch.zeros(batch_size, dtype=torch.bool)
+    tokens: list[torch.Tensor] = []
+    logprobs: list[torch.Tensor] = []
+    for _ in range(config.max_new_tokens):
+        scaled = output.logits[:, -1, :].float() / config.temperature
+        if config.greedy:
+            token = scaled.argmax(-1)
+        else:
+            probs = _filter_logits(scaled, config.top_k, config.top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = token.masked_fill(finished, pad_token_id)
+        token_logprob = scaled.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+        tokens.append(token)
+        logprobs.append(token_logprob.masked_fill(finished, 0.0))
+        finished = finished | (token == eos_token_id)
+        if bool(finished.all()):
+            break
+        attention = torch.cat([attention, torch.ones(batch_size, 1, dtype=attention.dtype)], dim=1)
+        position = position + 1
+        output = model(
+            input_ids=token[:, None], attention_mask=attention, position_ids=position,
+            past_key_values=output.past_key_values, use_cache=True,
+        )
+    response_ids = torch.stack(tokens, dim=1)
+    is_eos = (response_ids == eos_token_id).long()
+    after_eos = (is_eos.cumsum(-1) - is_eos) > 0
+    response_mask = (~after_eos).long()
+    return Batch(
+        query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
+        response_mask=response_mask, logprobs=torch.stack(logprobs, dim=1) * response_mask,
+        ended_with_eos=is_eos.sum(-1) > 0,
+    )
+
+
+def response_logits(model: PreTrainedModel, batch: Batch, temperature: float) -> torch.Tensor:
+    """Temperature-scaled logits that predicted each response token, [batch, response_len, vocab]."""
+    ids, mask, position = batch.sequence()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position).logits
+    start = batch.query_ids.shape[1] - 1
+    return logits[:, start : start + batch.response_ids.shape[1], :].float() / temperature
+
+
+def response_logprobs(model: PreTrainedModel, batch: Batch, temperature: float) -> torch.Tensor:
+    logits = response_logits(model, batch, temperature)
+    token_logprobs = logits.log_softmax(-1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    return token_logprobs * batch.response_mask
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    log_p = logits.log_softmax(-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, batch: Batch) -> list[str]:
+    texts = []
+    for ids, mask in zip(batch.response_ids, batch.response_mask, strict=True):
+        kept = [int(t) for t, m in zip(ids, mask, strict=True) if m and int(t) != tokenizer.eos_token_id]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return texts
+
+
+def generate_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    config: SamplingConfig,
+    max_prompt_tokens: int,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+) -> tuple[list[str], list[bool], list[int]]:
+    """Responses for many prompts in batches: (texts, ended with EOS, response lengths in tokens)."""
+    texts: list[str] = []
+    ended: list[bool] = []
+    lengths: list[int] = []
+    for start in range(0, len(prompts), batch_size):
+        query_ids, query_mask = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_tokens)
+        batch = sample(
+            model, query_ids, query_mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id, generator
+        )
+        texts.extend(decode_responses(tokenizer, batch))
+        ended.extend(bool(e) for e in batch.ended_with_eos)
+        lengths.extend(int(n) for n in batch.response_mask.sum(-1))
+    return texts, ended, lengths

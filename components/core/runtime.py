@@ -1,0 +1,34 @@
+"""Process-wide set-up shared by every step: logging, seeding, deterministic threads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def setup_logging(level: str | None = None) -> None:
+    logging.basicConfig(
+        level=(level or os.environ.get("RLHF_LOG_LEVEL", "INFO")).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("urllib3", "botocore", "alembic", "httpx", "git", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed every RNG and return a dedicated generator for sampling, so sampling is reproducible alone."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def progress_disabled() -> bool:
+    return os.environ.get("RLHF_NO_PROGRESS", "") not in {"", "0"}

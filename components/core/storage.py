@@ -1,0 +1,213 @@
+"""Local paths and `s3://` URIs behind one small interface.
+
+S3 goes through boto3 with its standard configuration chain: credentials from the environment, profile or
+instance role; the endpoint from `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) for S3-compatible stores.
+Writes are atomic: a local file is written to a temporary name and renamed; an S3 PUT is atomic by itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from rlhf_components.core.errors import UserError
+
+S3_PREFIX = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_PREFIX)
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])
+    return str(Path(base, *parts))
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len(S3_PREFIX) :].partition("/")
+    if not bucket:
+        raise UserError(f"{uri}: an s3:// URI needs a bucket name")
+    return bucket, key
+
+
+@lru_cache(maxsize=1)
+def s3_client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    # Transient errors (throttling, 5xx, dropped connections) are retried with backoff by botocore.
+    config = Config(retries={"max_attempts": 6, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    return boto3.session.Session().client("s3", config=config)
+
+
+def _s3_call(uri: str, action: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        return call(*args, **kwargs)
+    except NoCredentialsError:
+        raise UserError(
+            f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
+        ) from None
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "?")
+        if code in {"404", "NoSuchKey", "NotFound"}:
+            raise FileNotFoundError(uri) from None
+        raise UserError(f"{uri}: S3 {action} failed: {code}: {error}") from None
+    except BotoCoreError as error:
+        raise UserError(f"{uri}: S3 {action} failed: {error}") from None
+
+
+def exists(uri: str) -> bool:
+    if not is_s3(uri):
+        return Path(uri).exists()
+    bucket, key = split_s3(uri)
+    try:
+        _s3_call(uri, "HEAD", s3_client().head_object, Bucket=bucket, Key=key)
+    except FileNotFoundError:
+        return bool(list_files(uri.rstrip("/") + "/"))
+    return True
+
+
+def read_bytes(uri: str) -> bytes:
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.is_file():
+            raise UserError(f"{uri}: file not found")
+        return path.read_bytes()
+    bucket, key = split_s3(uri)
+    try:
+        response = _s3_call(uri, "GET", s3_client().get_object, Bucket=bucket, Key=key)
+    except FileNotFoundError:
+        raise UserError(f"{uri}: object not found") from None
+    return bytes(response["Body"].read())
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        _s3_call(uri, "PUT", s3_client().put_object, Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(data)
+        temp_name = handle.name
+    os.replace(temp_name, path)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+def write_json(uri: str, value: Any) -> None:
+    write_text(uri, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def list_files(prefix: str) -> list[str]:
+    """Every file under a directory or S3 prefix, as full URIs, sorted."""
+    if not is_s3(prefix):
+        root = Path(prefix)
+        if root.is_file():
+            return [str(root)]
+        if not root.is_dir():
+            return []
+        return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    bucket, key = split_s3(prefix)
+    paginator = s3_client().get_paginator("list_objects_v2")
+    found: list[str] = []
+    pages = _s3_call(prefix, "LIST", lambda: list(paginator.paginate(Bucket=bucket, Prefix=key)))
+    for page in pages:
+        found.extend(f"{S3_PREFIX}{bucket}/{item['Key']}" for item in page.get("Contents", []))
+    return sorted(found)
+
+
+def upload_dir(local_dir: Path, uri: str) -> None:
+    """Copy a local directory to `uri`; locally via a temporary sibling renamed into place."""
+    if is_s3(uri):
+        for path in sorted(local_dir.rglob("*")):
+            if path.is_file():
+                write_bytes(join(uri, path.relative_to(local_dir).as_posix()), path.read_bytes())
+        return
+    target = Path(uri)
+    if target.resolve() == local_dir.resolve():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    shutil.copytree(local_dir, staging, dirs_exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf-pipelines"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def local_dir(uri: str) -> Path:
+    """A local directory holding the files under `uri`: the path itself, or a cached S3 download.
+
+    The cache key includes every object's ETag, so a changed prefix is downloaded again.
+    """
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.is_dir():
+            raise UserError(f"{uri}: directory not found")
+        return path
+    prefix = uri.rstrip("/") + "/"
+    files = list_files(prefix)
+    if not files:
+        raise UserError(f"{uri}: no objects under this S3 prefix")
+    bucket, key_prefix = split_s3(prefix)
+    heads = [
+        _s3_call(f, "HEAD", s3_client().head_object, Bucket=bucket, Key=split_s3(f)[1])["ETag"] for f in files
+    ]
+    digest = hashlib.sha256(json.dumps([prefix, files, heads]).encode()).hexdigest()[:20]
+    target = cache_dir() / "s3" / digest
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    for file_uri in files:
+        relative = split_s3(file_uri)[1][len(key_prefix) :]
+        destination = staging / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(read_bytes(file_uri))
+    os.replace(staging, target)
+    return target
+
+
+def read_jsonl(uri: str) -> Iterator[tuple[int, str]]:
+    """(line number, raw line) for every non-empty line: parsing is the caller's, so it can quarantine."""
+    for number, line in enumerate(read_text(uri).splitlines(), start=1):
+        if line.strip():
+            yield number, line
+
+
+def write_jsonl(uri: str, rows: Iterable[dict[str, Any]]) -> int:
+    lines = [json.dumps(row, sort_keys=True, ensure_ascii=False) for row in rows]
+    write_text(uri, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,213 @@
+"""Evaluate a candidate policy against a baseline on held-out prompts.
+
+For each baseline (the SFT reference, and the current champion when there is one) both policies answer the
+same prompts; per prompt the candidate wins (1), ties (½) or loses (0) by the reward model and, when a gold
+judge exists (the demo's), by the gold judge. Win rates carry a bootstrap confidence interval over prompts.
+KL to the reference is the k1 estimate summed over each candidate response, at the sampling temperature.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_components.core import storage
+from rlhf_components.core.config import StrictModel
+from rlhf_components.core.errors import UserError
+from rlhf_components.core.generation import (
+    SamplingConfig,
+    decode_responses,
+    encode_prompts,
+    response_logprobs,
+    sample,
+)
+from rlhf_components.core.models import load_policy, load_scalar_model, normalized_rewards
+from rlhf_components.core.runtime import seed_everything
+from rlhf_components.core.step import step_output
+from rlhf_components.core.tracking import RunContext, log_metrics, step_run
+from rlhf_components.ingest_feedback.simulated import resolve_judge
+from rlhf_components.train_reward_model.step import score_texts
+
+log = logging.getLogger(__name__)
+
+
+class Config(StrictModel):
+    max_prompts: int = Field(default=128, ge=1)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    max_prompt_tokens: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    bootstrap_samples: int = Field(default=1000, ge=100)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    gold_judge: str | None = Field(default=None, description="a programmatic judge, e.g. demo-gold-sentiment")
+    max_reward_tokens: int = Field(default=256, ge=8)
+    trust_remote_code: bool = False
+
+
+class Inputs(StrictModel):
+    candidate: str
+    reference: str
+    champion: str | None = Field(default=None, description="the current production policy, if any")
+    reward_model: str
+    prompts: str = Field(description="held-out prompts (collect_prompts' eval split)")
+
+
+class Outputs(StrictModel):
+    report: str
+    metrics: dict[str, float]
+
+
+class Answers(StrictModel):
+    texts: list[str]
+    lengths: list[int]
+    ended: list[bool]
+    kl_to_reference: list[float]
+
+
+def win_rate(candidate: list[float], baseline: list[float]) -> list[float]:
+    return [1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline, strict=True)]
+
+
+def bootstrap_interval(
+    outcomes: list[float], samples: int, confidence: float, generator: torch.Generator
+) -> tuple[float, float]:
+    values = torch.tensor(outcomes, dtype=torch.float64)
+    draws = torch.randint(0, len(outcomes), (samples, len(outcomes)), generator=generator)
+    means = values[draws].mean(dim=1)
+    tail = (1.0 - confidence) / 2
+    return float(torch.quantile(means, tail)), float(torch.quantile(means, 1.0 - tail))
+
+
+@torch.no_grad()
+def answer(
+    policy: PreTrainedModel, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+    config: Config, generator: torch.Generator,
+) -> Answers:
+    answers = Answers(texts=[], lengths=[], ended=[], kl_to_reference=[])
+    for start in range(0, len(prompts), config.batch_size):
+        query_ids, query_mask = encode_prompts(tokenizer, prompts[start : start + config.batch_size],
+                                               config.max_prompt_tokens)
+        batch = sample(policy, query_ids, query_mask, config.sampling, tokenizer.eos_token_id,
+                       tokenizer.pad_token_id, generator)
+        ref_logprobs = response_logprobs(reference, batch, config.sampling.temperature)
+        answers.texts.extend(decode_responses(tokenizer, batch))
+        answers.lengths.extend(int(n) for n in batch.response_mask.sum(-1))
+        answers.ended.extend(bool(e) for e in batch.ended_with_eos)
+        answers.kl_to_reference.extend(float(k) for k in (batch.logprobs - ref_logprobs).sum(-1))
+    return answers
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
+    with step_run(context, "evaluate", config):
+        generator = seed_everything(context.seed + 1)
+        prompts = [json.loads(line)["prompt"] for _, line in storage.read_jsonl(inputs.prompts)]
+        prompts = prompts[: config.max_prompts]
+        if not prompts:
+            raise UserError(f"{inputs.prompts}: no held-out prompts to evaluate on")
+        reward_model, _ = load_scalar_model(inputs.reward_model, config.trust_remote_code)
+        reward_model.eval()
+        judge = resolve_judge(config.gold_judge) if config.gold_judge else None
+        reference, tokenizer = load_policy(inputs.reference, config.trust_remote_code)
+        reference.eval()
+
+        def rm_scores(texts: list[str]) -> list[float]:
+            with torch.no_grad():
+                raw = torch.cat([
+                    score_texts(reward_model, tokenizer, prompts[i : i + config.batch_size],
+                                texts[i : i + config.batch_size], config.max_reward_tokens)
+                    for i in range(0, len(texts), config.batch_size)
+                ])
+            return normalized_rewards(reward_model, raw).tolist()
+
+        def evaluate_policy(uri: str) -> tuple[Answers, list[float], list[float]]:
+            model, _ = load_policy(uri, config.trust_remote_code)
+            model.eval()
+            answers = answer(model, reference, tokenizer, prompts, config, generator)
+            gold = [judge(p, t) for p, t in zip(prompts, answers.texts, strict=True)] if judge else []
+            return answers, rm_scores(answers.texts), gold
+
+        candidate, candidate_rm, candidate_gold = evaluate_policy(inputs.candidate)
+        metrics: dict[str, float] = {
+            "kl": _mean(candidate.kl_to_reference),
+            "response_length": _mean([float(n) for n in candidate.lengths]),
+            "eos_rate": _mean([float(e) for e in candidate.ended]),
+            "rm_score": _mean(candidate_rm),
+        }
+        if candidate_gold:
+            metrics["gold_score"] = _mean(candidate_gold)
+        baselines = {"reference": inputs.reference}
+        if inputs.champion and inputs.champion != inputs.reference:
+            baselines["champion"] = inputs.champion
+        examples: list[dict[str, str | float]] = []
+        reference_rm: list[float] = []
+        for name, uri in baselines.items():
+            baseline, baseline_rm, baseline_gold = evaluate_policy(uri)
+            comparisons = {"rm": (candidate_rm, baseline_rm), "gold": (candidate_gold, baseline_gold)}
+            for judge_name, (ours, theirs) in comparisons.items():
+                if not ours:
+                    continue
+                outcomes = win_rate(ours, theirs)
+                low, high = bootstrap_interval(outcomes, config.bootstrap_samples, config.confidence, generator)
+                prefix = f"{judge_name}_win_rate" + ("" if name == "reference" else f"_vs_{name}")
+                metrics[prefix] = _mean(outcomes)
+                metrics[f"{prefix}_ci_low"] = low
+                metrics[f"{prefix}_ci_high"] = high
+            metrics[f"{name}_response_length"] = _mean([float(n) for n in baseline.lengths])
+            metrics[f"{name}_rm_score"] = _mean(baseline_rm)
+            if baseline_gold:
+                metrics[f"{name}_gold_score"] = _mean(baseline_gold)
+            if name == "reference":
+                examples = [
+                    {"prompt": p, "candidate": c, "reference": r, "candidate_rm": cs, "reference_rm": rs}
+                    for p, c, r, cs, rs in zip(prompts[:8], candidate.texts, baseline.texts, candidate_rm,
+                                               baseline_rm, strict=False)
+                ]
+                reference_rm = baseline_rm
+        log_metrics(metrics)
+        report_uri = step_output(context, "evaluate", "report.json")
+        storage.write_json(report_uri, {"metrics": metrics, "examples": examples,
+                                        "num_prompts": len(prompts), "gold_judge": config.gold_judge})
+        _log_report(metrics, examples, candidate_rm, reference_rm)
+        log.info("evaluate: %s", {k: round(v, 4) for k, v in metrics.items()})
+        return Outputs(report=report_uri, metrics=metrics)
+
+
+def _log_report(
+    metrics: dict[str, float], examples: list[dict[str, str | float]], candidate_rm: list[float],
+    reference_rm: list[float],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as temp:
+        figure, axis = plt.subplots(figsize=(6, 4))
+        axis.hist(reference_rm, bins=20, alpha=0.6, label="reference (SFT)")
+        axis.hist(candidate_rm, bins=20, alpha=0.6, label="candidate")
+        axis.set_xlabel("reward-model score (normalised)")
+        axis.set_ylabel("responses")
+        axis.legend()
+        figure.tight_layout()
+        plot = Path(temp, "reward_distribution.png")
+        figure.savefig(plot, dpi=100)
+        plt.close(figure)
+        lines = ["# Evaluation report", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {value:.4f} |" for key, value in sorted(metrics.items())]
+        lines += ["", "![reward distribution](reward_distribution.png)", "", "## Examples", ""]
+        for example in examples:
+            lines += [f"- **prompt**: {example['prompt']}", f"  - candidate: {example['candidate']}",
+                      f"  - reference: {example['reference']}"]
+        report = Path(temp, "report.md")
+        report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        mlflow.log_artifacts(temp, artifact_path="evaluation")

@@ -1,0 +1,148 @@
+"""Sample K candidate answers per prompt and export them as pairwise annotation tasks.
+
+Tasks go to the feedback inbox as JSONL and as Label Studio task JSON; candidate ids are content hashes,
+so judgements that come back later join to the candidates they are about.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from itertools import combinations
+
+import torch
+from pydantic import Field
+from tqdm import tqdm
+
+from rlhf_components.core import storage
+from rlhf_components.core.config import StrictModel
+from rlhf_components.core.errors import UserError
+from rlhf_components.core.generation import SamplingConfig, encode_prompts, sample, decode_responses
+from rlhf_components.core.models import load_policy
+from rlhf_components.core.runtime import progress_disabled, seed_everything
+from rlhf_components.core.step import step_output
+from rlhf_components.core.tracking import RunContext, log_metrics, step_run
+
+log = logging.getLogger(__name__)
+
+
+class Config(StrictModel):
+    samples_per_prompt: int = Field(default=2, ge=2, description="K candidates per prompt")
+    max_prompts: int | None = Field(default=None, ge=1)
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=1.0))
+    max_prompt_tokens: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    trust_remote_code: bool = False
+
+
+class Inputs(StrictModel):
+    policy: str = Field(description="checkpoint dir, s3:// prefix or models:/name@alias")
+    prompts: str = Field(description="JSONL of {id, prompt} records (collect_prompts' train split)")
+    inbox: str = Field(description="feedback inbox: tasks are written under tasks/")
+
+
+class Candidate(StrictModel):
+    id: str
+    prompt_id: str
+    prompt: str
+    response: str
+    ended_with_eos: bool
+    num_tokens: int
+    policy: str
+    sample_index: int
+
+
+class AnnotationTask(StrictModel):
+    task_id: str
+    prompt_id: str
+    prompt: str
+    response_a_id: str
+    response_a: str
+    response_b_id: str
+    response_b: str
+
+
+class Outputs(StrictModel):
+    candidates: str
+    tasks: str
+    label_studio_tasks: str
+    num_candidates: int
+    num_tasks: int
+
+
+def candidate_id(prompt_id: str, response: str) -> str:
+    return hashlib.sha256(f"{prompt_id}\x00{response}".encode()).hexdigest()[:16]
+
+
+def pairwise_tasks(candidates: list[Candidate]) -> list[AnnotationTask]:
+    """Every pair of distinct answers to the same prompt becomes one task."""
+    by_prompt: dict[str, dict[str, Candidate]] = {}
+    for candidate in candidates:
+        by_prompt.setdefault(candidate.prompt_id, {}).setdefault(candidate.id, candidate)
+    tasks = []
+    for prompt_id, unique in by_prompt.items():
+        for a, b in combinations(sorted(unique.values(), key=lambda c: c.id), 2):
+            tasks.append(
+                AnnotationTask(
+                    task_id=hashlib.sha256(f"{a.id}:{b.id}".encode()).hexdigest()[:16],
+                    prompt_id=prompt_id, prompt=a.prompt,
+                    response_a_id=a.id, response_a=a.response, response_b_id=b.id, response_b=b.response,
+                )
+            )
+    return tasks
+
+
+def label_studio_json(tasks: list[AnnotationTask]) -> str:
+    return json.dumps([{"id": index, "data": task.model_dump()} for index, task in enumerate(tasks, 1)], indent=1)
+
+
+def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
+    with step_run(context, "generate_candidates", config):
+        generator = seed_everything(context.seed)
+        prompts = [json.loads(line) for _, line in storage.read_jsonl(inputs.prompts)]
+        if config.max_prompts is not None:
+            prompts = prompts[: config.max_prompts]
+        if not prompts:
+            raise UserError(f"{inputs.prompts}: no prompts to generate from")
+        model, tokenizer = load_policy(inputs.policy, config.trust_remote_code)
+        model.eval()
+        candidates: list[Candidate] = []
+        repeated = [p for p in prompts for _ in range(config.samples_per_prompt)]
+        for start in tqdm(range(0, len(repeated), config.batch_size), desc="generate_candidates",
+                          disable=progress_disabled()):
+            chunk = repeated[start : start + config.batch_size]
+            query_ids, query_mask = encode_prompts(tokenizer, [p["prompt"] for p in chunk], config.max_prompt_tokens)
+            with torch.inference_mode():
+                batch = sample(model, query_ids, query_mask, config.sampling, tokenizer.eos_token_id,
+                               tokenizer.pad_token_id, generator)
+            texts = decode_responses(tokenizer, batch)
+            for offset, (prompt, text) in enumerate(zip(chunk, texts, strict=True)):
+                candidates.append(
+                    Candidate(
+                        id=candidate_id(prompt["id"], text), prompt_id=prompt["id"], prompt=prompt["prompt"],
+                        response=text, ended_with_eos=bool(batch.ended_with_eos[offset]),
+                        num_tokens=int(batch.response_mask[offset].sum()), policy=inputs.policy,
+                        sample_index=(start + offset) % config.samples_per_prompt,
+                    )
+                )
+        tasks = pairwise_tasks(candidates)
+        run_key = context.parent_run_id
+        outputs = Outputs(
+            candidates=step_output(context, "generate_candidates", "candidates.jsonl"),
+            tasks=storage.join(inputs.inbox, "tasks", f"{run_key}.jsonl"),
+            label_studio_tasks=storage.join(inputs.inbox, "tasks", f"{run_key}.labelstudio.json"),
+            num_candidates=len(candidates),
+            num_tasks=len(tasks),
+        )
+        storage.write_jsonl(outputs.candidates, [c.model_dump() for c in candidates])
+        storage.write_text(outputs.label_studio_tasks, label_studio_json(tasks))
+        storage.write_jsonl(outputs.tasks, [t.model_dump() for t in tasks])
+        log_metrics({
+            "candidates": len(candidates),
+            "annotation_tasks": len(tasks),
+            "candidate_eos_rate": sum(c.ended_with_eos for c in candidates) / len(candidates),
+            "candidate_mean_tokens": sum(c.num_tokens for c in candidates) / len(candidates),
+        })
+        log.info("generate_candidates: %d candidates, %d annotation tasks", len(candidates), len(tasks))
+        return outputs

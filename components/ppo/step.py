@@ -1,0 +1,380 @@
+"""PPO for RLHF, top to bottom in one file.
+
+Four models: the policy (trained), a frozen reference (the KL anchor), the frozen reward model, and a value
+model initialised from the reward model (trained). Dropout is off in all four. Each iteration:
+
+1. rollout   — sample responses from the policy with the KV cache; keep the generation pass's log-probs;
+2. score     — reference log-probs, values, and the reward model's score at the last real token, minus a
+               penalty when no EOS was produced;
+3. rewards   — per-token −β·KL (k1 or k3 estimator) with the score added at the last token; optional
+               whitening without mean shift;
+4. advantage — GAE(γ, λ) over response tokens only, then whitened;
+5. optimise  — PPO epochs × minibatches (with gradient accumulation) of the clipped policy loss plus
+               vf_coef × the clipped value loss, masked means over valid tokens;
+6. KL control — a fixed β or the adaptive controller of Ziegler et al. (target, horizon).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from rlhf_components.core import storage
+from rlhf_components.core.config import StrictModel
+from rlhf_components.core.errors import UserError
+from rlhf_components.core.generation import (
+    Batch,
+    SamplingConfig,
+    encode_prompts,
+    entropy,
+    response_logits,
+    response_logprobs,
+    sample,
+)
+from rlhf_components.core.models import (
+    load_policy,
+    load_scalar_model,
+    normalized_rewards,
+    save_checkpoint,
+    sequence_scores,
+    token_scores,
+)
+from rlhf_components.core.runtime import progress_disabled, seed_everything
+from rlhf_components.core.step import step_output
+from rlhf_components.core.tracking import RunContext, log_metrics, step_run
+
+log = logging.getLogger(__name__)
+
+
+class Config(StrictModel):
+    total_episodes: int = Field(default=1024, ge=1, description="responses sampled over the whole run")
+    rollout_batch_size: int = Field(default=64, ge=1, description="episodes per PPO iteration")
+    num_minibatches: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    ppo_epochs: int = Field(default=4, ge=1)
+    learning_rate: float = Field(default=3e-6, gt=0.0)
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    adam_eps: float = Field(default=1e-5, gt=0.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    gamma: float = Field(default=1.0, ge=0.0, le=1.0)
+    lam: float = Field(default=0.95, ge=0.0, le=1.0)
+    cliprange: float = Field(default=0.2, gt=0.0)
+    cliprange_value: float = Field(default=0.2, gt=0.0)
+    vf_coef: float = Field(default=0.1, ge=0.0)
+    kl_coef: float = Field(default=0.05, ge=0.0, description="β: initial value for the adaptive controller")
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_controller: Literal["fixed", "adaptive"] = "fixed"
+    kl_target: float = Field(default=6.0, gt=0.0, description="adaptive controller: target KL per sequence")
+    kl_horizon: int = Field(default=10000, ge=1, description="adaptive controller: horizon in episodes")
+    whiten_rewards: bool = False
+    missing_eos_penalty: float = Field(default=1.0, ge=0.0, description="subtracted from the score")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    max_prompt_tokens: int = Field(default=64, ge=1)
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> Config:
+        micro = self.num_minibatches * self.gradient_accumulation_steps
+        if self.rollout_batch_size % micro:
+            raise ValueError(
+                "rollout_batch_size must be divisible by num_minibatches × gradient_accumulation_steps "
+                f"({self.rollout_batch_size} % {micro} != 0)"
+            )
+        return self
+
+
+class Inputs(StrictModel):
+    policy: str = Field(description="initial policy checkpoint (also the reference unless `reference` is set)")
+    reference: str | None = None
+    reward_model: str
+    prompts: str = Field(description="JSONL of {prompt} records")
+
+
+class Outputs(StrictModel):
+    policy: str
+    iterations: int
+    final_score: float
+    final_kl: float
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise to unit variance over valid tokens; without mean shift the sign of rewards is preserved."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Estimators of KL(π‖π_ref) from samples of π: k1 = log r, k3 = (r⁻¹ − 1) + log r with r = π/π_ref."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens; the value after the last real token is 0."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(clipped surrogate loss, ratio, clip indicator)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    return masked_mean(torch.maximum(unclipped, clipped), mask), ratio, (clipped > unclipped).float()
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(½ · masked mean of the larger of the clipped and unclipped squared errors, clip indicator)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange, cliprange)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    return loss, (clipped_error > unclipped_error).float()
+
+
+class KLController:
+    """β, fixed or adapted toward a target KL (Ziegler et al. 2019): β ← β·(1 + clip(KL/target − 1, ±0.2)·n/H)."""
+
+    def __init__(self, config: Config) -> None:
+        self.value = config.kl_coef
+        self.adaptive = config.kl_controller == "adaptive"
+        self.target = config.kl_target
+        self.horizon = config.kl_horizon
+
+    def update(self, current_kl: float, episodes: int) -> None:
+        if self.adaptive:
+            error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * episodes / self.horizon
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class Rollout:
+    batch: Batch
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def response_values(value_model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+    """V(state before each response token), [batch, response_len]."""
+    ids, mask, position = batch.sequence()
+    start = batch.query_ids.shape[1] - 1
+    return token_scores(value_model, ids, mask, position)[:, start : start + batch.response_ids.shape[1]]
+
+
+@torch.no_grad()
+def collect_rollout(
+    policy: PreTrainedModel, reference: PreTrainedModel, reward_model: PreTrainedModel,
+    value_model: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.Tensor, config: Config,
+    kl_coef: float, eos_token_id: int, pad_token_id: int, generator: torch.Generator,
+) -> Rollout:
+    batch = sample(policy, query_ids, query_mask, config.sampling, eos_token_id, pad_token_id, generator)
+    mask = batch.response_mask.float()
+    ref_logprobs = response_logprobs(reference, batch, config.sampling.temperature)
+    values = response_values(value_model, batch) * mask
+    ids, sequence_mask, _ = batch.sequence()
+    scores = normalized_rewards(reward_model, sequence_scores(reward_model, ids, sequence_mask,
+                                                              batch.last_token_index()))
+    scores = scores - config.missing_eos_penalty * (~batch.ended_with_eos).float()
+    kl = kl_per_token(batch.logprobs, ref_logprobs, config.kl_estimator) * mask
+    rewards = -kl_coef * kl
+    last = (batch.response_mask.sum(-1) - 1).clamp(min=0)
+    rewards[torch.arange(rewards.shape[0]), last] += scores
+    if config.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
+    advantages = masked_whiten(advantages, mask)
+    return Rollout(batch, ref_logprobs, values, scores, kl, rewards, advantages, returns)
+
+
+def _select(batch: Batch, rows: torch.Tensor) -> Batch:
+    return Batch(
+        query_ids=batch.query_ids[rows], query_mask=batch.query_mask[rows],
+        response_ids=batch.response_ids[rows], response_mask=batch.response_mask[rows],
+        logprobs=batch.logprobs[rows], ended_with_eos=batch.ended_with_eos[rows],
+    )
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def ppo_update(
+    policy: PreTrainedModel, value_model: PreTrainedModel, optimizer: torch.optim.Optimizer,
+    rollout: Rollout, config: Config, generator: torch.Generator,
+) -> dict[str, float]:
+    """PPO epochs × minibatches over one rollout; returns the iteration's training statistics."""
+    size = rollout.batch.response_ids.shape[0]
+    minibatch_size = size // config.num_minibatches
+    micro_size = minibatch_size // config.gradient_accumulation_steps
+    trainable = [p for p in [*policy.parameters(), *value_model.parameters()] if p.requires_grad]
+    stats: dict[str, list[float]] = {k: [] for k in
+                                     ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl", "entropy",
+                                      "ratio_mean", "ratio_var")}
+    first_ratio: float | None = None
+    policy.train()
+    value_model.train()
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(size, generator=generator)
+        for mb_start in range(0, size, minibatch_size):
+            optimizer.zero_grad(set_to_none=True)
+            for micro_start in range(mb_start, mb_start + minibatch_size, micro_size):
+                rows = order[micro_start : micro_start + micro_size]
+                micro = _select(rollout.batch, rows)
+                mask = micro.response_mask.float()
+                logits = response_logits(policy, micro, config.sampling.temperature)
+                logprobs = logits.log_softmax(-1).gather(-1, micro.response_ids[..., None]).squeeze(-1) * mask
+                pg_loss, ratio, pg_clipped = policy_loss(
+                    logprobs, micro.logprobs, rollout.advantages[rows], mask, config.cliprange
+                )
+                values = response_values(value_model, micro)
+                vf_loss, vf_clipped = value_loss(
+                    values, rollout.values[rows], rollout.returns[rows], mask, config.cliprange_value
+                )
+                loss = (pg_loss + config.vf_coef * vf_loss) / config.gradient_accumulation_steps
+                loss.backward()
+                with torch.no_grad():
+                    if first_ratio is None:
+                        first_ratio = masked_mean(ratio, mask).item()
+                    ratio_mean = masked_mean(ratio, mask)
+                    stats["pg_loss"].append(pg_loss.item())
+                    stats["vf_loss"].append(vf_loss.item())
+                    stats["pg_clipfrac"].append(masked_mean(pg_clipped, mask).item())
+                    stats["vf_clipfrac"].append(masked_mean(vf_clipped, mask).item())
+                    stats["approx_kl"].append(0.5 * masked_mean((logprobs - micro.logprobs) ** 2, mask).item())
+                    stats["entropy"].append(masked_mean(entropy(logits), mask).item())
+                    stats["ratio_mean"].append(ratio_mean.item())
+                    stats["ratio_var"].append(masked_mean((ratio - ratio_mean) ** 2, mask).item())
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+    policy.eval()
+    value_model.eval()
+    summary = {key: sum(values) / len(values) for key, values in stats.items()}
+    summary["first_minibatch_ratio"] = float(first_ratio if first_ratio is not None else math.nan)
+    return summary
+
+
+def _load_prompts(uri: str) -> list[str]:
+    prompts = [json.loads(line)["prompt"] for _, line in storage.read_jsonl(uri)]
+    if not prompts:
+        raise UserError(f"{uri}: no prompts for PPO")
+    return prompts
+
+
+def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
+    with step_run(context, "ppo", config):
+        generator = seed_everything(context.seed)
+        prompts = _load_prompts(inputs.prompts)
+        policy, tokenizer = load_policy(inputs.policy, config.trust_remote_code)
+        reference, _ = load_policy(inputs.reference or inputs.policy, config.trust_remote_code)
+        reward_model, reward_tokenizer = load_scalar_model(inputs.reward_model, config.trust_remote_code)
+        value_model, _ = load_scalar_model(inputs.reward_model, config.trust_remote_code)
+        if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"{inputs.reward_model}: the reward model's tokenizer differs from the policy's")
+        for frozen in (reference, reward_model):
+            frozen.eval().requires_grad_(False)
+        policy.eval()
+        value_model.eval()
+
+        iterations = max(1, config.total_episodes // config.rollout_batch_size)
+        optimizer = torch.optim.AdamW(
+            [*policy.parameters(), *value_model.parameters()], lr=config.learning_rate, eps=config.adam_eps
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, (lambda i: 1.0 - i / iterations) if config.lr_schedule == "linear" else (lambda i: 1.0)
+        )
+        kl_controller = KLController(config)
+        order = torch.randperm(len(prompts), generator=generator).tolist()
+        cursor = 0
+        score = kl_total = float("nan")
+        progress = tqdm(range(1, iterations + 1), desc="ppo", disable=progress_disabled())
+        for iteration in progress:
+            chosen = []
+            for _ in range(config.rollout_batch_size):
+                if cursor == len(order):
+                    order, cursor = torch.randperm(len(prompts), generator=generator).tolist(), 0
+                chosen.append(prompts[order[cursor]])
+                cursor += 1
+            started = time.perf_counter()
+            query_ids, query_mask = encode_prompts(tokenizer, chosen, config.max_prompt_tokens)
+            rollout = collect_rollout(
+                policy, reference, reward_model, value_model, query_ids, query_mask, config,
+                kl_controller.value, tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
+            )
+            rollout_seconds = time.perf_counter() - started
+            train_stats = ppo_update(policy, value_model, optimizer, rollout, config, generator)
+            schedule.step()
+            elapsed = time.perf_counter() - started
+
+            mask = rollout.batch.response_mask.float()
+            score = rollout.scores.mean().item()
+            kl_total = (rollout.kl * mask).sum(-1).mean().item()
+            non_score = (rollout.rewards * mask).sum(-1).mean().item() - score
+            generated_tokens = int(mask.sum().item())
+            kl_controller.update(kl_total, config.rollout_batch_size)
+            metrics = {
+                "score": score,
+                "rlhf_reward": score + non_score,
+                "non_score_reward": non_score,
+                "kl": kl_total,
+                "kl_coef": kl_controller.value,
+                "eos_rate": rollout.batch.ended_with_eos.float().mean().item(),
+                "response_length": mask.sum(-1).mean().item(),
+                "episodes_per_second": config.rollout_batch_size / elapsed,
+                "tokens_per_second": generated_tokens / elapsed,
+                "rollout_seconds": rollout_seconds,
+                "learning_rate": schedule.get_last_lr()[0],
+                **train_stats,
+            }
+            log_metrics(metrics, step=iteration)
+            progress.set_postfix(score=f"{score:.2f}", kl=f"{kl_total:.2f}")
+        outputs = Outputs(
+            policy=step_output(context, "ppo", "policy"), iterations=iterations, final_score=score,
+            final_kl=kl_total,
+        )
+        policy.generation_config.pad_token_id = tokenizer.pad_token_id
+        save_checkpoint(policy, tokenizer, outputs.policy)
+        log.info("ppo: %d iterations, final score %.3f, KL %.3f", iterations, score, kl_total)
+        return outputs

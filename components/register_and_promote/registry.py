@@ -1,0 +1,93 @@
+"""Registry operations shared by the pipeline step and the `rlhf promote` / `rlhf rollback` commands.
+
+Stages are MLflow aliases (`staging`, `production`); registry stages are deprecated since MLflow 2.9, so the
+legacy stage is set too only where the server still accepts it. Every production move is appended to the
+registered model's `rlhf.production_history` tag, which is what `rollback` walks back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from datetime import UTC, datetime
+
+from rlhf_components.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ALIASES = ("staging", "production")
+HISTORY_TAG = "rlhf.production_history"
+
+
+def _mlflow_error(action: str, error: Exception) -> UserError:
+    return UserError(f"{action}: {getattr(error, 'message', error)}")
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def production_history(name: str) -> list[str]:
+    import mlflow
+
+    tags = mlflow.MlflowClient().get_registered_model(name).tags
+    return [str(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))]
+
+
+def set_alias(name: str, version: str, alias: str, reason: str) -> None:
+    """Point `alias` at `version`, record why on the version, and mirror it to the legacy stage."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if alias not in ALIASES:
+        raise UserError(f"unknown stage {alias!r}; use one of: {', '.join(ALIASES)}")
+    client = mlflow.MlflowClient()
+    try:
+        client.get_model_version(name, version)
+        client.set_registered_model_alias(name, alias, version)
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        client.set_model_version_tag(name, version, f"rlhf.{alias}.decision", f"{stamp} {reason}")
+        if alias == "production":
+            history = production_history(name)
+            client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, str(version)]))
+    except MlflowException as error:
+        raise _mlflow_error(f"model {name} version {version}", error) from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            client.transition_model_version_stage(name, version, alias.capitalize())
+    except MlflowException:
+        log.info("the server does not support legacy registry stages; alias %s set", alias)
+
+
+def promote(name: str, version: str, alias: str, reason: str = "promoted by hand") -> None:
+    set_alias(name, str(version), alias, reason)
+
+
+def rollback(name: str) -> tuple[str, str]:
+    """Move `production` back to the version that held it before; returns (from, to)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        history = production_history(name)
+    except MlflowException as error:
+        raise _mlflow_error(f"model {name}", error) from None
+    current = alias_version(name, "production")
+    if current is None or len(history) < 2:
+        raise UserError(f"model {name}: no earlier production version to roll back to")
+    previous = history[-2]
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, "production", previous)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    client.set_model_version_tag(name, current, "rlhf.production.decision", f"{stamp} rolled back to {previous}")
+    client.set_model_version_tag(name, previous, "rlhf.production.decision", f"{stamp} restored by rollback")
+    return current, previous

@@ -1,0 +1,168 @@
+"""Register the PPO policy and its reward model, then let the evaluation gate decide on production.
+
+Every version carries lineage tags (pipeline run, dataset hashes, parent version, config hash, git sha) and
+the gate's decision with its reasons. `staging` always moves to the new policy; `production` only when the
+evidence clears the gate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import transformers
+from pydantic import Field
+
+from rlhf_components.core import storage
+from rlhf_components.core.config import StrictModel
+from rlhf_components.core.models import load_policy, load_scalar_model
+from rlhf_components.core.step import step_output
+from rlhf_components.core.tracking import RunContext, step_run
+from rlhf_components.register_and_promote import registry
+
+log = logging.getLogger(__name__)
+
+
+class GateConfig(StrictModel):
+    metric: str = Field(default="rm_win_rate", description="evaluation win rate whose CI decides")
+    min_ci_low: float = Field(default=0.5, ge=0.0, le=1.0, description="lower CI bound must exceed this")
+    max_kl: float = Field(default=25.0, gt=0.0, description="KL to the reference must stay under this")
+    must_beat_champion: bool = Field(default=True, description="also require <metric>_vs_champion_ci_low > 0.5")
+
+
+class Config(StrictModel):
+    policy_name: str = Field(default="rlhf-policy", min_length=1)
+    reward_model_name: str = Field(default="rlhf-reward-model", min_length=1)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    trust_remote_code: bool = False
+
+
+class Inputs(StrictModel):
+    policy: str
+    reward_model: str
+    evaluation: dict[str, float] = Field(description="evaluate's metrics")
+    reward_model_accuracy: float
+    lineage: dict[str, str] = Field(default_factory=dict, description="dataset hashes, config hash, …")
+    parent_version: str | None = Field(default=None, description="the production version this run started from")
+
+
+class RegisteredVersion(StrictModel):
+    name: str
+    version: str
+    aliases: list[str]
+
+
+class Outputs(StrictModel):
+    summary: str
+    promoted: bool
+    reasons: list[str]
+    registered: dict[str, RegisteredVersion]
+
+
+def gate_decision(gate: GateConfig, metrics: dict[str, float]) -> tuple[bool, list[str]]:
+    """(promote?, the reasons), from evaluation evidence alone."""
+    reasons: list[str] = []
+    passed = True
+    low = metrics.get(f"{gate.metric}_ci_low")
+    if low is None:
+        return False, [f"evaluation has no {gate.metric} confidence interval"]
+    if low > gate.min_ci_low:
+        reasons.append(f"{gate.metric} CI low {low:.3f} > {gate.min_ci_low}")
+    else:
+        passed = False
+        reasons.append(f"{gate.metric} CI low {low:.3f} <= {gate.min_ci_low}")
+    kl = metrics.get("kl", float("inf"))
+    if kl < gate.max_kl:
+        reasons.append(f"KL {kl:.3f} < {gate.max_kl}")
+    else:
+        passed = False
+        reasons.append(f"KL {kl:.3f} >= {gate.max_kl}")
+    champion_low = metrics.get(f"{gate.metric}_vs_champion_ci_low")
+    if gate.must_beat_champion and champion_low is not None:
+        if champion_low > 0.5:
+            reasons.append(f"beats the champion: CI low {champion_low:.3f} > 0.5")
+        else:
+            passed = False
+            reasons.append(f"does not beat the champion: CI low {champion_low:.3f} <= 0.5")
+    return passed, reasons
+
+
+def _log_and_register(model: Any, tokenizer: Any, name: str, task: str, artifact: str) -> str:
+    import mlflow
+
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name=artifact,
+        task=task,
+        registered_model_name=name,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
+    )
+    return str(info.registered_model_version)
+
+
+def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
+    import mlflow
+
+    with step_run(context, "register_and_promote", config):
+        client = mlflow.MlflowClient()
+        lineage = {
+            "rlhf.pipeline_run_id": context.parent_run_id,
+            "rlhf.parent_version": inputs.parent_version or "none",
+            "rlhf.git_sha": os.environ.get("RLHF_GIT_SHA", "unknown"),
+            **{f"rlhf.{key}": value for key, value in inputs.lineage.items()},
+        }
+        reward_model, reward_tokenizer = load_scalar_model(inputs.reward_model, config.trust_remote_code)
+        reward_version = _log_and_register(
+            reward_model, reward_tokenizer, config.reward_model_name, "text-classification", "reward_model"
+        )
+        policy, tokenizer = load_policy(inputs.policy, config.trust_remote_code)
+        policy_version = _log_and_register(policy, tokenizer, config.policy_name, "text-generation", "policy")
+        for name, version in ((config.reward_model_name, reward_version), (config.policy_name, policy_version)):
+            for key, value in lineage.items():
+                client.set_model_version_tag(name, version, key, value)
+        client.set_model_version_tag(config.policy_name, policy_version, "rlhf.reward_model_version", reward_version)
+        for key, value in inputs.evaluation.items():
+            client.set_model_version_tag(config.policy_name, policy_version, f"rlhf.eval.{key}", f"{value:.6g}")
+
+        promoted, reasons = gate_decision(config.gate, inputs.evaluation)
+        verdict = ("PROMOTED: " if promoted else "NOT PROMOTED: ") + "; ".join(reasons)
+        client.set_model_version_tag(config.policy_name, policy_version, "rlhf.gate.decision",
+                                     "promote" if promoted else "hold")
+        client.set_model_version_tag(config.policy_name, policy_version, "rlhf.gate.reasons", "; ".join(reasons))
+        registry.set_alias(config.policy_name, policy_version, "staging", "new candidate from the pipeline")
+        registry.set_alias(config.reward_model_name, reward_version, "staging", "trained with the candidate")
+        if promoted:
+            registry.set_alias(config.policy_name, policy_version, "production", verdict)
+            registry.set_alias(config.reward_model_name, reward_version, "production", verdict)
+        mlflow.set_tag("rlhf.gate", verdict)
+        log.info("gate: %s", verdict)
+
+        registered = {
+            "policy": RegisteredVersion(name=config.policy_name, version=policy_version,
+                                        aliases=_aliases(config.policy_name, policy_version)),
+            "reward_model": RegisteredVersion(name=config.reward_model_name, version=reward_version,
+                                              aliases=_aliases(config.reward_model_name, reward_version)),
+        }
+        summary = {
+            "pipeline_run_id": context.parent_run_id,
+            "gold_win_rate": inputs.evaluation.get("gold_win_rate"),
+            "rm_win_rate": inputs.evaluation.get("rm_win_rate"),
+            "kl": inputs.evaluation.get("kl"),
+            "reward_model_accuracy": inputs.reward_model_accuracy,
+            "promoted": promoted,
+            "gate_reasons": reasons,
+            "evaluation": inputs.evaluation,
+            "registered": {key: value.model_dump() for key, value in registered.items()},
+        }
+        summary_uri = step_output(context, "register_and_promote", "summary.json")
+        storage.write_json(summary_uri, summary)
+        mlflow.log_dict(summary, "summary.json")
+        return Outputs(summary=summary_uri, promoted=promoted, reasons=reasons, registered=registered)
+
+
+def _aliases(name: str, version: str) -> list[str]:
+    import mlflow
+
+    return sorted(mlflow.MlflowClient().get_model_version(name, version).aliases)

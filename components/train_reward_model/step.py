@@ -1,0 +1,197 @@
+"""Reward model training: Bradley–Terry on preference pairs, read at the last real token.
+
+The model is the policy's backbone with a fresh scalar head (init N(0, 1/sqrt(d+1))), trained for one epoch
+by default with the learning rate annealed linearly to zero. Afterwards its rewards are normalised so the
+reference policy's answers (the ones annotators judged) score mean 0, std 1: PPO's KL coefficient then means
+the same thing whatever the reward model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_components.core import storage
+from rlhf_components.core.config import StrictModel
+from rlhf_components.core.errors import UserError
+from rlhf_components.core.models import (
+    REWARD_MEAN_KEY,
+    REWARD_STD_KEY,
+    disable_dropout,
+    load_tokenizer,
+    resolve_checkpoint,
+    save_checkpoint,
+    scalar_head,
+    sequence_scores,
+)
+from rlhf_components.core.runtime import progress_disabled, seed_everything
+from rlhf_components.core.step import step_output
+from rlhf_components.core.tracking import RunContext, log_metrics, step_run
+
+log = logging.getLogger(__name__)
+
+
+class Config(StrictModel):
+    epochs: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=5e-5, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    batch_size: int = Field(default=16, ge=1)
+    max_length: int = Field(default=256, ge=8)
+    margin: float = Field(default=0.0, ge=0.0, description="required score gap in the Bradley–Terry loss")
+    center_rewards_coef: float = Field(default=0.0, ge=0.0, description="penalty on (r_chosen + r_rejected)²")
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    trust_remote_code: bool = False
+
+
+class Inputs(StrictModel):
+    base_model: str = Field(description="the policy checkpoint whose backbone the reward model starts from")
+    train: str
+    eval: str
+
+
+class Outputs(StrictModel):
+    reward_model: str
+    eval_accuracy: float
+    train_accuracy: float
+    num_train_pairs: int
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0, center_coef: float = 0.0
+) -> torch.Tensor:
+    """−log σ(r_c − r_r − margin), averaged, plus an optional pull of the pair's mean toward zero."""
+    loss = -F.logsigmoid(chosen - rejected - margin).mean()
+    if center_coef > 0.0:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+def encode_answers(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prompt + response + EOS, tokenised in two parts as PPO sees them; right-padded; (ids, mask, last idx)."""
+    rows = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = ids + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(ids[-max_length:])
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, ids in enumerate(rows):
+        input_ids[index, : len(ids)] = torch.tensor(ids)
+        mask[index, : len(ids)] = 1
+    return input_ids, mask, mask.sum(-1) - 1
+
+
+def score_texts(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str],
+    max_length: int,
+) -> torch.Tensor:
+    ids, mask, last = encode_answers(tokenizer, prompts, responses, max_length)
+    return sequence_scores(model, ids, mask, last)
+
+
+def _pair_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[dict[str, str]], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    prompts = [p["prompt"] for p in pairs]
+    scores = score_texts(
+        model, tokenizer, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+        max_length,
+    )
+    return scores[: len(pairs)], scores[len(pairs) :]
+
+
+@torch.no_grad()
+def _all_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[dict[str, str]],
+                config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), config.batch_size * 4):
+        c, r = _pair_scores(model, tokenizer, pairs[start : start + config.batch_size * 4], config.max_length)
+        chosen.append(c)
+        rejected.append(r)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def _load_pairs(uri: str) -> list[dict[str, str]]:
+    return [json.loads(line) for _, line in storage.read_jsonl(uri)]
+
+
+def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
+    with step_run(context, "train_reward_model", config):
+        generator = seed_everything(context.seed)
+        train_pairs, eval_pairs = _load_pairs(inputs.train), _load_pairs(inputs.eval)
+        if not train_pairs:
+            raise UserError(f"{inputs.train}: no training pairs")
+        checkpoint = resolve_checkpoint(inputs.base_model)
+        tokenizer = load_tokenizer(checkpoint, config.trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            checkpoint, num_labels=1, use_safetensors=True, trust_remote_code=config.trust_remote_code,
+            dtype=torch.float32,
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+        disable_dropout(model)
+        head = scalar_head(model)
+        with torch.no_grad():
+            head.weight.normal_(0.0, 1.0 / math.sqrt(model.config.hidden_size + 1))
+            if getattr(head, "bias", None) is not None:
+                head.bias.zero_()
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                      weight_decay=config.weight_decay)
+        steps_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
+        total_steps = steps_per_epoch * config.epochs
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+        model.train()
+        step = 0
+        progress = tqdm(total=total_steps, desc="train_reward_model", disable=progress_disabled())
+        for _ in range(config.epochs):
+            order = torch.randperm(len(train_pairs), generator=generator).tolist()
+            for start in range(0, len(order), config.batch_size):
+                batch = [train_pairs[i] for i in order[start : start + config.batch_size]]
+                chosen, rejected = _pair_scores(model, tokenizer, batch, config.max_length)
+                loss = bradley_terry_loss(chosen, rejected, config.margin, config.center_rewards_coef)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                step += 1
+                accuracy = (chosen > rejected).float().mean().item()
+                log_metrics({"rm_loss": loss.item(), "rm_batch_accuracy": accuracy,
+                             "rm_lr": schedule.get_last_lr()[0]}, step=step)
+                progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}")
+                progress.update()
+        progress.close()
+        model.eval()
+
+        train_chosen, train_rejected = _all_scores(model, tokenizer, train_pairs, config)
+        train_accuracy = (train_chosen > train_rejected).float().mean().item()
+        eval_accuracy = float("nan")
+        if eval_pairs:
+            eval_chosen, eval_rejected = _all_scores(model, tokenizer, eval_pairs, config)
+            eval_accuracy = (eval_chosen > eval_rejected).float().mean().item()
+        reference_scores = torch.cat([train_chosen, train_rejected])
+        setattr(model.config, REWARD_MEAN_KEY, reference_scores.mean().item())
+        setattr(model.config, REWARD_STD_KEY, max(reference_scores.std().item(), 1e-6))
+
+        outputs = Outputs(
+            reward_model=step_output(context, "train_reward_model", "model"),
+            eval_accuracy=eval_accuracy, train_accuracy=train_accuracy, num_train_pairs=len(train_pairs),
+        )
+        save_checkpoint(model, tokenizer, outputs.reward_model)
+        log_metrics({"rm_train_accuracy": train_accuracy, "rm_eval_accuracy": eval_accuracy,
+                     "rm_reference_mean": reference_scores.mean().item(),
+                     "rm_reference_std": reference_scores.std().item()})
+        log.info("reward model: train accuracy %.3f, held-out accuracy %.3f", train_accuracy, eval_accuracy)
+        return outputs

@@ -1,0 +1,164 @@
+"""The `rlhf` command line. User mistakes end in one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from rlhf_components.core.errors import UserError
+from rlhf_components.core.runtime import setup_logging
+from rlhf_pipelines.config import load_pipeline_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="RLHF pipelines on Kubeflow + MLflow.")
+demo_assets_app = typer.Typer(no_args_is_help=True, help="The demo task's assets.")
+app.add_typer(demo_assets_app, name="demo-assets")
+console = Console()
+log = logging.getLogger("rlhf")
+
+ConfigArg = Annotated[Path, typer.Argument(help="pipeline config YAML")]
+
+
+@app.command()
+def validate(config: ConfigArg) -> None:
+    """Check a pipeline config without running anything."""
+    loaded = load_pipeline_config(config)
+    console.print(f"{config}: valid (pipeline {loaded.name}, config hash {loaded.config_hash()})")
+
+
+@app.command("compile")
+def compile_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="where to write the KFP IR YAML")],
+    pipeline: Annotated[str, typer.Option(help="which DAG")] = "rlhf",
+) -> None:
+    """Compile a pipeline to KFP IR YAML."""
+    from rlhf_pipelines.runner import compile_pipeline
+
+    console.print(f"compiled {pipeline} to {compile_pipeline(pipeline, output)}")
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    workdir: Annotated[Path, typer.Option(help="kfp.local outputs and summary.json go here")] = Path("."),
+) -> None:
+    """Run the pipeline locally (kfp.local, the same DAG as on Kubernetes) and print its summary."""
+    from rlhf_pipelines.runner import run_local, summary_table
+
+    loaded = load_pipeline_config(config)
+    summary = run_local(loaded, workdir.resolve())
+    summary_path = workdir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    table = Table(title=f"{loaded.name}: pipeline summary")
+    table.add_column("metric")
+    table.add_column("value")
+    for key, value in summary_table(summary):
+        table.add_row(key, escape(value))
+    console.print(table)
+    console.print(f"summary written to {summary_path}")
+
+
+@app.command()
+def submit(
+    config: ConfigArg,
+    host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80")],
+    experiment: Annotated[str, typer.Option(help="KFP experiment")] = "rlhf",
+) -> None:
+    """Submit one run of the pipeline to a KFP endpoint."""
+    from rlhf_pipelines.runner import submit as submit_run
+
+    run_id = submit_run(load_pipeline_config(config), host, experiment)
+    console.print(f"submitted run {run_id} to {host}")
+
+
+@app.command()
+def schedule(
+    config: ConfigArg,
+    host: Annotated[str, typer.Option(help="KFP API endpoint")],
+    cron: Annotated[str, typer.Option(help="6-field KFP cron, seconds first, e.g. '0 0 3 * * 1'")],
+    experiment: Annotated[str, typer.Option(help="KFP experiment, created if missing")] = "rlhf",
+) -> None:
+    """Schedule recurring retraining (a KFP recurring run)."""
+    from rlhf_pipelines.runner import schedule as schedule_run
+
+    recurring_id = schedule_run(load_pipeline_config(config), host, cron, experiment)
+    console.print(f"scheduled recurring run {recurring_id} on {host}")
+
+
+@app.command()
+def promote(
+    model: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[str, typer.Argument(help="model version")],
+    to: Annotated[str, typer.Option("--to", help="staging or production")] = "production",
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+) -> None:
+    """Point a stage alias at a model version."""
+    from rlhf_components.register_and_promote.registry import promote as promote_version
+
+    _use_tracking(tracking_uri)
+    promote_version(model, version, to)
+    console.print(f"{model} version {version} is now @{to}")
+
+
+@app.command()
+def rollback(
+    model: Annotated[str, typer.Argument(help="registered model name")],
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+) -> None:
+    """Move `production` back to the version that held it before."""
+    from rlhf_components.register_and_promote.registry import rollback as rollback_model
+
+    _use_tracking(tracking_uri)
+    current, previous = rollback_model(model)
+    console.print(f"{model}: production moved from version {current} back to {previous}")
+
+
+@demo_assets_app.command("build")
+def demo_assets_build(
+    directory: Annotated[Path, typer.Option("--dir", help="where to build")] = Path(".rlhf-demo"),
+    seed: Annotated[int, typer.Option(help="the demo task's seed")] = 0,
+    force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False,
+) -> None:
+    """Build the demo task: corpus, tokenizer, tiny SFT GPT-2, prompts (cached by spec)."""
+    from rlhf_components.demo import DemoAssetsSpec, build_demo_assets
+
+    assets = build_demo_assets(directory, DemoAssetsSpec(seed=seed), force=force)
+    console.print(f"demo assets in {assets.root} (SFT policy {assets.sft_model_dir})")
+
+
+def _use_tracking(uri: str | None) -> None:
+    import mlflow
+
+    from rlhf_components.core.tracking import TrackingConfig, check_reachable, resolve_tracking_uri
+
+    resolved = resolve_tracking_uri(TrackingConfig(uri=uri))
+    check_reachable(resolved)
+    mlflow.set_tracking_uri(resolved)
+
+
+def main() -> None:
+    setup_logging()
+    try:
+        app(standalone_mode=False)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # click's usage errors arrive here as ClickException
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        raise

@@ -1,0 +1,73 @@
+"""The KFP components: one line each, calling `rlhf_pipelines.steps` inside the project image.
+
+Lightweight components (not container components) so that `kfp.local`'s SubprocessRunner can run the same
+DAG; `base_image` is the project image, which already has this package installed.
+"""
+
+import os
+
+from kfp import dsl
+
+IMAGE = os.environ.get("RLHF_IMAGE", "ghcr.io/rlhf-pipelines/rlhf-pipelines:0.1.0-cpu")
+
+
+def _component(func):  # type: ignore[no-untyped-def]
+    return dsl.component(base_image=IMAGE, install_kfp_package=False)(func)
+
+
+@_component
+def start_run(config: str) -> str:
+    from rlhf_pipelines.steps import start
+
+    return start(config)
+
+
+@_component
+def collect_prompts(config: str, run: str) -> str:
+    from rlhf_pipelines.steps import run_collect_prompts
+
+    return run_collect_prompts(config, run)
+
+
+@_component
+def generate_candidates(config: str, run: str, prompts: str) -> str:
+    from rlhf_pipelines.steps import run_generate_candidates
+
+    return run_generate_candidates(config, run, prompts)
+
+
+@_component
+def ingest_feedback(config: str, run: str, candidates: str) -> str:
+    from rlhf_pipelines.steps import run_ingest_feedback
+
+    return run_ingest_feedback(config, run, candidates)
+
+
+@_component
+def train_reward_model(config: str, run: str, feedback: str) -> str:
+    from rlhf_pipelines.steps import run_train_reward_model
+
+    return run_train_reward_model(config, run, feedback)
+
+
+@_component
+def ppo(config: str, run: str, prompts: str, reward: str) -> str:
+    from rlhf_pipelines.steps import run_ppo
+
+    return run_ppo(config, run, prompts, reward)
+
+
+@_component
+def evaluate(config: str, run: str, prompts: str, reward: str, policy: str) -> str:
+    from rlhf_pipelines.steps import run_evaluate
+
+    return run_evaluate(config, run, prompts, reward, policy)
+
+
+@_component
+def register_and_promote(
+    config: str, run: str, prompts: str, feedback: str, reward: str, policy: str, evaluation: str
+) -> str:
+    from rlhf_pipelines.steps import run_register_and_promote
+
+    return run_register_and_promote(config, run, prompts, feedback, reward, policy, evaluation)

@@ -1,0 +1,80 @@
+"""The configuration of one pipeline run: shared settings plus one section per step."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import Field
+
+from rlhf_components.collect_prompts import Config as CollectPromptsConfig
+from rlhf_components.evaluate import Config as EvaluateConfig
+from rlhf_components.generate_candidates import Config as GenerateCandidatesConfig
+from rlhf_components.ingest_feedback import Config as IngestFeedbackConfig
+from rlhf_components.ppo import Config as PPOConfig
+from rlhf_components.register_and_promote import Config as RegisterConfig
+from rlhf_components.train_reward_model import Config as RewardModelConfig
+from rlhf_components.core import storage
+from rlhf_components.core.config import StrictModel, load_yaml_config, parse_yaml_text, validate_mapping
+from rlhf_components.core.tracking import TrackingConfig
+from rlhf_components.demo import DemoAssetsSpec
+
+
+class DemoAssetsConfig(StrictModel):
+    """Build the demo task's assets (cached) before the run; paths in the config may point into `dir`."""
+
+    dir: str = ".rlhf-demo"
+    spec: DemoAssetsSpec = Field(default_factory=DemoAssetsSpec)
+
+
+class PipelineConfig(StrictModel):
+    name: str = Field(default="rlhf", pattern=r"^[a-z0-9][a-z0-9-]*$")
+    seed: int = 0
+    policy: str = Field(description="the SFT policy: checkpoint dir, s3:// prefix or models:/name@alias")
+    storage_root: str = Field(description="step outputs go to <storage_root>/<pipeline run id>/<step>/")
+    feedback_inbox: str = Field(description="annotation tasks are written to tasks/, judgements read from labels/")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    demo_assets: DemoAssetsConfig | None = None
+    collect_prompts: CollectPromptsConfig
+    generate_candidates: GenerateCandidatesConfig = Field(default_factory=GenerateCandidatesConfig)
+    ingest_feedback: IngestFeedbackConfig = Field(default_factory=IngestFeedbackConfig)
+    train_reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    register_and_promote: RegisterConfig = Field(default_factory=RegisterConfig)
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+def load_pipeline_config(path: str | Path) -> PipelineConfig:
+    return load_yaml_config(PipelineConfig, path)
+
+
+def parse_pipeline_config(text: str, source: str = "<pipeline parameter config>") -> PipelineConfig:
+    return validate_mapping(PipelineConfig, parse_yaml_text(text, source), source)
+
+
+def _absolute(uri: str) -> str:
+    if storage.is_s3(uri) or "://" in uri or uri.startswith("models:/"):
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
+def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
+    """Local paths resolved against the current directory, so every task sees the same files."""
+    updates = {
+        "policy": _absolute(config.policy),
+        "storage_root": _absolute(config.storage_root),
+        "feedback_inbox": _absolute(config.feedback_inbox),
+        "collect_prompts": config.collect_prompts.model_copy(
+            update={"sources": [_absolute(s) for s in config.collect_prompts.sources]}
+        ),
+    }
+    if config.demo_assets is not None:
+        updates["demo_assets"] = config.demo_assets.model_copy(update={"dir": _absolute(config.demo_assets.dir)})
+    return config.model_copy(update=updates)

@@ -1,0 +1,25 @@
+"""The RLHF DAG. Every task receives the whole run config (a JSON string) and its upstream tasks' outputs."""
+
+from kfp import dsl
+
+from rlhf_pipelines import components as c
+
+PIPELINES = {"rlhf"}
+
+
+@dsl.pipeline(name="rlhf", description="RLHF: prompts → candidates → feedback → reward model → PPO → gate")
+def rlhf_pipeline(config: str) -> str:
+    run = c.start_run(config=config).set_retry(2)
+    prompts = c.collect_prompts(config=config, run=run.output)
+    candidates = c.generate_candidates(config=config, run=run.output, prompts=prompts.output)
+    feedback = c.ingest_feedback(config=config, run=run.output, candidates=candidates.output)
+    reward = c.train_reward_model(config=config, run=run.output, feedback=feedback.output)
+    policy = c.ppo(config=config, run=run.output, prompts=prompts.output, reward=reward.output)
+    evaluation = c.evaluate(
+        config=config, run=run.output, prompts=prompts.output, reward=reward.output, policy=policy.output
+    )
+    registered = c.register_and_promote(
+        config=config, run=run.output, prompts=prompts.output, feedback=feedback.output,
+        reward=reward.output, policy=policy.output, evaluation=evaluation.output,
+    ).set_retry(2)
+    return registered.output

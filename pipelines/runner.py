@@ -1,0 +1,144 @@
+"""Compile the DAG, run it locally with kfp.local, submit it to KFP, or schedule it as a recurring run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rlhf_components.core import storage
+from rlhf_components.core.errors import UserError
+from rlhf_components.core.models import MODELS_PREFIX, resolve_checkpoint
+from rlhf_components.core.tracking import check_reachable, resolve_tracking_uri
+from rlhf_pipelines.config import PipelineConfig, with_absolute_paths
+
+log = logging.getLogger(__name__)
+
+
+def compile_pipeline(pipeline: str, output: str | Path) -> Path:
+    from kfp import compiler
+
+    from rlhf_pipelines.dag import PIPELINES, rlhf_pipeline
+
+    if pipeline not in PIPELINES:
+        raise UserError(f"unknown pipeline {pipeline!r}; available: {', '.join(sorted(PIPELINES))}")
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(rlhf_pipeline, str(path))
+    return path
+
+
+def build_demo_assets_if_configured(config: PipelineConfig) -> None:
+    if config.demo_assets is None:
+        return
+    from rlhf_components.demo import build_demo_assets
+
+    assets = build_demo_assets(config.demo_assets.dir, config.demo_assets.spec)
+    log.info("demo assets ready in %s", assets.root)
+
+
+def preflight(config: PipelineConfig) -> None:
+    """Catch what would otherwise fail minutes into a run: unreachable servers, missing inputs."""
+    check_reachable(resolve_tracking_uri(config.tracking))
+    if not config.policy.startswith(MODELS_PREFIX):
+        resolve_checkpoint(config.policy)
+    for source in config.collect_prompts.sources:
+        if not storage.exists(source):
+            raise UserError(f"collect_prompts.sources: {source} does not exist")
+
+
+def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
+    """The whole DAG through kfp.local's SubprocessRunner in this Python environment; returns the summary."""
+    import kfp.local
+
+    from rlhf_pipelines.dag import rlhf_pipeline
+
+    config = with_absolute_paths(config)
+    if config.tracking.uri is None:
+        config = config.model_copy(
+            update={"tracking": config.tracking.model_copy(update={"uri": resolve_tracking_uri(config.tracking)})}
+        )
+    build_demo_assets_if_configured(config)
+    preflight(config)
+    kfp.local.init(
+        runner=kfp.local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(workdir / "kfp-local"),
+        raise_on_error=True,
+    )
+    try:
+        task = rlhf_pipeline(config=config.to_json())
+    except RuntimeError as error:
+        raise UserError(f"pipeline {config.name} failed: {str(error).splitlines()[0]}") from None
+    outputs = json.loads(task.output)
+    summary: dict[str, Any] = storage.read_json(outputs["summary"])
+    return summary
+
+
+def _compiled(config: PipelineConfig) -> tuple[str, dict[str, str]]:
+    if config.tracking.uri is None or not config.tracking.uri.startswith(("http://", "https://")):
+        raise UserError("tracking.uri: a pipeline on Kubernetes needs an MLflow server URL (http:// or https://)")
+    for name, uri in (("storage_root", config.storage_root), ("feedback_inbox", config.feedback_inbox)):
+        if not storage.is_s3(uri):
+            raise UserError(f"{name}: a pipeline on Kubernetes needs shared storage (s3://…), got {uri}")
+    package = Path(tempfile.mkdtemp()) / "rlhf.yaml"
+    compile_pipeline("rlhf", package)
+    return str(package), {"config": config.to_json()}
+
+
+def _client(host: str) -> Any:
+    import kfp
+
+    try:
+        return kfp.Client(host=host)
+    except Exception as error:  # kfp raises bare exceptions of many kinds for a bad host
+        raise UserError(f"KFP endpoint {host}: {error}") from None
+
+
+def submit(config: PipelineConfig, host: str, experiment: str) -> str:
+    package, arguments = _compiled(config)
+    client = _client(host)
+    run = client.create_run_from_pipeline_package(
+        package, arguments=arguments, run_name=f"{config.name}-{config.config_hash()}", experiment_name=experiment,
+        enable_caching=False,
+    )
+    return str(run.run_id)
+
+
+def kfp_cron(expression: str) -> str:
+    """KFP takes six cron fields, seconds first; a standard five-field expression gets seconds = 0."""
+    fields = expression.split()
+    if len(fields) == 5:
+        return " ".join(["0", *fields])
+    if len(fields) == 6:
+        return " ".join(fields)
+    raise UserError(f"--cron {expression!r}: expected 6 fields (sec min hour day month weekday) or 5 standard ones")
+
+
+def schedule(config: PipelineConfig, host: str, cron: str, experiment: str, max_concurrency: int = 1) -> str:
+    package, arguments = _compiled(config)
+    client = _client(host)
+    found = client.create_experiment(name=experiment)
+    recurring = client.create_recurring_run(
+        experiment_id=found.experiment_id,
+        job_name=f"{config.name}-retraining",
+        description=f"recurring RLHF retraining of {config.name}",
+        cron_expression=kfp_cron(cron),
+        max_concurrency=max_concurrency,
+        no_catchup=True,
+        params=arguments,
+        pipeline_package_path=package,
+        enable_caching=False,
+    )
+    return str(recurring.recurring_run_id)
+
+
+def summary_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    for key in ("gold_win_rate", "rm_win_rate", "kl", "reward_model_accuracy", "promoted"):
+        value = summary.get(key)
+        rows.append((key, f"{value:.3f}" if isinstance(value, float) else str(value)))
+    for role, entry in summary.get("registered", {}).items():
+        rows.append((f"registered {role}", f"{entry['name']} v{entry['version']} [{', '.join(entry['aliases'])}]"))
+    return rows
