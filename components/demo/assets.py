@@ -46,13 +46,15 @@ class DemoAssetsSpec(BaseModel):
     seed: int = 0
     n_corpus: int = Field(default=4000, ge=2)
     n_prompts: int = Field(default=400, ge=1)
+    # 768 covers every word of the grammar as one token (the BPE stops at ~760), so a review is
+    # ~14 tokens and prompt + review + EOS fits the 64 positions; 512 splits words and can overflow.
     vocab_size: int = Field(default=768, ge=258)
     n_layer: int = Field(default=2, ge=1)
     n_embd: int = Field(default=128, ge=8)
     n_head: int = Field(default=4, ge=1)
-    sft_steps: int = Field(default=300, ge=1)
+    sft_steps: int = Field(default=400, ge=1)
     sft_batch_size: int = Field(default=32, ge=1)
-    sft_lr: float = Field(default=1e-3, gt=0)
+    sft_lr: float = Field(default=3e-3, gt=0)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> DemoAssetsSpec:
