@@ -27,6 +27,7 @@ from rlhf_components.core.runtime import setup_logging
 from rlhf_components.core.tracking import (
     RunContext,
     TrackingConfig,
+    finish_pipeline_run,
     resolve_tracking_uri,
     start_pipeline_run,
 )
@@ -82,9 +83,18 @@ def run_standalone(
             output_root=job.context.output_root,
             seed=job.context.seed,
         )
-        outputs = run(job.config, job.inputs, context)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    owns_parent_run = job.context.parent_run_id is None
+    try:
+        outputs = run(job.config, job.inputs, context)
+    except UserError as error:
+        if owns_parent_run:
+            finish_pipeline_run(context, "FAILED")
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if owns_parent_run:
+        finish_pipeline_run(context)
     print(json.dumps(outputs.model_dump(mode="json"), indent=2))
     return 0

@@ -153,9 +153,7 @@ def _build_into(staging: Path, spec: DemoAssetsSpec, spec_hash: str) -> None:
     )
 
 
-def build_demo_assets(
-    out_dir: str | Path, spec: DemoAssetsSpec, force: bool = False
-) -> DemoAssets:
+def build_demo_assets(out_dir: str | Path, spec: DemoAssetsSpec, force: bool = False) -> DemoAssets:
     """Build the demo corpus, prompts and SFT policy into ``out_dir``, or reuse a matching build.
 
     Deterministic from ``spec.seed``. The build happens in a sibling temporary directory that is

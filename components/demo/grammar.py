@@ -189,9 +189,7 @@ def sample_prompt(rng: random.Random, kind: Kind | None = None) -> str:
         return rng.choice(_RESTAURANT_TEMPLATES).format(
             subject=rng.choice(_RESTAURANTS), place=rng.choice(_PLACES)
         )
-    return rng.choice(_PRODUCT_TEMPLATES).format(
-        subject=rng.choice(_PRODUCTS), origin=rng.choice(_ORIGINS)
-    )
+    return rng.choice(_PRODUCT_TEMPLATES).format(subject=rng.choice(_PRODUCTS), origin=rng.choice(_ORIGINS))
 
 
 def sample_review(rng: random.Random, sentiment: float, kind: Kind = "restaurant") -> str:
@@ -205,15 +203,13 @@ def sample_review(rng: random.Random, sentiment: float, kind: Kind = "restaurant
             f"The {noun1} {verb1} {_adjective(rng, sentiment)} and "
             f"the {noun2} {verb2} {_adjective(rng, sentiment)}."
         )
-        second_optional = True
-    elif shape == 1:
-        first = f"The {noun1} {verb1} {_adjective(rng, sentiment)}."
-        second_optional = False
+        add_second = rng.random() < 0.5
     else:
-        first = f"{rng.choice(_OPENERS)} the {noun1} {verb1} {_adjective(rng, sentiment)}."
-        second_optional = False
+        opening = "The" if shape == 1 else f"{rng.choice(_OPENERS)} the"
+        first = f"{opening} {noun1} {verb1} {_adjective(rng, sentiment)}."
+        add_second = True
     sentences = [first]
-    if not second_optional or rng.random() < 0.5:
+    if add_second:
         if rng.random() < 0.5:
             sentences.append(_verdict(rng, sentiment))
         else:
@@ -265,10 +261,7 @@ def _review_pattern() -> re.Pattern[str]:
         + f"|Overall it was {adjective}\\."
     )
     two_aspects = f"The {aspect} {adjective} and the {aspect} {adjective}\\.(?: (?:{verdict}))?"
-    one_aspect = (
-        f"(?:The|{_alternatives(_OPENERS)} the) {aspect} {adjective}\\."
-        f"(?: (?:{verdict})){{1,2}}"
-    )
+    one_aspect = f"(?:The|{_alternatives(_OPENERS)} the) {aspect} {adjective}\\.(?: (?:{verdict})){{1,2}}"
     return re.compile(f" (?:{two_aspects}|{one_aspect})")
 
 

@@ -10,6 +10,8 @@ import torch
 from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from ..core.runtime import progress_disabled
+
 logger = logging.getLogger(__name__)
 
 # Positions beyond the longest prompt + review + EOS (about 35 tokens with the default tokenizer).
@@ -56,9 +58,7 @@ def encode_examples(
     return examples
 
 
-def _collate(
-    examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int
-) -> dict[str, torch.Tensor]:
+def _collate(examples: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     # Right padding keeps every real token at its natural position id; pads carry no loss.
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
@@ -121,7 +121,12 @@ def train_sft_policy(
         batch_size,
     )
     model.train()
-    progress = tqdm(_batches(len(examples), batch_size, steps, seed), desc="demo SFT", unit="step")
+    progress = tqdm(
+        _batches(len(examples), batch_size, steps, seed),
+        desc="demo SFT",
+        unit="step",
+        disable=progress_disabled(),
+    )
     loss = torch.tensor(float("nan"))
     for batch_indices in progress:
         batch = _collate([examples[i] for i in batch_indices.tolist()], tokenizer.pad_token_id)

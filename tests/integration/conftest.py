@@ -7,6 +7,7 @@ is put into the error when a server does not come up, because "timed out" alone 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from rlhf_components.core import storage
 
 BUCKET = "rlhf-integration"
@@ -86,16 +86,12 @@ def _stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         process.wait(timeout=timeout)
     # Workers left in the group after the leader exited are ours too; make sure none survive.
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _wait_until(
@@ -106,7 +102,8 @@ def _wait_until(
     while time.monotonic() - started < timeout:
         if process.poll() is not None:
             raise RuntimeError(
-                f"{name} exited with code {process.returncode} during start-up; log tail:\n{_log_tail(log_path)}"
+                f"{name} exited with code {process.returncode} during start-up; "
+                f"log tail:\n{_log_tail(log_path)}"
             )
         if check():
             return time.monotonic() - started
@@ -154,7 +151,8 @@ def _s3_client(endpoint: str) -> Any:
 
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint, region_name=AWS_ENV["AWS_DEFAULT_REGION"],
-        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"], aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
     )
 
 
@@ -190,7 +188,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """`mlflow server` with a sqlite backend and artifacts proxied to the moto bucket (one worker, no jobs)."""
+    """`mlflow server`: sqlite backend, artifacts proxied to the moto bucket, one worker, no job runner."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     root = tmp_path_factory.mktemp("mlflow-server")
@@ -221,20 +219,31 @@ def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory)
         _stop(process)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_mlflow_state() -> Iterator[None]:
-    """Undo what tests do to MLflow's process-global state (tracking URI, its env var, active runs)."""
+@contextlib.contextmanager
+def restored_mlflow_state() -> Iterator[None]:
+    """Undo what the body does to MLflow's process-global state: tracking URI, its env var, active runs.
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI; left behind, it would send later test layers
+    (and `resolve_tracking_uri`'s default) to a server that no longer exists.
+    """
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     saved_uri = tracking_utils._tracking_uri
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    # set_tracking_uri also exports MLFLOW_TRACKING_URI; restore both so other layers see their own store.
-    mlflow.set_tracking_uri(saved_uri)  # type: ignore[arg-type]
-    if saved_env is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = saved_env
+    try:
+        yield
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(saved_uri)  # type: ignore[arg-type]
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_state() -> Iterator[None]:
+    with restored_mlflow_state():
+        yield

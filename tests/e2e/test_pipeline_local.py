@@ -1,0 +1,90 @@
+"""The whole DAG through kfp.local (SubprocessRunner), at tiny sizes, driven by the `rlhf run` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from rlhf_components.demo import DemoAssets
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+STEPS = ["collect_prompts", "generate_candidates", "ingest_feedback", "train_reward_model", "ppo", "evaluate",
+         "register_and_promote"]
+
+
+def tiny_pipeline_config(assets: DemoAssets, root: Path) -> dict[str, object]:
+    return {
+        "name": "tiny",
+        "policy": assets.sft_model_dir,
+        "storage_root": str(root / "outputs"),
+        "feedback_inbox": str(root / "inbox"),
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "e2e"},
+        "collect_prompts": {"sources": [assets.prompts_file], "eval_fraction": 0.25},
+        "generate_candidates": {"samples_per_prompt": 2, "sampling": {"temperature": 1.0, "max_new_tokens": 12}},
+        "ingest_feedback": {"simulated_annotator": "demo-gold-sentiment"},
+        "train_reward_model": {"learning_rate": 0.001, "batch_size": 16},
+        "ppo": {"total_episodes": 32, "rollout_batch_size": 16, "num_minibatches": 2, "ppo_epochs": 1,
+                "sampling": {"max_new_tokens": 12}},
+        "evaluate": {"max_prompts": 12, "gold_judge": "demo-gold-sentiment", "bootstrap_samples": 200},
+        "register_and_promote": {"policy_name": "tiny-policy", "reward_model_name": "tiny-rm",
+                                 "gate": {"min_ci_low": 0.0, "max_kl": 100.0}},
+    }
+
+
+def test_rlhf_run_executes_the_dag_and_registers_models(tiny_assets: DemoAssets, tmp_path: Path) -> None:
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_pipeline_config(tiny_assets, tmp_path)), encoding="utf-8")
+    rlhf = Path(sys.executable).parent / "rlhf"
+    done = subprocess.run([str(rlhf), "run", str(config_path), "--workdir", str(tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for step in ("start-run", *(s.replace("_", "-") for s in STEPS)):
+        assert f"Task '{step}' finished with status" in _plain(done.stdout + done.stderr), step
+    assert "pipeline summary" in done.stdout
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("gold_win_rate", "rm_win_rate", "kl", "reward_model_accuracy"):
+        assert isinstance(summary[key], float), key
+    assert 0.0 <= summary["gold_win_rate"] <= 1.0
+    policy, reward = summary["registered"]["policy"], summary["registered"]["reward_model"]
+    assert (policy["name"], reward["name"]) == ("tiny-policy", "tiny-rm")
+    # The gate is opened wide in this config: the candidate must be promoted.
+    assert summary["promoted"] is True
+    assert policy["aliases"] == ["production", "staging"]
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("tiny-policy", "production")
+    assert str(version.version) == policy["version"]
+    assert version.tags["rlhf.pipeline_run_id"] == summary["pipeline_run_id"]
+    assert version.tags["rlhf.gate.decision"] == "promote"
+    for lineage in ("rlhf.prompts_hash", "rlhf.feedback_hash", "rlhf.config_hash", "rlhf.parent_version"):
+        assert lineage in version.tags
+    assert str(client.get_model_version_by_alias("tiny-rm", "staging").version) == reward["version"]
+
+    parent = client.get_run(summary["pipeline_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["ppo.rollout_batch_size"] == "16"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(run.data.tags["rlhf.step"] for run in children) == sorted(STEPS)
+
+    run_dir = tmp_path / "outputs" / summary["pipeline_run_id"]
+    assert (run_dir / "collect_prompts" / "manifest.json").is_file()
+    assert (run_dir / "ppo" / "policy" / "model.safetensors").is_file()
+    labels = list((tmp_path / "inbox" / "labels").glob("simulated-*.jsonl"))
+    assert len(labels) == 1 and '"simulated": true' in labels[0].read_text()
+
+
+def _plain(text: str) -> str:
+    """kfp.local colours task names with ANSI escapes."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)

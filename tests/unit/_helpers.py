@@ -1,0 +1,89 @@
+"""Helpers shared by the per-step unit tests (`from ._helpers import ...`).
+
+Kept out of a conftest.py on purpose: other test files own that namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+from mlflow.entities import Run
+from rlhf_components.core.tracking import RunContext, TrackingConfig, start_pipeline_run
+from rlhf_components.demo import gold_score
+from rlhf_components.demo.grammar import sample_kind, sample_prompt, sample_review
+
+RM_CACHE_NAME = "tiny-reward-model"
+
+
+def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
+    """One JSON value per line (any JSON value, so tests can write non-object rows too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def make_context(root: Path, experiment: str = "tests", seed: int = 0) -> RunContext:
+    """A fresh sqlite MLflow store and pipeline parent run under `root` (for module/session fixtures)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tracking = TrackingConfig(uri=f"sqlite:///{root / 'mlflow.db'}", experiment=experiment)
+    uri, run_id = start_pipeline_run(tracking, "test-pipeline", {"test": True}, {})
+    return RunContext(tracking_uri=uri, experiment=experiment, parent_run_id=run_id,
+                      output_root=str(root / "outputs"), seed=seed)
+
+
+def child_runs(context: RunContext, step: str) -> list[Run]:
+    """The MLflow runs of `step` recorded under the context's parent run."""
+    mlflow.set_tracking_uri(context.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(context.experiment)
+    assert experiment is not None
+    return list(mlflow.MlflowClient().search_runs(
+        [experiment.experiment_id],
+        filter_string=(f"tags.`mlflow.parentRunId` = '{context.parent_run_id}' "
+                       f"and tags.`rlhf.step` = '{step}'"),
+    ))
+
+
+def sentiment_pairs(n: int, seed: int) -> list[dict[str, str]]:
+    """Easy preferences from the demo grammar: a clearly positive review beats a clearly negative one."""
+    rng = random.Random(seed)
+    pairs: list[dict[str, str]] = []
+    while len(pairs) < n:
+        kind = sample_kind(rng)
+        prompt = sample_prompt(rng, kind)
+        chosen, rejected = sample_review(rng, 1.0, kind), sample_review(rng, -1.0, kind)
+        if gold_score(prompt, chosen) > gold_score(prompt, rejected):
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def tiny_reward_model(tmp_path_factory: pytest.TempPathFactory, sft_model_dir: str) -> str:
+    """A reward model trained for one epoch on a little easy data; built once per test session.
+
+    Cached by path under the session's base temp dir, so every test module shares one copy.
+    """
+    from rlhf_components import train_reward_model
+
+    root = tmp_path_factory.getbasetemp() / RM_CACHE_NAME
+    done = root / "reward_model_path.txt"
+    if done.is_file():
+        return done.read_text(encoding="utf-8")
+    context = make_context(root, experiment="tiny-reward-model")
+    train = write_jsonl(root / "data" / "train.jsonl", sentiment_pairs(48, seed=11))
+    evaluation = write_jsonl(root / "data" / "eval.jsonl", sentiment_pairs(8, seed=12))
+    outputs = train_reward_model.run(
+        train_reward_model.Config(epochs=1, learning_rate=1e-3, batch_size=16, max_length=64),
+        train_reward_model.Inputs(base_model=sft_model_dir, train=str(train), eval=str(evaluation)),
+        context,
+    )
+    done.write_text(outputs.reward_model, encoding="utf-8")
+    return outputs.reward_model
