@@ -1,1 +1,1 @@
-"""rlhf_components: the pipeline steps of rlhf-pipelines, each runnable alone and wrapped as a KFP component."""
+"""rlhf_components: the steps of rlhf-pipelines, each runnable alone and wrapped as a KFP component."""

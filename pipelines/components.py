@@ -5,13 +5,15 @@ DAG; `base_image` is the project image, which already has this package installed
 """
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 from kfp import dsl
 
 IMAGE = os.environ.get("RLHF_IMAGE", "ghcr.io/rlhf-pipelines/rlhf-pipelines:0.1.0-cpu")
 
 
-def _component(func):  # type: ignore[no-untyped-def]
+def _component(func: Callable[..., str]) -> Any:
     return dsl.component(base_image=IMAGE, install_kfp_package=False)(func)
 
 

@@ -9,16 +9,16 @@ from pathlib import Path
 from pydantic import Field
 
 from rlhf_components.collect_prompts import Config as CollectPromptsConfig
+from rlhf_components.core import storage
+from rlhf_components.core.config import StrictModel, load_yaml_config, parse_yaml_text, validate_mapping
+from rlhf_components.core.tracking import TrackingConfig
+from rlhf_components.demo import DemoAssetsSpec
 from rlhf_components.evaluate import Config as EvaluateConfig
 from rlhf_components.generate_candidates import Config as GenerateCandidatesConfig
 from rlhf_components.ingest_feedback import Config as IngestFeedbackConfig
 from rlhf_components.ppo import Config as PPOConfig
 from rlhf_components.register_and_promote import Config as RegisterConfig
 from rlhf_components.train_reward_model import Config as RewardModelConfig
-from rlhf_components.core import storage
-from rlhf_components.core.config import StrictModel, load_yaml_config, parse_yaml_text, validate_mapping
-from rlhf_components.core.tracking import TrackingConfig
-from rlhf_components.demo import DemoAssetsSpec
 
 
 class DemoAssetsConfig(StrictModel):
@@ -33,7 +33,9 @@ class PipelineConfig(StrictModel):
     seed: int = 0
     policy: str = Field(description="the SFT policy: checkpoint dir, s3:// prefix or models:/name@alias")
     storage_root: str = Field(description="step outputs go to <storage_root>/<pipeline run id>/<step>/")
-    feedback_inbox: str = Field(description="annotation tasks are written to tasks/, judgements read from labels/")
+    feedback_inbox: str = Field(
+        description="annotation tasks are written to tasks/, judgements read from labels/"
+    )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     demo_assets: DemoAssetsConfig | None = None
     collect_prompts: CollectPromptsConfig
@@ -76,5 +78,7 @@ def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
         ),
     }
     if config.demo_assets is not None:
-        updates["demo_assets"] = config.demo_assets.model_copy(update={"dir": _absolute(config.demo_assets.dir)})
+        updates["demo_assets"] = config.demo_assets.model_copy(
+            update={"dir": _absolute(config.demo_assets.dir)}
+        )
     return config.model_copy(update=updates)

@@ -19,7 +19,12 @@ def rlhf_pipeline(config: str) -> str:
         config=config, run=run.output, prompts=prompts.output, reward=reward.output, policy=policy.output
     )
     registered = c.register_and_promote(
-        config=config, run=run.output, prompts=prompts.output, feedback=feedback.output,
-        reward=reward.output, policy=policy.output, evaluation=evaluation.output,
+        config=config,
+        run=run.output,
+        prompts=prompts.output,
+        feedback=feedback.output,
+        reward=reward.output,
+        policy=policy.output,
+        evaluation=evaluation.output,
     ).set_retry(2)
     return registered.output

@@ -58,7 +58,9 @@ def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
     config = with_absolute_paths(config)
     if config.tracking.uri is None:
         config = config.model_copy(
-            update={"tracking": config.tracking.model_copy(update={"uri": resolve_tracking_uri(config.tracking)})}
+            update={
+                "tracking": config.tracking.model_copy(update={"uri": resolve_tracking_uri(config.tracking)})
+            }
         )
     build_demo_assets_if_configured(config)
     preflight(config)
@@ -78,7 +80,9 @@ def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
 
 def _compiled(config: PipelineConfig) -> tuple[str, dict[str, str]]:
     if config.tracking.uri is None or not config.tracking.uri.startswith(("http://", "https://")):
-        raise UserError("tracking.uri: a pipeline on Kubernetes needs an MLflow server URL (http:// or https://)")
+        raise UserError(
+            "tracking.uri: a pipeline on Kubernetes needs an MLflow server URL (http:// or https://)"
+        )
     for name, uri in (("storage_root", config.storage_root), ("feedback_inbox", config.feedback_inbox)):
         if not storage.is_s3(uri):
             raise UserError(f"{name}: a pipeline on Kubernetes needs shared storage (s3://…), got {uri}")
@@ -100,7 +104,10 @@ def submit(config: PipelineConfig, host: str, experiment: str) -> str:
     package, arguments = _compiled(config)
     client = _client(host)
     run = client.create_run_from_pipeline_package(
-        package, arguments=arguments, run_name=f"{config.name}-{config.config_hash()}", experiment_name=experiment,
+        package,
+        arguments=arguments,
+        run_name=f"{config.name}-{config.config_hash()}",
+        experiment_name=experiment,
         enable_caching=False,
     )
     return str(run.run_id)
@@ -113,7 +120,9 @@ def kfp_cron(expression: str) -> str:
         return " ".join(["0", *fields])
     if len(fields) == 6:
         return " ".join(fields)
-    raise UserError(f"--cron {expression!r}: expected 6 fields (sec min hour day month weekday) or 5 standard ones")
+    raise UserError(
+        f"--cron {expression!r}: expected 6 fields (sec min hour day month weekday) or 5 standard ones"
+    )
 
 
 def schedule(config: PipelineConfig, host: str, cron: str, experiment: str, max_concurrency: int = 1) -> str:
@@ -140,5 +149,7 @@ def summary_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
         value = summary.get(key)
         rows.append((key, f"{value:.3f}" if isinstance(value, float) else str(value)))
     for role, entry in summary.get("registered", {}).items():
-        rows.append((f"registered {role}", f"{entry['name']} v{entry['version']} [{', '.join(entry['aliases'])}]"))
+        rows.append(
+            (f"registered {role}", f"{entry['name']} v{entry['version']} [{', '.join(entry['aliases'])}]")
+        )
     return rows

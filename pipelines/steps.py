@@ -30,8 +30,11 @@ from rlhf_pipelines.config import PipelineConfig, parse_pipeline_config
 
 def _context(config: PipelineConfig, run_id: str) -> RunContext:
     return RunContext(
-        tracking_uri=resolve_tracking_uri(config.tracking), experiment=config.tracking.experiment,
-        parent_run_id=run_id, output_root=config.storage_root, seed=config.seed,
+        tracking_uri=resolve_tracking_uri(config.tracking),
+        experiment=config.tracking.experiment,
+        parent_run_id=run_id,
+        output_root=config.storage_root,
+        seed=config.seed,
     )
 
 
@@ -39,8 +42,10 @@ def start(config_json: str) -> str:
     """Open the MLflow parent run; name the champion policy (production alias, else the SFT policy)."""
     setup_logging()
     config = parse_pipeline_config(config_json)
-    tracking_uri, run_id = start_pipeline_run(
-        config.tracking, config.name, config.model_dump(mode="json"),
+    _, run_id = start_pipeline_run(
+        config.tracking,
+        config.name,
+        config.model_dump(mode="json"),
         {"rlhf.pipeline": config.name, "rlhf.config_hash": config.config_hash()},
     )
     name = config.register_and_promote.policy_name
@@ -56,7 +61,9 @@ def _run_id(run: str) -> str:
 def run_collect_prompts(config_json: str, run: str) -> str:
     setup_logging()
     config = parse_pipeline_config(config_json)
-    outputs = collect_prompts.run(config.collect_prompts, collect_prompts.Inputs(), _context(config, _run_id(run)))
+    outputs = collect_prompts.run(
+        config.collect_prompts, collect_prompts.Inputs(), _context(config, _run_id(run))
+    )
     return outputs.model_dump_json()
 
 
@@ -91,7 +98,9 @@ def run_ppo(config_json: str, run: str, prompts: str, reward: str) -> str:
     setup_logging()
     config = parse_pipeline_config(config_json)
     inputs = ppo.Inputs(
-        policy=config.policy, reward_model=json.loads(reward)["reward_model"], prompts=json.loads(prompts)["train"]
+        policy=config.policy,
+        reward_model=json.loads(reward)["reward_model"],
+        prompts=json.loads(prompts)["train"],
     )
     outputs = ppo.run(config.ppo, inputs, _context(config, _run_id(run)))
     return outputs.model_dump_json()
@@ -102,9 +111,11 @@ def run_evaluate(config_json: str, run: str, prompts: str, reward: str, policy: 
     config = parse_pipeline_config(config_json)
     champion = json.loads(run)["champion"]
     inputs = evaluate.Inputs(
-        candidate=json.loads(policy)["policy"], reference=config.policy,
+        candidate=json.loads(policy)["policy"],
+        reference=config.policy,
         champion=champion if champion != config.policy else None,
-        reward_model=json.loads(reward)["reward_model"], prompts=json.loads(prompts)["eval"],
+        reward_model=json.loads(reward)["reward_model"],
+        prompts=json.loads(prompts)["eval"],
     )
     outputs = evaluate.run(config.evaluate, inputs, _context(config, _run_id(run)))
     return outputs.model_dump_json()

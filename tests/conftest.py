@@ -44,6 +44,8 @@ def run_context(tmp_path: Path, sqlite_tracking: TrackingConfig) -> RunContext:
     """A pipeline parent run on a fresh sqlite MLflow store, with outputs under tmp_path."""
     uri, run_id = start_pipeline_run(sqlite_tracking, "test-pipeline", {"test": True}, {})
     return RunContext(
-        tracking_uri=uri, experiment=sqlite_tracking.experiment, parent_run_id=run_id,
+        tracking_uri=uri,
+        experiment=sqlite_tracking.experiment,
+        parent_run_id=run_id,
         output_root=str(tmp_path / "outputs"),
     )

@@ -145,7 +145,12 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         # The manifest goes last: its presence marks a complete dataset.
         storage.write_json(
             outputs.manifest,
-            {"row_count": len(records), "content_hash": content_hash, "sources": files, "counts": dict(counts)},
+            {
+                "row_count": len(records),
+                "content_hash": content_hash,
+                "sources": files,
+                "counts": dict(counts),
+            },
         )
         log_metrics({f"prompts_{key}": value for key, value in counts.items()})
         _log_dataset(records, outputs.manifest, content_hash)
@@ -156,7 +161,8 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
 def _log_dataset(records: list[PromptRecord], manifest_uri: str, content_hash: str) -> None:
     import mlflow
     import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
 
     frame = pd.DataFrame([r.model_dump() for r in records])
-    dataset = mlflow.data.from_pandas(frame, source=manifest_uri, name="prompts", digest=content_hash[:16])
+    dataset = from_pandas(frame, source=manifest_uri, name="prompts", digest=content_hash[:16])
     mlflow.log_input(dataset, context="training")

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -59,7 +58,11 @@ def encode_prompts(
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
     encoded = tokenizer(
-        prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens,
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_prompt_tokens,
         add_special_tokens=False,
     )
     return encoded["input_ids"], encoded["attention_mask"]
@@ -114,16 +117,22 @@ def sample(
         attention = torch.cat([attention, torch.ones(batch_size, 1, dtype=attention.dtype)], dim=1)
         position = position + 1
         output = model(
-            input_ids=token[:, None], attention_mask=attention, position_ids=position,
-            past_key_values=output.past_key_values, use_cache=True,
+            input_ids=token[:, None],
+            attention_mask=attention,
+            position_ids=position,
+            past_key_values=output.past_key_values,
+            use_cache=True,
         )
     response_ids = torch.stack(tokens, dim=1)
     is_eos = (response_ids == eos_token_id).long()
     after_eos = (is_eos.cumsum(-1) - is_eos) > 0
     response_mask = (~after_eos).long()
     return Batch(
-        query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
-        response_mask=response_mask, logprobs=torch.stack(logprobs, dim=1) * response_mask,
+        query_ids=query_ids,
+        query_mask=query_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        logprobs=torch.stack(logprobs, dim=1) * response_mask,
         ended_with_eos=is_eos.sum(-1) > 0,
     )
 
@@ -151,7 +160,7 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, batch: Batch) -> list[s
     texts = []
     for ids, mask in zip(batch.response_ids, batch.response_mask, strict=True):
         kept = [int(t) for t, m in zip(ids, mask, strict=True) if m and int(t) != tokenizer.eos_token_id]
-        texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+        texts.append(str(tokenizer.decode(kept, skip_special_tokens=True)))
     return texts
 
 
@@ -169,7 +178,9 @@ def generate_texts(
     ended: list[bool] = []
     lengths: list[int] = []
     for start in range(0, len(prompts), batch_size):
-        query_ids, query_mask = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_tokens)
+        query_ids, query_mask = encode_prompts(
+            tokenizer, prompts[start : start + batch_size], max_prompt_tokens
+        )
         batch = sample(
             model, query_ids, query_mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id, generator
         )

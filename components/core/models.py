@@ -6,9 +6,10 @@ The same path loads the demo's tiny GPT-2 and a real Hugging Face checkpoint; pi
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -50,21 +51,27 @@ def _download_registered(uri: str) -> Path:
         server = storage.sha256_hex(mlflow.get_tracking_uri().encode())[:10]
         target = storage.cache_dir() / "models" / server / pinned[len(MODELS_PREFIX) :].replace("/", "_")
         if not target.is_dir():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
-            mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(staging))
-            staging.rename(target)
+            with storage.staging_dir(target) as staging:
+                mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(staging))
+                _merge_mlflow_tokenizer(staging)
     except MlflowException as error:
         raise UserError(f"{uri}: cannot fetch registered model: {error.message}") from None
     return target
 
 
+def _merge_mlflow_tokenizer(root: Path) -> None:
+    """mlflow.transformers keeps the tokenizer apart, in components/tokenizer/; put it beside the weights."""
+    for tokenizer_dir in root.rglob("components/tokenizer"):
+        checkpoint = tokenizer_dir.parent.parent / "model"
+        if (checkpoint / "config.json").is_file():
+            for item in tokenizer_dir.iterdir():
+                if item.is_file() and not (checkpoint / item.name).exists():
+                    shutil.copy2(item, checkpoint / item.name)
+
+
 def resolve_checkpoint(uri: str) -> Path:
     """A local directory with config.json, tokenizer files and safetensors weights."""
-    if uri.startswith(MODELS_PREFIX):
-        root = _download_registered(uri)
-    else:
-        root = storage.local_dir(uri)
+    root = _download_registered(uri) if uri.startswith(MODELS_PREFIX) else storage.local_dir(uri)
     checkpoint = _find_checkpoint(root)
     if not any(checkpoint.glob("*.safetensors")):
         pickled = [p.name for p in checkpoint.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}]
@@ -80,7 +87,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_tokenizer(checkpoint: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{checkpoint}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) in the checkpoint")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise UserError(f"{checkpoint}: the tokenizer has no EOS token")
@@ -91,8 +103,9 @@ def load_tokenizer(checkpoint: Path, trust_remote_code: bool = False) -> PreTrai
     return tokenizer
 
 
-def _fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Room for a pad token added by `load_tokenizer`, and the model told which id it is."""
+    if len(tokenizer) > cast(torch.nn.Embedding, model.get_input_embeddings()).num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -103,7 +116,7 @@ def load_policy(uri: str, trust_remote_code: bool = False) -> tuple[PreTrainedMo
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
     )
-    _fit_embeddings(model, tokenizer)
+    fit_embeddings(model, tokenizer)
     disable_dropout(model)
     return model, tokenizer
 
@@ -115,10 +128,13 @@ def load_scalar_model(
     checkpoint = resolve_checkpoint(uri)
     tokenizer = load_tokenizer(checkpoint, trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
-        checkpoint, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code,
+        checkpoint,
+        num_labels=1,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
         dtype=torch.float32,
     )
-    _fit_embeddings(model, tokenizer)
+    fit_embeddings(model, tokenizer)
     disable_dropout(model)
     return model, tokenizer
 
@@ -139,8 +155,9 @@ def scalar_head(model: PreTrainedModel) -> torch.nn.Module:
     raise UserError(f"{type(model).__name__}: no scalar head (score/classifier) found")
 
 
-def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor) -> torch.Tensor:
+def token_scores(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
     """The scalar head applied at every position, [batch, seq]: per-token values, or rewards at any index."""
     backbone: Any = model.base_model
     hidden = backbone(
@@ -150,7 +167,9 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
 
 
 def reward_normalization(model: PreTrainedModel) -> tuple[float, float]:
-    return float(getattr(model.config, REWARD_MEAN_KEY, 0.0)), float(getattr(model.config, REWARD_STD_KEY, 1.0))
+    return float(getattr(model.config, REWARD_MEAN_KEY, 0.0)), float(
+        getattr(model.config, REWARD_STD_KEY, 1.0)
+    )
 
 
 def sequence_scores(

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,13 @@ def exists(uri: str) -> bool:
     if not is_s3(uri):
         return Path(uri).exists()
     bucket, key = split_s3(uri)
-    try:
-        _s3_call(uri, "HEAD", s3_client().head_object, Bucket=bucket, Key=key)
-    except FileNotFoundError:
-        return bool(list_files(uri.rstrip("/") + "/"))
-    return True
+    if key and not key.endswith("/"):
+        try:
+            _s3_call(uri, "HEAD", s3_client().head_object, Bucket=bucket, Key=key)
+            return True
+        except FileNotFoundError:
+            pass
+    return bool(list_files(uri))
 
 
 def read_bytes(uri: str) -> bytes:
@@ -131,11 +134,22 @@ def list_files(prefix: str) -> list[str]:
             return []
         return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     bucket, key = split_s3(prefix)
+    if key and not key.endswith("/"):
+        # Like a local path: the object itself, or the "directory" of that name, never name-prefixed siblings.
+        try:
+            _s3_call(prefix, "HEAD", s3_client().head_object, Bucket=bucket, Key=key)
+            return [prefix]
+        except FileNotFoundError:
+            key += "/"
     paginator = s3_client().get_paginator("list_objects_v2")
     found: list[str] = []
     pages = _s3_call(prefix, "LIST", lambda: list(paginator.paginate(Bucket=bucket, Prefix=key)))
     for page in pages:
-        found.extend(f"{S3_PREFIX}{bucket}/{item['Key']}" for item in page.get("Contents", []))
+        found.extend(
+            f"{S3_PREFIX}{bucket}/{item['Key']}"
+            for item in page.get("Contents", [])
+            if not item["Key"].rsplit("/", 1)[-1].startswith(".")
+        )
     return sorted(found)
 
 
@@ -185,15 +199,32 @@ def local_dir(uri: str) -> Path:
     target = cache_dir() / "s3" / digest
     if target.is_dir():
         return target
+    with staging_dir(target) as staging:
+        for file_uri in files:
+            relative = split_s3(file_uri)[1][len(key_prefix) :]
+            destination = staging / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            destination.write_bytes(read_bytes(file_uri))
+    return target
+
+
+@contextmanager
+def staging_dir(target: Path) -> Iterator[Path]:
+    """A temporary sibling of `target`, renamed to it on success and removed on failure.
+
+    Another process (say, a second torchrun rank) may finish the same target first; its copy is kept.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
-    for file_uri in files:
-        relative = split_s3(file_uri)[1][len(key_prefix) :]
-        destination = staging / relative
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        destination.write_bytes(read_bytes(file_uri))
-    os.replace(staging, target)
-    return target
+    try:
+        yield staging
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_jsonl(uri: str) -> Iterator[tuple[int, str]]:

@@ -16,8 +16,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,13 @@ def _build_into(staging: Path, spec: DemoAssetsSpec, spec_hash: str) -> None:
     )
 
 
+def _new_sibling_dir(root: Path, purpose: str) -> Path:
+    # Not tempfile.mkdtemp: its 0700 mode would stick to the assets once renamed into place.
+    path = root.parent / f".{root.name}.{purpose}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    return path
+
+
 def build_demo_assets(out_dir: str | Path, spec: DemoAssetsSpec, force: bool = False) -> DemoAssets:
     """Build the demo corpus, prompts and SFT policy into ``out_dir``, or reuse a matching build.
 
@@ -167,14 +174,14 @@ def build_demo_assets(out_dir: str | Path, spec: DemoAssetsSpec, force: bool = F
         return assets
 
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    staging = _new_sibling_dir(root, "building")
     started = time.monotonic()
     logger.info("building demo assets into %s (spec %s)", root, spec_hash[:12])
     try:
         _build_into(staging, spec, spec_hash)
         if root.exists():
             # rename() cannot replace a non-empty directory: move the old build aside first.
-            retired = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            retired = _new_sibling_dir(root, "old")
             os.replace(root, retired / root.name)
             os.replace(staging, root)
             shutil.rmtree(retired, ignore_errors=True)

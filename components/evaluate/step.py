@@ -85,15 +85,27 @@ def bootstrap_interval(
 
 @torch.no_grad()
 def answer(
-    policy: PreTrainedModel, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-    config: Config, generator: torch.Generator,
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    config: Config,
+    generator: torch.Generator,
 ) -> Answers:
     answers = Answers(texts=[], lengths=[], ended=[], kl_to_reference=[])
     for start in range(0, len(prompts), config.batch_size):
-        query_ids, query_mask = encode_prompts(tokenizer, prompts[start : start + config.batch_size],
-                                               config.max_prompt_tokens)
-        batch = sample(policy, query_ids, query_mask, config.sampling, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, generator)
+        query_ids, query_mask = encode_prompts(
+            tokenizer, prompts[start : start + config.batch_size], config.max_prompt_tokens
+        )
+        batch = sample(
+            policy,
+            query_ids,
+            query_mask,
+            config.sampling,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            generator,
+        )
         ref_logprobs = response_logprobs(reference, batch, config.sampling.temperature)
         answers.texts.extend(decode_responses(tokenizer, batch))
         answers.lengths.extend(int(n) for n in batch.response_mask.sum(-1))
@@ -121,11 +133,18 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
 
         def rm_scores(texts: list[str]) -> list[float]:
             with torch.no_grad():
-                raw = torch.cat([
-                    score_texts(reward_model, tokenizer, prompts[i : i + config.batch_size],
-                                texts[i : i + config.batch_size], config.max_reward_tokens)
-                    for i in range(0, len(texts), config.batch_size)
-                ])
+                raw = torch.cat(
+                    [
+                        score_texts(
+                            reward_model,
+                            tokenizer,
+                            prompts[i : i + config.batch_size],
+                            texts[i : i + config.batch_size],
+                            config.max_reward_tokens,
+                        )
+                        for i in range(0, len(texts), config.batch_size)
+                    ]
+                )
             return normalized_rewards(reward_model, raw).tolist()
 
         def evaluate_policy(uri: str) -> tuple[Answers, list[float], list[float]]:
@@ -156,7 +175,9 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 if not ours:
                     continue
                 outcomes = win_rate(ours, theirs)
-                low, high = bootstrap_interval(outcomes, config.bootstrap_samples, config.confidence, generator)
+                low, high = bootstrap_interval(
+                    outcomes, config.bootstrap_samples, config.confidence, generator
+                )
                 prefix = f"{judge_name}_win_rate" + ("" if name == "reference" else f"_vs_{name}")
                 metrics[prefix] = _mean(outcomes)
                 metrics[f"{prefix}_ci_low"] = low
@@ -168,21 +189,31 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             if name == "reference":
                 examples = [
                     {"prompt": p, "candidate": c, "reference": r, "candidate_rm": cs, "reference_rm": rs}
-                    for p, c, r, cs, rs in zip(prompts[:8], candidate.texts, baseline.texts, candidate_rm,
-                                               baseline_rm, strict=False)
+                    for p, c, r, cs, rs in zip(
+                        prompts[:8], candidate.texts, baseline.texts, candidate_rm, baseline_rm, strict=False
+                    )
                 ]
                 reference_rm = baseline_rm
         log_metrics(metrics)
         report_uri = step_output(context, "evaluate", "report.json")
-        storage.write_json(report_uri, {"metrics": metrics, "examples": examples,
-                                        "num_prompts": len(prompts), "gold_judge": config.gold_judge})
+        storage.write_json(
+            report_uri,
+            {
+                "metrics": metrics,
+                "examples": examples,
+                "num_prompts": len(prompts),
+                "gold_judge": config.gold_judge,
+            },
+        )
         _log_report(metrics, examples, candidate_rm, reference_rm)
         log.info("evaluate: %s", {k: round(v, 4) for k, v in metrics.items()})
         return Outputs(report=report_uri, metrics=metrics)
 
 
 def _log_report(
-    metrics: dict[str, float], examples: list[dict[str, str | float]], candidate_rm: list[float],
+    metrics: dict[str, float],
+    examples: list[dict[str, str | float]],
+    candidate_rm: list[float],
     reference_rm: list[float],
 ) -> None:
     import matplotlib
@@ -206,8 +237,11 @@ def _log_report(
         lines += [f"| {key} | {value:.4f} |" for key, value in sorted(metrics.items())]
         lines += ["", "![reward distribution](reward_distribution.png)", "", "## Examples", ""]
         for example in examples:
-            lines += [f"- **prompt**: {example['prompt']}", f"  - candidate: {example['candidate']}",
-                      f"  - reference: {example['reference']}"]
+            lines += [
+                f"- **prompt**: {example['prompt']}",
+                f"  - candidate: {example['candidate']}",
+                f"  - reference: {example['reference']}",
+            ]
         report = Path(temp, "report.md")
         report.write_text("\n".join(lines) + "\n", encoding="utf-8")
         mlflow.log_artifacts(temp, artifact_path="evaluation")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.generation import SamplingConfig, encode_prompts, sample, decode_responses
+from rlhf_components.core.generation import SamplingConfig, decode_responses, encode_prompts, sample
 from rlhf_components.core.models import load_policy
 from rlhf_components.core.runtime import progress_disabled, seed_everything
 from rlhf_components.core.step import step_output
@@ -86,15 +86,21 @@ def pairwise_tasks(candidates: list[Candidate]) -> list[AnnotationTask]:
             tasks.append(
                 AnnotationTask(
                     task_id=hashlib.sha256(f"{a.id}:{b.id}".encode()).hexdigest()[:16],
-                    prompt_id=prompt_id, prompt=a.prompt,
-                    response_a_id=a.id, response_a=a.response, response_b_id=b.id, response_b=b.response,
+                    prompt_id=prompt_id,
+                    prompt=a.prompt,
+                    response_a_id=a.id,
+                    response_a=a.response,
+                    response_b_id=b.id,
+                    response_b=b.response,
                 )
             )
     return tasks
 
 
 def label_studio_json(tasks: list[AnnotationTask]) -> str:
-    return json.dumps([{"id": index, "data": task.model_dump()} for index, task in enumerate(tasks, 1)], indent=1)
+    return json.dumps(
+        [{"id": index, "data": task.model_dump()} for index, task in enumerate(tasks, 1)], indent=1
+    )
 
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
@@ -109,20 +115,36 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         model.eval()
         candidates: list[Candidate] = []
         repeated = [p for p in prompts for _ in range(config.samples_per_prompt)]
-        for start in tqdm(range(0, len(repeated), config.batch_size), desc="generate_candidates",
-                          disable=progress_disabled()):
+        for start in tqdm(
+            range(0, len(repeated), config.batch_size),
+            desc="generate_candidates",
+            disable=progress_disabled(),
+        ):
             chunk = repeated[start : start + config.batch_size]
-            query_ids, query_mask = encode_prompts(tokenizer, [p["prompt"] for p in chunk], config.max_prompt_tokens)
+            query_ids, query_mask = encode_prompts(
+                tokenizer, [p["prompt"] for p in chunk], config.max_prompt_tokens
+            )
             with torch.inference_mode():
-                batch = sample(model, query_ids, query_mask, config.sampling, tokenizer.eos_token_id,
-                               tokenizer.pad_token_id, generator)
+                batch = sample(
+                    model,
+                    query_ids,
+                    query_mask,
+                    config.sampling,
+                    tokenizer.eos_token_id,
+                    tokenizer.pad_token_id,
+                    generator,
+                )
             texts = decode_responses(tokenizer, batch)
             for offset, (prompt, text) in enumerate(zip(chunk, texts, strict=True)):
                 candidates.append(
                     Candidate(
-                        id=candidate_id(prompt["id"], text), prompt_id=prompt["id"], prompt=prompt["prompt"],
-                        response=text, ended_with_eos=bool(batch.ended_with_eos[offset]),
-                        num_tokens=int(batch.response_mask[offset].sum()), policy=inputs.policy,
+                        id=candidate_id(prompt["id"], text),
+                        prompt_id=prompt["id"],
+                        prompt=prompt["prompt"],
+                        response=text,
+                        ended_with_eos=bool(batch.ended_with_eos[offset]),
+                        num_tokens=int(batch.response_mask[offset].sum()),
+                        policy=inputs.policy,
                         sample_index=(start + offset) % config.samples_per_prompt,
                     )
                 )
@@ -138,11 +160,13 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         storage.write_jsonl(outputs.candidates, [c.model_dump() for c in candidates])
         storage.write_text(outputs.label_studio_tasks, label_studio_json(tasks))
         storage.write_jsonl(outputs.tasks, [t.model_dump() for t in tasks])
-        log_metrics({
-            "candidates": len(candidates),
-            "annotation_tasks": len(tasks),
-            "candidate_eos_rate": sum(c.ended_with_eos for c in candidates) / len(candidates),
-            "candidate_mean_tokens": sum(c.num_tokens for c in candidates) / len(candidates),
-        })
+        log_metrics(
+            {
+                "candidates": len(candidates),
+                "annotation_tasks": len(tasks),
+                "candidate_eos_rate": sum(c.ended_with_eos for c in candidates) / len(candidates),
+                "candidate_mean_tokens": sum(c.num_tokens for c in candidates) / len(candidates),
+            }
+        )
         log.info("generate_candidates: %d candidates, %d annotation tasks", len(candidates), len(tasks))
         return outputs

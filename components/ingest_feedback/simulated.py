@@ -36,7 +36,12 @@ def annotate(tasks_uri: str, labels_uri: str, judge_name: str) -> int:
         score_a, score_b = judge(task.prompt, task.response_a), judge(task.prompt, task.response_b)
         choice = "tie" if score_a == score_b else ("a" if score_a > score_b else "b")
         labels.append(
-            {"task_id": task.task_id, "choice": choice, "annotator": f"simulated:{judge_name}", "simulated": True}
+            {
+                "task_id": task.task_id,
+                "choice": choice,
+                "annotator": f"simulated:{judge_name}",
+                "simulated": True,
+            }
         )
     storage.write_jsonl(labels_uri, labels)
     return len(labels)

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 class Config(StrictModel):
     simulated_annotator: str | None = Field(
-        default=None, description="judge name that labels this run's tasks (demos/tests only), e.g. demo-gold-sentiment"
+        default=None,
+        description="judge name that labels this run's tasks (demos/tests only), e.g. demo-gold-sentiment",
     )
     max_invalid_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
@@ -38,7 +39,9 @@ class Config(StrictModel):
 
 class Inputs(StrictModel):
     inbox: str
-    tasks: str | None = Field(default=None, description="this run's annotation tasks (for the simulated annotator)")
+    tasks: str | None = Field(
+        default=None, description="this run's annotation tasks (for the simulated annotator)"
+    )
 
 
 class ChosenRejected(StrictModel):
@@ -115,8 +118,13 @@ def _to_preference(
     if not chosen.strip() or not rejected.strip():
         raise ValueError("empty response text")
     return Preference(
-        id=preference_id(prompt, chosen, rejected), prompt=prompt, chosen=chosen, rejected=rejected,
-        annotator=annotator, simulated=is_simulated or annotator.startswith("simulated:"), source=location,
+        id=preference_id(prompt, chosen, rejected),
+        prompt=prompt,
+        chosen=chosen,
+        rejected=rejected,
+        annotator=annotator,
+        simulated=is_simulated or annotator.startswith("simulated:"),
+        source=location,
     )
 
 
@@ -133,11 +141,15 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             if inputs.tasks is None:
                 raise UserError("ingest_feedback: simulated_annotator needs this run's tasks as input")
             labelled = simulated.annotate(
-                inputs.tasks, storage.join(labels_dir, f"simulated-{context.parent_run_id}.jsonl"),
+                inputs.tasks,
+                storage.join(labels_dir, f"simulated-{context.parent_run_id}.jsonl"),
                 config.simulated_annotator,
             )
-            log.info("simulated annotator %s labelled %d tasks (SIMULATED labels)", config.simulated_annotator,
-                     labelled)
+            log.info(
+                "simulated annotator %s labelled %d tasks (SIMULATED labels)",
+                config.simulated_annotator,
+                labelled,
+            )
         tasks = _load_tasks(inputs.inbox)
         counts: Counter[str] = Counter()
         invalid_by_source: Counter[str] = Counter()
@@ -165,21 +177,28 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         quarantine_uri = step_output(context, "ingest_feedback", "quarantine.jsonl")
         storage.write_jsonl(quarantine_uri, quarantine)
         invalid_fraction = counts["invalid"] / max(1, counts["read"])
-        log_metrics({f"feedback_{key}": value for key, value in counts.items()} |
-                    {"feedback_invalid_fraction": invalid_fraction})
+        log_metrics(
+            {f"feedback_{key}": value for key, value in counts.items()}
+            | {"feedback_invalid_fraction": invalid_fraction}
+        )
         if invalid_fraction > config.max_invalid_fraction:
             worst = ", ".join(f"{uri} ({n})" for uri, n in invalid_by_source.most_common(3))
             raise UserError(
                 f"ingest_feedback: {invalid_fraction:.1%} of {counts['read']} records are invalid "
-                f"(limit {config.max_invalid_fraction:.1%}); worst sources: {worst}; reasons in {quarantine_uri}"
+                f"(limit {config.max_invalid_fraction:.1%}); worst sources: {worst}; "
+                f"reasons in {quarantine_uri}"
             )
         records = sorted(preferences.values(), key=lambda p: p.id)
         if len(records) < 2:
             raise UserError(f"ingest_feedback: only {len(records)} usable preference pairs in {labels_dir}")
         train = [p.model_dump() for p in records if not is_eval(p.id, config.eval_fraction)]
         evaluation = [p.model_dump() for p in records if is_eval(p.id, config.eval_fraction)]
-        counts.update(pairs=len(records), train=len(train), eval=len(evaluation),
-                      simulated=sum(p.simulated for p in records))
+        counts.update(
+            pairs=len(records),
+            train=len(train),
+            eval=len(evaluation),
+            simulated=sum(p.simulated for p in records),
+        )
         content_hash = hashlib.sha256("\n".join(p.id for p in records).encode()).hexdigest()
         outputs = Outputs(
             train=step_output(context, "ingest_feedback", "train.jsonl"),
@@ -191,10 +210,16 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         )
         storage.write_jsonl(outputs.train, train)
         storage.write_jsonl(outputs.eval, evaluation)
-        storage.write_json(outputs.manifest, {
-            "row_count": len(records), "content_hash": content_hash, "sources": label_files,
-            "counts": dict(counts), "contains_simulated_labels": counts["simulated"] > 0,
-        })
+        storage.write_json(
+            outputs.manifest,
+            {
+                "row_count": len(records),
+                "content_hash": content_hash,
+                "sources": label_files,
+                "counts": dict(counts),
+                "contains_simulated_labels": counts["simulated"] > 0,
+            },
+        )
         log_metrics({"feedback_pairs": len(records), "feedback_simulated_pairs": counts["simulated"]})
         log.info("ingest_feedback: %s", dict(counts))
         return outputs

@@ -93,7 +93,9 @@ class Config(StrictModel):
 
 
 class Inputs(StrictModel):
-    policy: str = Field(description="initial policy checkpoint (also the reference unless `reference` is set)")
+    policy: str = Field(
+        description="initial policy checkpoint (also the reference unless `reference` is set)"
+    )
     reference: str | None = None
     reward_model: str
     prompts: str = Field(description="JSONL of {prompt} records")
@@ -147,7 +149,10 @@ def gae(
 
 
 def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
     cliprange: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(clipped surrogate loss, ratio, clip indicator)."""
@@ -158,7 +163,11 @@ def policy_loss(
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange: float
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(½ · masked mean of the larger of the clipped and unclipped squared errors, clip indicator)."""
     clipped_values = old_values + torch.clamp(values - old_values, -cliprange, cliprange)
@@ -169,7 +178,10 @@ def value_loss(
 
 
 class KLController:
-    """β, fixed or adapted toward a target KL (Ziegler et al. 2019): β ← β·(1 + clip(KL/target − 1, ±0.2)·n/H)."""
+    """β, fixed or adapted toward a target KL (Ziegler et al. 2019).
+
+    Adaptive: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/H) after each rollout of n episodes, horizon H.
+    """
 
     def __init__(self, config: Config) -> None:
         self.value = config.kl_coef
@@ -207,17 +219,26 @@ def response_values(value_model: PreTrainedModel, batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_rollout(
-    policy: PreTrainedModel, reference: PreTrainedModel, reward_model: PreTrainedModel,
-    value_model: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.Tensor, config: Config,
-    kl_coef: float, eos_token_id: int, pad_token_id: int, generator: torch.Generator,
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    reward_model: PreTrainedModel,
+    value_model: PreTrainedModel,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    config: Config,
+    kl_coef: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator,
 ) -> Rollout:
     batch = sample(policy, query_ids, query_mask, config.sampling, eos_token_id, pad_token_id, generator)
     mask = batch.response_mask.float()
     ref_logprobs = response_logprobs(reference, batch, config.sampling.temperature)
     values = response_values(value_model, batch) * mask
     ids, sequence_mask, _ = batch.sequence()
-    scores = normalized_rewards(reward_model, sequence_scores(reward_model, ids, sequence_mask,
-                                                              batch.last_token_index()))
+    scores = normalized_rewards(
+        reward_model, sequence_scores(reward_model, ids, sequence_mask, batch.last_token_index())
+    )
     scores = scores - config.missing_eos_penalty * (~batch.ended_with_eos).float()
     kl = kl_per_token(batch.logprobs, ref_logprobs, config.kl_estimator) * mask
     rewards = -kl_coef * kl
@@ -232,9 +253,12 @@ def collect_rollout(
 
 def _select(batch: Batch, rows: torch.Tensor) -> Batch:
     return Batch(
-        query_ids=batch.query_ids[rows], query_mask=batch.query_mask[rows],
-        response_ids=batch.response_ids[rows], response_mask=batch.response_mask[rows],
-        logprobs=batch.logprobs[rows], ended_with_eos=batch.ended_with_eos[rows],
+        query_ids=batch.query_ids[rows],
+        query_mask=batch.query_mask[rows],
+        response_ids=batch.response_ids[rows],
+        response_mask=batch.response_mask[rows],
+        logprobs=batch.logprobs[rows],
+        ended_with_eos=batch.ended_with_eos[rows],
     )
 
 
@@ -242,17 +266,31 @@ def _select(batch: Batch, rows: torch.Tensor) -> Batch:
 
 
 def ppo_update(
-    policy: PreTrainedModel, value_model: PreTrainedModel, optimizer: torch.optim.Optimizer,
-    rollout: Rollout, config: Config, generator: torch.Generator,
+    policy: PreTrainedModel,
+    value_model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    rollout: Rollout,
+    config: Config,
+    generator: torch.Generator,
 ) -> dict[str, float]:
     """PPO epochs × minibatches over one rollout; returns the iteration's training statistics."""
     size = rollout.batch.response_ids.shape[0]
     minibatch_size = size // config.num_minibatches
     micro_size = minibatch_size // config.gradient_accumulation_steps
     trainable = [p for p in [*policy.parameters(), *value_model.parameters()] if p.requires_grad]
-    stats: dict[str, list[float]] = {k: [] for k in
-                                     ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approx_kl", "entropy",
-                                      "ratio_mean", "ratio_var")}
+    stats: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "pg_loss",
+            "vf_loss",
+            "pg_clipfrac",
+            "vf_clipfrac",
+            "approx_kl",
+            "entropy",
+            "ratio_mean",
+            "ratio_var",
+        )
+    }
     first_ratio: float | None = None
     policy.train()
     value_model.train()
@@ -283,7 +321,9 @@ def ppo_update(
                     stats["vf_loss"].append(vf_loss.item())
                     stats["pg_clipfrac"].append(masked_mean(pg_clipped, mask).item())
                     stats["vf_clipfrac"].append(masked_mean(vf_clipped, mask).item())
-                    stats["approx_kl"].append(0.5 * masked_mean((logprobs - micro.logprobs) ** 2, mask).item())
+                    stats["approx_kl"].append(
+                        0.5 * masked_mean((logprobs - micro.logprobs) ** 2, mask).item()
+                    )
                     stats["entropy"].append(masked_mean(entropy(logits), mask).item())
                     stats["ratio_mean"].append(ratio_mean.item())
                     stats["ratio_var"].append(masked_mean((ratio - ratio_mean) ** 2, mask).item())
@@ -340,8 +380,17 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             started = time.perf_counter()
             query_ids, query_mask = encode_prompts(tokenizer, chosen, config.max_prompt_tokens)
             rollout = collect_rollout(
-                policy, reference, reward_model, value_model, query_ids, query_mask, config,
-                kl_controller.value, tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
+                policy,
+                reference,
+                reward_model,
+                value_model,
+                query_ids,
+                query_mask,
+                config,
+                kl_controller.value,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                generator,
             )
             rollout_seconds = time.perf_counter() - started
             train_stats = ppo_update(policy, value_model, optimizer, rollout, config, generator)
@@ -371,7 +420,9 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             log_metrics(metrics, step=iteration)
             progress.set_postfix(score=f"{score:.2f}", kl=f"{kl_total:.2f}")
         outputs = Outputs(
-            policy=step_output(context, "ppo", "policy"), iterations=iterations, final_score=score,
+            policy=step_output(context, "ppo", "policy"),
+            iterations=iterations,
+            final_score=score,
             final_kl=kl_total,
         )
         policy.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -56,13 +56,24 @@ def set_alias(name: str, version: str, alias: str, reason: str) -> None:
         client.set_model_version_tag(name, version, f"rlhf.{alias}.decision", f"{stamp} {reason}")
         if alias == "production":
             history = production_history(name)
-            client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, str(version)]))
+            if not history or history[-1] != str(version):
+                client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, str(version)]))
     except MlflowException as error:
         raise _mlflow_error(f"model {name} version {version}", error) from None
+    _mirror_legacy_stage(name, str(version), alias)
+
+
+def _mirror_legacy_stage(name: str, version: str, alias: str) -> None:
+    """Keep the deprecated registry stage in step with the alias, where the server still has stages."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            client.transition_model_version_stage(name, version, alias.capitalize())
+            mlflow.MlflowClient().transition_model_version_stage(
+                name, version, alias.capitalize(), archive_existing_versions=alias == "production"
+            )
     except MlflowException:
         log.info("the server does not support legacy registry stages; alias %s set", alias)
 
@@ -88,6 +99,9 @@ def rollback(name: str) -> tuple[str, str]:
     client.set_registered_model_alias(name, "production", previous)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
-    client.set_model_version_tag(name, current, "rlhf.production.decision", f"{stamp} rolled back to {previous}")
+    client.set_model_version_tag(
+        name, current, "rlhf.production.decision", f"{stamp} rolled back to {previous}"
+    )
     client.set_model_version_tag(name, previous, "rlhf.production.decision", f"{stamp} restored by rollback")
+    _mirror_legacy_stage(name, previous, "production")
     return current, previous

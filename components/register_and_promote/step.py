@@ -29,7 +29,9 @@ class GateConfig(StrictModel):
     metric: str = Field(default="rm_win_rate", description="evaluation win rate whose CI decides")
     min_ci_low: float = Field(default=0.5, ge=0.0, le=1.0, description="lower CI bound must exceed this")
     max_kl: float = Field(default=25.0, gt=0.0, description="KL to the reference must stay under this")
-    must_beat_champion: bool = Field(default=True, description="also require <metric>_vs_champion_ci_low > 0.5")
+    must_beat_champion: bool = Field(
+        default=True, description="also require <metric>_vs_champion_ci_low > 0.5"
+    )
 
 
 class Config(StrictModel):
@@ -45,7 +47,9 @@ class Inputs(StrictModel):
     evaluation: dict[str, float] = Field(description="evaluate's metrics")
     reward_model_accuracy: float
     lineage: dict[str, str] = Field(default_factory=dict, description="dataset hashes, config hash, …")
-    parent_version: str | None = Field(default=None, description="the production version this run started from")
+    parent_version: str | None = Field(
+        default=None, description="the production version this run started from"
+    )
 
 
 class RegisteredVersion(StrictModel):
@@ -97,7 +101,10 @@ def _log_and_register(model: Any, tokenizer: Any, name: str, task: str, artifact
         name=artifact,
         task=task,
         registered_model_name=name,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"],
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"transformers=={transformers.__version__}",
+        ],
     )
     return str(info.registered_model_version)
 
@@ -119,18 +126,28 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         )
         policy, tokenizer = load_policy(inputs.policy, config.trust_remote_code)
         policy_version = _log_and_register(policy, tokenizer, config.policy_name, "text-generation", "policy")
-        for name, version in ((config.reward_model_name, reward_version), (config.policy_name, policy_version)):
+        for name, version in (
+            (config.reward_model_name, reward_version),
+            (config.policy_name, policy_version),
+        ):
             for key, value in lineage.items():
                 client.set_model_version_tag(name, version, key, value)
-        client.set_model_version_tag(config.policy_name, policy_version, "rlhf.reward_model_version", reward_version)
+        client.set_model_version_tag(
+            config.policy_name, policy_version, "rlhf.reward_model_version", reward_version
+        )
         for key, value in inputs.evaluation.items():
-            client.set_model_version_tag(config.policy_name, policy_version, f"rlhf.eval.{key}", f"{value:.6g}")
+            client.set_model_version_tag(
+                config.policy_name, policy_version, f"rlhf.eval.{key}", f"{value:.6g}"
+            )
 
         promoted, reasons = gate_decision(config.gate, inputs.evaluation)
         verdict = ("PROMOTED: " if promoted else "NOT PROMOTED: ") + "; ".join(reasons)
-        client.set_model_version_tag(config.policy_name, policy_version, "rlhf.gate.decision",
-                                     "promote" if promoted else "hold")
-        client.set_model_version_tag(config.policy_name, policy_version, "rlhf.gate.reasons", "; ".join(reasons))
+        client.set_model_version_tag(
+            config.policy_name, policy_version, "rlhf.gate.decision", "promote" if promoted else "hold"
+        )
+        client.set_model_version_tag(
+            config.policy_name, policy_version, "rlhf.gate.reasons", "; ".join(reasons)
+        )
         registry.set_alias(config.policy_name, policy_version, "staging", "new candidate from the pipeline")
         registry.set_alias(config.reward_model_name, reward_version, "staging", "trained with the candidate")
         if promoted:
@@ -140,10 +157,16 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         log.info("gate: %s", verdict)
 
         registered = {
-            "policy": RegisteredVersion(name=config.policy_name, version=policy_version,
-                                        aliases=_aliases(config.policy_name, policy_version)),
-            "reward_model": RegisteredVersion(name=config.reward_model_name, version=reward_version,
-                                              aliases=_aliases(config.reward_model_name, reward_version)),
+            "policy": RegisteredVersion(
+                name=config.policy_name,
+                version=policy_version,
+                aliases=_aliases(config.policy_name, policy_version),
+            ),
+            "reward_model": RegisteredVersion(
+                name=config.reward_model_name,
+                version=reward_version,
+                aliases=_aliases(config.reward_model_name, reward_version),
+            ),
         }
         summary = {
             "pipeline_run_id": context.parent_run_id,

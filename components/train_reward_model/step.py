@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel
@@ -24,9 +24,7 @@ from rlhf_components.core.errors import UserError
 from rlhf_components.core.models import (
     REWARD_MEAN_KEY,
     REWARD_STD_KEY,
-    disable_dropout,
-    load_tokenizer,
-    resolve_checkpoint,
+    load_scalar_model,
     save_checkpoint,
     scalar_head,
     sequence_scores,
@@ -76,7 +74,10 @@ def bradley_terry_loss(
 def encode_answers(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """prompt + response + EOS, tokenised in two parts as PPO sees them; right-padded; (ids, mask, last idx)."""
+    """prompt + response + EOS, tokenised in two parts as PPO sees them, right-padded.
+
+    Returns (ids, mask, index of the last real token).
+    """
     rows = []
     for prompt, response in zip(prompts, responses, strict=True):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -92,7 +93,10 @@ def encode_answers(
 
 
 def score_texts(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
     max_length: int,
 ) -> torch.Tensor:
     ids, mask, last = encode_answers(tokenizer, prompts, responses, max_length)
@@ -104,15 +108,19 @@ def _pair_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     prompts = [p["prompt"] for p in pairs]
     scores = score_texts(
-        model, tokenizer, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+        model,
+        tokenizer,
+        prompts + prompts,
+        [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
         max_length,
     )
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
 @torch.no_grad()
-def _all_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[dict[str, str]],
-                config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+def _all_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[dict[str, str]], config: Config
+) -> tuple[torch.Tensor, torch.Tensor]:
     chosen, rejected = [], []
     for start in range(0, len(pairs), config.batch_size * 4):
         c, r = _pair_scores(model, tokenizer, pairs[start : start + config.batch_size * 4], config.max_length)
@@ -131,24 +139,16 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         train_pairs, eval_pairs = _load_pairs(inputs.train), _load_pairs(inputs.eval)
         if not train_pairs:
             raise UserError(f"{inputs.train}: no training pairs")
-        checkpoint = resolve_checkpoint(inputs.base_model)
-        tokenizer = load_tokenizer(checkpoint, config.trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            checkpoint, num_labels=1, use_safetensors=True, trust_remote_code=config.trust_remote_code,
-            dtype=torch.float32,
-        )
-        model.config.pad_token_id = tokenizer.pad_token_id
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
-        disable_dropout(model)
+        model, tokenizer = load_scalar_model(inputs.base_model, config.trust_remote_code)
         head = scalar_head(model)
         with torch.no_grad():
             head.weight.normal_(0.0, 1.0 / math.sqrt(model.config.hidden_size + 1))
             if getattr(head, "bias", None) is not None:
                 head.bias.zero_()
 
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                                      weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
         steps_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
         total_steps = steps_per_epoch * config.epochs
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
@@ -168,8 +168,14 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 schedule.step()
                 step += 1
                 accuracy = (chosen > rejected).float().mean().item()
-                log_metrics({"rm_loss": loss.item(), "rm_batch_accuracy": accuracy,
-                             "rm_lr": schedule.get_last_lr()[0]}, step=step)
+                log_metrics(
+                    {
+                        "rm_loss": loss.item(),
+                        "rm_batch_accuracy": accuracy,
+                        "rm_lr": schedule.get_last_lr()[0],
+                    },
+                    step=step,
+                )
                 progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}")
                 progress.update()
         progress.close()
@@ -187,11 +193,18 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
 
         outputs = Outputs(
             reward_model=step_output(context, "train_reward_model", "model"),
-            eval_accuracy=eval_accuracy, train_accuracy=train_accuracy, num_train_pairs=len(train_pairs),
+            eval_accuracy=eval_accuracy,
+            train_accuracy=train_accuracy,
+            num_train_pairs=len(train_pairs),
         )
         save_checkpoint(model, tokenizer, outputs.reward_model)
-        log_metrics({"rm_train_accuracy": train_accuracy, "rm_eval_accuracy": eval_accuracy,
-                     "rm_reference_mean": reference_scores.mean().item(),
-                     "rm_reference_std": reference_scores.std().item()})
+        log_metrics(
+            {
+                "rm_train_accuracy": train_accuracy,
+                "rm_eval_accuracy": eval_accuracy,
+                "rm_reference_mean": reference_scores.mean().item(),
+                "rm_reference_std": reference_scores.std().item(),
+            }
+        )
         log.info("reward model: train accuracy %.3f, held-out accuracy %.3f", train_accuracy, eval_accuracy)
         return outputs

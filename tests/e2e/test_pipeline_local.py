@@ -15,8 +15,15 @@ from rlhf_components.demo import DemoAssets
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-STEPS = ["collect_prompts", "generate_candidates", "ingest_feedback", "train_reward_model", "ppo", "evaluate",
-         "register_and_promote"]
+STEPS = [
+    "collect_prompts",
+    "generate_candidates",
+    "ingest_feedback",
+    "train_reward_model",
+    "ppo",
+    "evaluate",
+    "register_and_promote",
+]
 
 
 def tiny_pipeline_config(assets: DemoAssets, root: Path) -> dict[str, object]:
@@ -27,14 +34,25 @@ def tiny_pipeline_config(assets: DemoAssets, root: Path) -> dict[str, object]:
         "feedback_inbox": str(root / "inbox"),
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "e2e"},
         "collect_prompts": {"sources": [assets.prompts_file], "eval_fraction": 0.25},
-        "generate_candidates": {"samples_per_prompt": 2, "sampling": {"temperature": 1.0, "max_new_tokens": 12}},
+        "generate_candidates": {
+            "samples_per_prompt": 2,
+            "sampling": {"temperature": 1.0, "max_new_tokens": 12},
+        },
         "ingest_feedback": {"simulated_annotator": "demo-gold-sentiment"},
         "train_reward_model": {"learning_rate": 0.001, "batch_size": 16},
-        "ppo": {"total_episodes": 32, "rollout_batch_size": 16, "num_minibatches": 2, "ppo_epochs": 1,
-                "sampling": {"max_new_tokens": 12}},
+        "ppo": {
+            "total_episodes": 32,
+            "rollout_batch_size": 16,
+            "num_minibatches": 2,
+            "ppo_epochs": 1,
+            "sampling": {"max_new_tokens": 12},
+        },
         "evaluate": {"max_prompts": 12, "gold_judge": "demo-gold-sentiment", "bootstrap_samples": 200},
-        "register_and_promote": {"policy_name": "tiny-policy", "reward_model_name": "tiny-rm",
-                                 "gate": {"min_ci_low": 0.0, "max_kl": 100.0}},
+        "register_and_promote": {
+            "policy_name": "tiny-policy",
+            "reward_model_name": "tiny-rm",
+            "gate": {"min_ci_low": 0.0, "max_kl": 100.0},
+        },
     }
 
 
@@ -42,8 +60,13 @@ def test_rlhf_run_executes_the_dag_and_registers_models(tiny_assets: DemoAssets,
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(tiny_pipeline_config(tiny_assets, tmp_path)), encoding="utf-8")
     rlhf = Path(sys.executable).parent / "rlhf"
-    done = subprocess.run([str(rlhf), "run", str(config_path), "--workdir", str(tmp_path)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [str(rlhf), "run", str(config_path), "--workdir", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for step in ("start-run", *(s.replace("_", "-") for s in STEPS)):
         assert f"Task '{step}' finished with status" in _plain(done.stdout + done.stderr), step

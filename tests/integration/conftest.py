@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from rlhf_components.core import storage
 
 BUCKET = "rlhf-integration"
@@ -33,6 +34,16 @@ AWS_ENV = {
 # Variables this layer sets for the session; saved and restored so later test layers see the original env.
 # AWS_ENDPOINT_URL_S3 would take precedence over AWS_ENDPOINT_URL in boto3, so it is cleared while we run.
 _SESSION_ENV_KEYS = (*AWS_ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
+
+
+# Server start-up times, reported at the end of the run: a slow start is the first sign of a CI regression.
+START_SECONDS: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if START_SECONDS:
+        started = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in START_SECONDS.items())
+        terminalreporter.write_line(f"integration servers started in: {started}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -139,7 +150,11 @@ def _start(command: list[str], env: dict[str, str], log_path: Path) -> subproces
     log_file = log_path.open("wb")
     try:
         return subprocess.Popen(
-            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            command,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
     finally:
@@ -150,7 +165,9 @@ def _s3_client(endpoint: str) -> Any:
     import boto3
 
     return boto3.session.Session().client(
-        "s3", endpoint_url=endpoint, region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+        "s3",
+        endpoint_url=endpoint,
+        region_name=AWS_ENV["AWS_DEFAULT_REGION"],
         aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
     )
@@ -168,7 +185,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     saved = {key: os.environ.get(key) for key in _SESSION_ENV_KEYS}
     try:
         seconds = _wait_until(_answers_http(endpoint + "/"), process, "moto_server", log_path, timeout=30)
-        print(f"\nmoto S3 server on {endpoint} answered after {seconds:.1f} s")
+        START_SECONDS["moto S3"] = seconds
         for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
             os.environ.pop(key, None)
         os.environ.update({**AWS_ENV, "AWS_ENDPOINT_URL": endpoint})
@@ -205,15 +222,23 @@ def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory)
     # A tracking URI inherited from a test process must not redirect the server's own client code.
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [
-        str(Path(sys.executable).parent / "mlflow"), "server",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", s3_server.uri(artifacts_prefix),
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        s3_server.uri(artifacts_prefix),
     ]
     process = _start(command, env, log_path)
     try:
         seconds = _wait_until(_healthy(url + "/health"), process, "mlflow server", log_path, timeout=90)
-        print(f"\nmlflow server on {url} healthy after {seconds:.1f} s")
+        START_SECONDS["mlflow server"] = seconds
         yield MlflowServer(url=url, artifacts_prefix=artifacts_prefix, start_seconds=seconds)
     finally:
         _stop(process)

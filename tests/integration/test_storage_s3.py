@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
 
@@ -86,12 +87,14 @@ def test_upload_dir_then_local_dir_with_etag_cache(s3_server: S3Server, s3_root:
     uri = storage.join(s3_root, "checkpoint")
     storage.upload_dir(source, uri)
     assert storage.list_files(uri + "/") == [
-        storage.join(uri, "config.json"), storage.join(uri, "nested/weights.bin"),
+        storage.join(uri, "config.json"),
+        storage.join(uri, "nested/weights.bin"),
     ]
 
     first = storage.local_dir(uri)
     assert sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file()) == [
-        "config.json", "nested/weights.bin",
+        "config.json",
+        "nested/weights.bin",
     ]
     assert (first / "nested" / "weights.bin").read_bytes() == b"\x00\x01" * 100
     assert first.is_relative_to(storage.cache_dir())
@@ -169,10 +172,13 @@ def test_parity_listing_and_exists(root: str) -> None:
     for name in ("d/1.txt", "d/e/2.txt", "f.txt"):
         storage.write_bytes(storage.join(root, name), b"x")
     assert storage.list_files(storage.join(root, "d")) == [
-        storage.join(root, "d/1.txt"), storage.join(root, "d/e/2.txt"),
+        storage.join(root, "d/1.txt"),
+        storage.join(root, "d/e/2.txt"),
     ]
     assert storage.list_files(root) == [
-        storage.join(root, "d/1.txt"), storage.join(root, "d/e/2.txt"), storage.join(root, "f.txt"),
+        storage.join(root, "d/1.txt"),
+        storage.join(root, "d/e/2.txt"),
+        storage.join(root, "f.txt"),
     ]
     assert storage.list_files(storage.join(root, "f.txt")) == [storage.join(root, "f.txt")]
     assert storage.list_files(storage.join(root, "missing")) == []
@@ -181,16 +187,8 @@ def test_parity_listing_and_exists(root: str) -> None:
     assert not storage.exists(storage.join(root, "missing"))
 
 
-def test_parity_listing_a_directory_excludes_name_prefixed_siblings(
-    root: str, request: pytest.FixtureRequest
-) -> None:
+def test_parity_listing_a_directory_excludes_name_prefixed_siblings(root: str) -> None:
     """`tasks` must not list `tasks_archive/…`: ingest_feedback lists `<inbox>/tasks` this way."""
-    if "s3" in request.node.callspec.id:
-        request.applymarker(pytest.mark.xfail(
-            strict=True,
-            reason="project bug: storage.list_files on S3 lists by raw key prefix, so a directory URI "
-            "without a trailing slash also returns sibling keys that share its name prefix",
-        ))
     storage.write_bytes(storage.join(root, "tasks/1.json"), b"{}")
     storage.write_bytes(storage.join(root, "tasks_archive/old.json"), b"{}")
     assert storage.list_files(storage.join(root, "tasks")) == [storage.join(root, "tasks/1.json")]
@@ -205,7 +203,8 @@ def test_parity_upload_dir_and_local_dir(root: str, tmp_path: Path) -> None:
     storage.upload_dir(source, target)
     local = storage.local_dir(target)
     assert {p.relative_to(local).as_posix(): p.read_text() for p in local.rglob("*") if p.is_file()} == {
-        "a.txt": "A", "sub/b.txt": "B",
+        "a.txt": "A",
+        "sub/b.txt": "B",
     }
     assert storage.list_files(target) == [storage.join(target, "a.txt"), storage.join(target, "sub/b.txt")]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from pydantic import Field
+
 from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel
 from rlhf_components.core.errors import UserError
@@ -93,7 +94,10 @@ def test_step_run_is_a_child_with_config_params_and_stepped_metrics(
     assert child.data.tags["mlflow.runName"] == "train_reward_model"
     assert child.info.status == "FINISHED"
     assert child.data.params == {
-        "epochs": "2", "name": "tiny", "optimizer.learning_rate": "0.001", "optimizer.betas": "[0.9, 0.95]",
+        "epochs": "2",
+        "name": "tiny",
+        "optimizer.learning_rate": "0.001",
+        "optimizer.betas": "[0.9, 0.95]",
     }
     history = client.get_metric_history(child_id, "loss")
     by_step = sorted(history, key=lambda m: m.step)
@@ -120,11 +124,14 @@ def test_step_artifacts_land_in_the_s3_bucket(
         mlflow.log_dict({"win_rate": 0.62}, "summary.json")
 
     # The server proxies artifacts (mlflow-artifacts:/); the client never talks to S3 itself.
-    assert mlflow.MlflowClient(tracking_uri=mlflow_server.url).get_run(child_id).info.artifact_uri.startswith(
-        "mlflow-artifacts:"
+    assert (
+        mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+        .get_run(child_id)
+        .info.artifact_uri.startswith("mlflow-artifacts:")
     )
     under_run = [
-        uri for uri in storage.list_files(s3_server.uri(mlflow_server.artifacts_prefix) + "/")
+        uri
+        for uri in storage.list_files(s3_server.uri(mlflow_server.artifacts_prefix) + "/")
         if f"/{child_id}/artifacts/" in uri
     ]
     by_name = {uri.split(f"/{child_id}/artifacts/", 1)[1]: uri for uri in under_run}

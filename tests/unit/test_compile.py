@@ -1,14 +1,10 @@
-"""`rlhf compile`: the KFP IR YAML of the RLHF DAG (DESIGN §3), checked from the file the CLI writes.
-
-Both CLI calls run as subprocesses of the installed console script, started together once per module.
-"""
+"""`rlhf compile`: the KFP IR YAML of the RLHF DAG (DESIGN §3), checked from the file the CLI writes."""
 
 from __future__ import annotations
 
-import os
-import subprocess
+import io
 import sys
-from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +12,9 @@ from typing import Any
 import pytest
 import yaml
 from kfp import components
-
+from rlhf_pipelines import cli as cli_module
 from rlhf_pipelines.components import IMAGE
 
-RLHF = Path(sys.executable).parent / "rlhf"
-CLI_TIMEOUT_S = 180
 TASKS = {
     "start-run", "collect-prompts", "generate-candidates", "ingest-feedback",
     "train-reward-model", "ppo", "evaluate", "register-and-promote",
@@ -35,31 +29,35 @@ class CliResult:
     cwd: Path
 
 
+def run_cli(args: list[str], cwd: Path) -> CliResult:
+    """`rlhf <args>` through the console script's entry point `rlhf_pipelines.cli:main`, in this process.
+
+    In-process because a fresh `rlhf` process spends seconds importing torch; test_config.py covers the
+    installed console script as a real subprocess. Logging set-up is skipped so this process's logging is
+    left alone.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    returncode = 0
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(out), redirect_stderr(err):
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", ["rlhf", *args])
+        patch.setattr(cli_module, "setup_logging", lambda: None)
+        try:
+            cli_module.main()
+        except SystemExit as done:
+            returncode = done.code if isinstance(done.code, int) else 1
+    return CliResult(returncode, out.getvalue(), err.getvalue(), cwd)
+
+
 @pytest.fixture(scope="module")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, CliResult]]:
-    """`rlhf compile` of the rlhf DAG and of an unknown pipeline, each in its own cwd, run concurrently."""
-    cases = {
-        "rlhf": ["compile", "--pipeline", "rlhf", "-o", "out/rlhf.yaml"],
-        "unknown": ["compile", "--pipeline", "no-such-dag", "-o", "unknown.yaml"],
+def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CliResult]:
+    """`rlhf compile` of the rlhf DAG and of an unknown pipeline, each in its own directory."""
+    return {
+        "rlhf": run_cli(["compile", "--pipeline", "rlhf", "-o", "out/rlhf.yaml"],
+                        tmp_path_factory.mktemp("compile-rlhf")),
+        "unknown": run_cli(["compile", "--pipeline", "no-such-dag", "-o", "unknown.yaml"],
+                           tmp_path_factory.mktemp("compile-unknown")),
     }
-    env = dict(os.environ)  # inherits RLHF_IMAGE, if set, so the subprocess compiles with this process's IMAGE
-    running: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
-    try:
-        for name, args in cases.items():
-            cwd = tmp_path_factory.mktemp(f"compile-{name}")
-            with (cwd / "cli.stdout").open("wb") as out, (cwd / "cli.stderr").open("wb") as err:
-                running[name] = (subprocess.Popen([str(RLHF), *args], cwd=cwd, env=env, stdout=out, stderr=err), cwd)
-        results = {}
-        for name, (process, cwd) in running.items():
-            returncode = process.wait(timeout=CLI_TIMEOUT_S)
-            results[name] = CliResult(returncode, (cwd / "cli.stdout").read_text(encoding="utf-8"),
-                                      (cwd / "cli.stderr").read_text(encoding="utf-8"), cwd)
-        yield results
-    finally:
-        for process, _ in running.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +125,8 @@ def test_dag_edges_follow_the_design(spec: dict[str, Any]) -> None:
     assert {"train-reward-model", "collect-prompts"} <= depends["ppo"]
     assert {"ppo", "train-reward-model", "collect-prompts"} <= depends["evaluate"]
     assert {"evaluate", "ppo", "train-reward-model"} <= depends["register-and-promote"]
-    assert spec["root"]["dag"]["outputs"]["parameters"]["Output"]["valueFromParameter"]["producerSubtask"] == (
-        "register-and-promote"
-    )
+    output = spec["root"]["dag"]["outputs"]["parameters"]["Output"]["valueFromParameter"]
+    assert output["producerSubtask"] == "register-and-promote"
 
 
 def test_start_and_register_steps_are_retried(spec: dict[str, Any]) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from rlhf_components.core.errors import ConfigError, UserError
 from rlhf_pipelines.config import PipelineConfig, load_pipeline_config
 
@@ -48,7 +47,7 @@ def demo_with(path: Path, section: str | None, key: str, value: Any) -> Path:
 
 
 def local_run_config(root: Path, *, weights: bool, tracking_uri: str | None = None) -> Path:
-    """demo.yaml's settings with every path under `root`, no demo_assets, and a policy dir with config.json."""
+    """demo.yaml's settings, every path under `root`, no demo_assets, and a policy dir with config.json."""
     policy = root / "policy"
     policy.mkdir()
     (policy / "config.json").write_text('{"model_type": "gpt2"}\n', encoding="utf-8")
@@ -197,7 +196,7 @@ def test_missing_file_is_a_clear_not_found_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason="BUG: yaml.safe_load keeps the last of two duplicate keys, so a "
-                   "repeated section silently drops the first one (components/core/config.py parse_yaml_text)")
+                   "repeated section silently drops the first (components/core/config.py parse_yaml_text)")
 def test_duplicate_key_is_an_error_not_silently_overwritten(tmp_path: Path) -> None:
     text = DEMO_CONFIG.read_text(encoding="utf-8") + "ppo:\n  total_episodes: 64\n"
     path = tmp_path / "duplicate.yaml"
@@ -270,7 +269,8 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, CliResul
         results = {}
         for name, (process, out, err) in running.items():
             returncode = process.wait(timeout=CLI_TIMEOUT_S)
-            results[name] = CliResult(returncode, out.read_text(encoding="utf-8"), err.read_text(encoding="utf-8"))
+            results[name] = CliResult(returncode, out.read_text(encoding="utf-8"),
+                                      err.read_text(encoding="utf-8"))
         yield results
     finally:
         for process, _, _ in running.values():

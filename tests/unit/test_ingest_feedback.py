@@ -90,12 +90,17 @@ def test_simulated_annotator_labels_every_task_with_the_gold_judge(
     assert manifest["row_count"] == 3
 
 
-def test_simulated_annotator_needs_tasks_and_a_known_judge(tmp_path: Path, run_context: RunContext) -> None:
+def test_simulated_annotator_needs_tasks(tmp_path: Path, run_context: RunContext) -> None:
     inbox = tmp_path / "inbox"
     with pytest.raises(UserError, match="needs this run's tasks"):
         _ingest(inbox, run_context, simulated_annotator=GOLD_JUDGE_NAME)
+
+
+@pytest.mark.xfail(strict=True, reason="project bug: an unknown judge name raises ValueError, not UserError")
+def test_unknown_judge_is_a_user_error(tmp_path: Path, run_context: RunContext) -> None:
+    inbox = tmp_path / "inbox"
     tasks = write_jsonl(inbox / "tasks" / "t.jsonl", [_task("t1", GOOD, BAD)])
-    with pytest.raises((UserError, ValueError), match="unknown judge"):
+    with pytest.raises(UserError, match="unknown judge"):
         _ingest(inbox, run_context, tasks=tasks, simulated_annotator="no-such-judge")
 
 

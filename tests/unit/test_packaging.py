@@ -43,8 +43,20 @@ def test_installed_package_resolves_to_the_source_folders() -> None:
 @pytest.mark.slow
 def test_wheel_contains_import_names_and_console_script(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     wheel = next(tmp_path.glob("rlhf_pipelines-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

@@ -24,8 +24,9 @@ from rlhf_components.ppo.step import (
 )
 
 
-def reference_gae(rewards: list[list[float]], values: list[list[float]], lengths: list[int], gamma: float,
-                  lam: float) -> tuple[list[list[float]], list[list[float]]]:
+def reference_gae(
+    rewards: list[list[float]], values: list[list[float]], lengths: list[int], gamma: float, lam: float
+) -> tuple[list[list[float]], list[list[float]]]:
     """GAE written from the definition: A_t = Σ_k (γλ)^k δ_{t+k}, δ_t = r_t + γ V_{t+1} − V_t, V_T = 0."""
     all_advantages, all_returns = [], []
     for row_rewards, row_values, length in zip(rewards, values, lengths, strict=True):
@@ -51,7 +52,9 @@ def test_gae_matches_float64_reference() -> None:
     lengths = [6, 4, 1]
     mask = torch.tensor([[1.0] * n + [0.0] * (6 - n) for n in lengths], dtype=torch.float64)
     advantages, returns = gae(rewards * mask, values, mask, gamma=0.99, lam=0.95)
-    expected_adv, expected_ret = reference_gae((rewards * mask).tolist(), values.tolist(), lengths, 0.99, 0.95)
+    expected_adv, expected_ret = reference_gae(
+        (rewards * mask).tolist(), values.tolist(), lengths, 0.99, 0.95
+    )
     assert torch.allclose(advantages, torch.tensor(expected_adv, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(returns, torch.tensor(expected_ret, dtype=torch.float64), atol=1e-10)
 
@@ -83,7 +86,7 @@ def test_clipped_losses_match_their_formulas() -> None:
     old = torch.tensor([[-1.3, -0.2, -2.0]], dtype=torch.float64)
     adv = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
     mask = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
-    loss, ratio, clipped = policy_loss(logp, old, adv, mask, cliprange=0.2)
+    loss, _, clipped = policy_loss(logp, old, adv, mask, cliprange=0.2)
     expected = []
     for lp, o, a in zip(logp[0, :2].tolist(), old[0, :2].tolist(), adv[0, :2].tolist(), strict=True):
         r = math.exp(lp - o)
@@ -96,7 +99,9 @@ def test_clipped_losses_match_their_formulas() -> None:
     returns = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
     vloss, _ = value_loss(values, old_values, returns, mask, cliprange=0.2)
     errors = []
-    for v, o, ret in zip(values[0, :2].tolist(), old_values[0, :2].tolist(), returns[0, :2].tolist(), strict=True):
+    for v, o, ret in zip(
+        values[0, :2].tolist(), old_values[0, :2].tolist(), returns[0, :2].tolist(), strict=True
+    ):
         clipped_v = o + min(max(v - o, -0.2), 0.2)
         errors.append(max((v - ret) ** 2, (clipped_v - ret) ** 2))
     assert vloss.item() == pytest.approx(0.5 * sum(errors) / 2, abs=1e-12)
@@ -138,8 +143,15 @@ def test_generation_logprobs_equal_recomputed_logprobs(tiny_assets: DemoAssets) 
     model, tokenizer = load_policy(tiny_assets.sft_model_dir)
     ids, mask = encode_prompts(tokenizer, ["Review of the ramen:", "Review of a small cafe:"] * 4, 64)
     config = SamplingConfig(temperature=0.7, max_new_tokens=16)
-    batch = sample(model, ids, mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                   torch.Generator().manual_seed(3))
+    batch = sample(
+        model,
+        ids,
+        mask,
+        config,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        torch.Generator().manual_seed(3),
+    )
     with torch.no_grad():
         recomputed = response_logprobs(model, batch, config.temperature)
     assert torch.allclose(recomputed, batch.logprobs, atol=1e-5)
@@ -159,29 +171,47 @@ def test_ppo_run_moves_the_policy_and_logs_every_metric(
     from rlhf_components.core import storage
 
     pairs = [
-        {"prompt": "Review of the ramen:", "chosen": " great tasty lovely food", "rejected": " awful bland rude"},
-        {"prompt": "Review of a cafe:", "chosen": " wonderful friendly staff", "rejected": " terrible dirty place"},
+        {
+            "prompt": "Review of the ramen:",
+            "chosen": " great tasty lovely food",
+            "rejected": " awful bland rude",
+        },
+        {
+            "prompt": "Review of a cafe:",
+            "chosen": " wonderful friendly staff",
+            "rejected": " terrible dirty place",
+        },
     ] * 8
     train_uri = storage.join(run_context.output_root, "pairs.jsonl")
     storage.write_jsonl(train_uri, pairs)
     reward = train_reward_model.run(
-        train_reward_model.Config(learning_rate=1e-3, batch_size=8), 
+        train_reward_model.Config(learning_rate=1e-3, batch_size=8),
         train_reward_model.Inputs(base_model=tiny_assets.sft_model_dir, train=train_uri, eval=train_uri),
         run_context,
     )
-    config = ppo.Config(total_episodes=32, rollout_batch_size=16, num_minibatches=2, ppo_epochs=2,
-                        learning_rate=1e-3, sampling=SamplingConfig(max_new_tokens=12))
+    config = ppo.Config(
+        total_episodes=32,
+        rollout_batch_size=16,
+        num_minibatches=2,
+        ppo_epochs=2,
+        learning_rate=1e-3,
+        sampling=SamplingConfig(max_new_tokens=12),
+    )
     outputs = ppo.run(
         config,
-        ppo.Inputs(policy=tiny_assets.sft_model_dir, reward_model=reward.reward_model,
-                   prompts=tiny_assets.prompts_file),
+        ppo.Inputs(
+            policy=tiny_assets.sft_model_dir,
+            reward_model=reward.reward_model,
+            prompts=tiny_assets.prompts_file,
+        ),
         run_context,
     )
     assert outputs.iterations == 2
     before, _ = load_policy(tiny_assets.sft_model_dir)
     after, _ = load_policy(outputs.policy)
     changed = [
-        not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values(), strict=True)
+        not torch.equal(a, b)
+        for a, b in zip(before.state_dict().values(), after.state_dict().values(), strict=True)
     ]
     assert any(changed)
     client = mlflow.MlflowClient(run_context.tracking_uri)
@@ -190,9 +220,23 @@ def test_ppo_run_moves_the_policy_and_logs_every_metric(
         filter_string="tags.`rlhf.step` = 'ppo'",
     )[0]
     logged = set(child.data.metrics)
-    for metric in ("score", "rlhf_reward", "non_score_reward", "kl", "entropy", "approx_kl", "pg_clipfrac",
-                   "pg_loss", "vf_loss", "ratio_mean", "ratio_var", "eos_rate", "response_length",
-                   "episodes_per_second", "tokens_per_second"):
+    for metric in (
+        "score",
+        "rlhf_reward",
+        "non_score_reward",
+        "kl",
+        "entropy",
+        "approx_kl",
+        "pg_clipfrac",
+        "pg_loss",
+        "vf_loss",
+        "ratio_mean",
+        "ratio_var",
+        "eos_rate",
+        "response_length",
+        "episodes_per_second",
+        "tokens_per_second",
+    ):
         assert metric in logged, metric
     history = client.get_metric_history(child.info.run_id, "first_minibatch_ratio")
     assert history and all(abs(m.value - 1.0) < 1e-5 for m in history)

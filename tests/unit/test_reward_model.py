@@ -1,0 +1,190 @@
+"""train_reward_model: the Bradley–Terry loss, last-token encoding, and a tiny model that learns sentiment."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from rlhf_components import train_reward_model
+from rlhf_components.core.errors import UserError
+from rlhf_components.core.models import (
+    REWARD_MEAN_KEY,
+    REWARD_STD_KEY,
+    load_scalar_model,
+    load_tokenizer,
+    normalized_rewards,
+    reward_normalization,
+)
+from rlhf_components.core.tracking import RunContext
+from rlhf_components.demo import DemoAssets
+from rlhf_components.train_reward_model.step import bradley_terry_loss, encode_answers, score_texts
+
+from ._helpers import child_runs, make_context, read_jsonl, sentiment_pairs, write_jsonl
+
+CHOSEN = [1.25, -0.5, 2.0, 0.3, -3.0, 0.0]
+REJECTED = [0.2, 0.4, -1.0, 0.3, 1.5, -0.7]
+
+
+def _reference_loss(chosen: list[float], rejected: list[float], margin: float, center: float) -> float:
+    """−log σ(r_c − r_r − m), averaged, + c·mean((r_c + r_r)²), in float64 with the math module."""
+    terms = [math.log1p(math.exp(-(c - r - margin))) for c, r in zip(chosen, rejected, strict=True)]
+    loss = sum(terms) / len(terms)
+    if center > 0:
+        loss += center * sum((c + r) ** 2 for c, r in zip(chosen, rejected, strict=True)) / len(chosen)
+    return loss
+
+
+@pytest.mark.parametrize(("margin", "center"), [(0.0, 0.0), (0.5, 0.0), (0.0, 0.01), (1.0, 0.1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bradley_terry_loss_matches_the_formula(margin: float, center: float, dtype: torch.dtype) -> None:
+    loss = bradley_terry_loss(torch.tensor(CHOSEN, dtype=dtype), torch.tensor(REJECTED, dtype=dtype),
+                              margin=margin, center_coef=center)
+    assert loss.shape == ()
+    assert float(loss) == pytest.approx(_reference_loss(CHOSEN, REJECTED, margin, center), abs=1e-6)
+
+
+def test_bradley_terry_gradient() -> None:
+    """d/dr_c of the mean loss is −(1 − σ(r_c − r_r − m)) / n, and the opposite for r_r."""
+    chosen = torch.tensor(CHOSEN, dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor(REJECTED, dtype=torch.float64, requires_grad=True)
+    bradley_terry_loss(chosen, rejected, margin=0.5).backward()
+    n = len(CHOSEN)
+    for i, (c, r) in enumerate(zip(CHOSEN, REJECTED, strict=True)):
+        expected = -(1.0 - 1.0 / (1.0 + math.exp(-(c - r - 0.5)))) / n
+        assert chosen.grad is not None and rejected.grad is not None
+        assert float(chosen.grad[i]) == pytest.approx(expected, abs=1e-12)
+        assert float(rejected.grad[i]) == pytest.approx(-expected, abs=1e-12)
+    # A wider score gap always lowers the loss; a tie costs exactly log 2.
+    assert float(bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0]))) == pytest.approx(math.log(2))
+    assert bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0])) < bradley_terry_loss(
+        torch.tensor([1.0]), torch.tensor([0.0]))
+
+
+def test_encode_answers_ends_with_eos_and_right_pads(tiny_assets: DemoAssets) -> None:
+    tokenizer = load_tokenizer(Path(tiny_assets.sft_model_dir))
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert pad != eos
+    prompts = ["Review of the diner downtown:", "My review of the blender I bought last month:", "Hi"]
+    responses = [" The food was great.", " It was okay and the price was fine. It did the job.", ""]
+    ids, mask, last = encode_answers(tokenizer, prompts, responses, max_length=256)
+    assert ids.shape == mask.shape
+    assert last.shape == (3,)
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        length = len(prompt_ids) + len(response_ids) + 1
+        assert int(last[row]) == length - 1
+        assert ids[row, : length].tolist() == [*prompt_ids, *response_ids, eos]
+        assert int(ids[row, int(last[row])]) == eos
+        assert mask[row, :length].tolist() == [1] * length
+        assert mask[row, length:].sum() == 0
+        assert ids[row, length:].tolist() == [pad] * (ids.shape[1] - length)
+    assert int(mask.sum(-1).max()) == ids.shape[1], "the longest row has no padding"
+    assert (ids[mask.bool()] != pad).all(), "pad never appears among real tokens"
+
+    # Truncation keeps the end: the EOS stays the last real token.
+    ids, mask, last = encode_answers(tokenizer, prompts[:2], responses[:2], max_length=8)
+    assert ids.shape == (2, 8)
+    assert last.tolist() == [7, 7]
+    assert ids[:, 7].tolist() == [eos, eos]
+
+
+@dataclass(frozen=True)
+class Trained:
+    outputs: train_reward_model.Outputs
+    train: Path
+    eval: Path
+    context: RunContext
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_assets: DemoAssets) -> Trained:
+    """96 easy pairs, 3 epochs at a learning rate that suits a 32-wide model (a few seconds)."""
+    root = tmp_path_factory.mktemp("reward-model")
+    context = make_context(root)
+    train = write_jsonl(root / "train.jsonl", sentiment_pairs(96, seed=1))
+    evaluation = write_jsonl(root / "eval.jsonl", sentiment_pairs(40, seed=2))
+    config = train_reward_model.Config(epochs=3, learning_rate=3e-3, batch_size=16, max_length=64)
+    outputs = train_reward_model.run(
+        config, train_reward_model.Inputs(base_model=tiny_assets.sft_model_dir, train=str(train),
+                                          eval=str(evaluation)),
+        context,
+    )
+    return Trained(outputs, train, evaluation, context)
+
+
+def test_tiny_reward_model_learns_easy_preferences(trained: Trained) -> None:
+    outputs = trained.outputs
+    assert outputs.num_train_pairs == 96
+    assert outputs.eval_accuracy >= 0.8
+    assert outputs.train_accuracy >= 0.8
+
+    # The saved checkpoint scores the held-out pairs the same way (reloaded, independently).
+    model, tokenizer = load_scalar_model(outputs.reward_model)
+    model.eval()
+    pairs = read_jsonl(trained.eval)
+    prompts = [p["prompt"] for p in pairs]
+    with torch.no_grad():
+        chosen = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], 64)
+        rejected = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], 64)
+    accuracy = (chosen > rejected).float().mean().item()
+    assert accuracy == pytest.approx(outputs.eval_accuracy, abs=1e-6)
+
+
+def test_checkpoint_is_safetensors_with_normalization(trained: Trained) -> None:
+    outputs = trained.outputs
+    checkpoint = Path(outputs.reward_model)
+    assert (checkpoint / "model.safetensors").is_file()
+    assert not list(checkpoint.glob("*.bin")) and not list(checkpoint.glob("*.pt"))
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    assert isinstance(config[REWARD_MEAN_KEY], float)
+    assert config[REWARD_STD_KEY] > 0
+    assert len(config["id2label"]) == 1, "one scalar output"
+
+    model, tokenizer = load_scalar_model(outputs.reward_model)
+    model.eval()
+    assert reward_normalization(model) == (config[REWARD_MEAN_KEY], config[REWARD_STD_KEY])
+    pairs = read_jsonl(trained.train)
+    prompts = [p["prompt"] for p in pairs]
+    with torch.no_grad():
+        raw = torch.cat([
+            score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], 64),
+            score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], 64),
+        ])
+    rewards = normalized_rewards(model, raw)
+    assert abs(rewards.mean().item()) < 0.1
+    assert rewards.std().item() == pytest.approx(1.0, abs=0.05)
+    # Normalisation is a shift and a scale: it keeps every preference's direction.
+    n = len(pairs)
+    assert torch.equal(rewards[:n] > rewards[n:], raw[:n] > raw[n:])
+
+
+def test_training_is_tracked(trained: Trained) -> None:
+    outputs = trained.outputs
+    [run] = child_runs(trained.context, "train_reward_model")
+    metrics = run.data.metrics
+    assert metrics["rm_eval_accuracy"] == pytest.approx(outputs.eval_accuracy)
+    assert metrics["rm_train_accuracy"] == pytest.approx(outputs.train_accuracy)
+    assert run.data.params["learning_rate"] == "0.003"
+    losses = [m.value for m in MlflowClient().get_metric_history(run.info.run_id, "rm_loss")]
+    assert len(losses) == 3 * 96 // 16
+    assert sum(losses[-3:]) < sum(losses[:3]), "the loss goes down"
+    rates = [m.value for m in MlflowClient().get_metric_history(run.info.run_id, "rm_lr")]
+    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.0), "LR annealed to zero"
+
+
+def test_empty_training_set_is_a_user_error(tmp_path: Path, tiny_assets: DemoAssets) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(UserError, match="no training pairs"):
+        train_reward_model.run(
+            train_reward_model.Config(),
+            train_reward_model.Inputs(base_model=tiny_assets.sft_model_dir, train=str(empty),
+                                      eval=str(empty)),
+            make_context(tmp_path),
+        )
