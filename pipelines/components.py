@@ -11,6 +11,20 @@ from typing import Any
 from kfp import dsl
 
 IMAGE = os.environ.get("RLHF_IMAGE", "ghcr.io/rlhf-pipelines/rlhf-pipelines:0.1.0-cpu")
+# Credentials reach the pods from Kubernetes secrets, never from the config or the compiled YAML.
+S3_SECRET = os.environ.get("RLHF_S3_SECRET", "rlhf-s3-credentials")
+MLFLOW_SECRET = os.environ.get("RLHF_MLFLOW_SECRET", "rlhf-mlflow-credentials")
+
+
+def use_cluster_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Expose the S3 and MLflow secrets as environment variables; optional, so IAM roles work too."""
+    from kfp import kubernetes
+
+    s3_keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+    kubernetes.use_secret_as_env(task, S3_SECRET, {key: key for key in s3_keys}, optional=True)
+    mlflow_keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+    kubernetes.use_secret_as_env(task, MLFLOW_SECRET, {key: key for key in mlflow_keys}, optional=True)
+    return task
 
 
 def _component(func: Callable[..., str]) -> Any:

@@ -27,4 +27,6 @@ def rlhf_pipeline(config: str) -> str:
         policy=policy.output,
         evaluation=evaluation.output,
     ).set_retry(2)
+    for task in (run, prompts, candidates, feedback, reward, policy, evaluation, registered):
+        c.use_cluster_credentials(task)
     return registered.output

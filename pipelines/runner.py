@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,39 +81,59 @@ def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
     return summary
 
 
-def _compiled(config: PipelineConfig) -> tuple[str, dict[str, str]]:
+def _check_for_kubernetes(config: PipelineConfig) -> None:
+    """Pods share nothing with this machine: every location must be a server or shared storage."""
     if config.tracking.uri is None or not config.tracking.uri.startswith(("http://", "https://")):
-        raise UserError(
-            "tracking.uri: a pipeline on Kubernetes needs an MLflow server URL (http:// or https://)"
-        )
-    for name, uri in (("storage_root", config.storage_root), ("feedback_inbox", config.feedback_inbox)):
+        raise UserError("tracking.uri: a pipeline on Kubernetes needs an MLflow server URL (http:// or https://)")
+    shared = [("storage_root", config.storage_root), ("feedback_inbox", config.feedback_inbox)]
+    shared += [(f"collect_prompts.sources[{i}]", s) for i, s in enumerate(config.collect_prompts.sources)]
+    for name, uri in shared:
         if not storage.is_s3(uri):
             raise UserError(f"{name}: a pipeline on Kubernetes needs shared storage (s3://…), got {uri}")
-    package = Path(tempfile.mkdtemp()) / "rlhf.yaml"
-    compile_pipeline("rlhf", package)
-    return str(package), {"config": config.to_json()}
+    if not (storage.is_s3(config.policy) or config.policy.startswith(MODELS_PREFIX)):
+        raise UserError(f"policy: a pipeline on Kubernetes needs an s3:// or models:/ policy, got {config.policy}")
+    if config.demo_assets is not None:
+        raise UserError("demo_assets: the demo assets are built on this machine; upload them and drop the section")
 
 
-def _client(host: str) -> Any:
+@contextmanager
+def _kfp_client(host: str) -> Iterator[Any]:
+    """A kfp.Client whose failures, at connection or on any later call, are one-line UserErrors."""
+    import urllib.error
+    import urllib.request
+
     import kfp
+    from kfp_server_api.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
 
     try:
-        return kfp.Client(host=host)
-    except Exception as error:  # kfp raises bare exceptions of many kinds for a bad host
+        with urllib.request.urlopen(f"{host.rstrip('/')}/apis/v2beta1/healthz", timeout=10):
+            pass
+    except (urllib.error.URLError, OSError) as error:
+        raise UserError(f"KFP endpoint {host} is unreachable: {getattr(error, 'reason', error)}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield kfp.Client(host=host)
+    except ApiException as error:
+        body = (error.body or "").strip().splitlines()
+        detail = f": {body[0][:300]}" if body else ""
+        raise UserError(f"KFP endpoint {host}: HTTP {error.status} {error.reason}{detail}") from None
+    except HTTPError as error:
         raise UserError(f"KFP endpoint {host}: {error}") from None
 
 
 def submit(config: PipelineConfig, host: str, experiment: str) -> str:
-    package, arguments = _compiled(config)
-    client = _client(host)
-    run = client.create_run_from_pipeline_package(
-        package,
-        arguments=arguments,
-        run_name=f"{config.name}-{config.config_hash()}",
-        experiment_name=experiment,
-        enable_caching=False,
-    )
-    return str(run.run_id)
+    _check_for_kubernetes(config)
+    with tempfile.TemporaryDirectory() as temp, _kfp_client(host) as client:
+        run = client.create_run_from_pipeline_package(
+            str(compile_pipeline("rlhf", Path(temp) / "rlhf.yaml")),
+            arguments={"config": config.to_json()},
+            run_name=f"{config.name}-{config.config_hash()}",
+            experiment_name=experiment,
+            enable_caching=False,
+        )
+        return str(run.run_id)
 
 
 def kfp_cron(expression: str) -> str:
@@ -126,21 +149,22 @@ def kfp_cron(expression: str) -> str:
 
 
 def schedule(config: PipelineConfig, host: str, cron: str, experiment: str, max_concurrency: int = 1) -> str:
-    package, arguments = _compiled(config)
-    client = _client(host)
-    found = client.create_experiment(name=experiment)
-    recurring = client.create_recurring_run(
-        experiment_id=found.experiment_id,
-        job_name=f"{config.name}-retraining",
-        description=f"recurring RLHF retraining of {config.name}",
-        cron_expression=kfp_cron(cron),
-        max_concurrency=max_concurrency,
-        no_catchup=True,
-        params=arguments,
-        pipeline_package_path=package,
-        enable_caching=False,
-    )
-    return str(recurring.recurring_run_id)
+    cron_expression = kfp_cron(cron)
+    _check_for_kubernetes(config)
+    with tempfile.TemporaryDirectory() as temp, _kfp_client(host) as client:
+        found = client.create_experiment(name=experiment)
+        recurring = client.create_recurring_run(
+            experiment_id=found.experiment_id,
+            job_name=f"{config.name}-retraining",
+            description=f"recurring RLHF retraining of {config.name}",
+            cron_expression=cron_expression,
+            max_concurrency=max_concurrency,
+            no_catchup=True,
+            params={"config": config.to_json()},
+            pipeline_package_path=str(compile_pipeline("rlhf", Path(temp) / "rlhf.yaml")),
+            enable_caching=False,
+        )
+        return str(recurring.recurring_run_id)
 
 
 def summary_table(summary: dict[str, Any]) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ from typing import Any
 import mlflow
 import pytest
 from mlflow.entities import Run
+
 from rlhf_components.core.tracking import RunContext, TrackingConfig, start_pipeline_run
 from rlhf_components.demo import gold_score
 from rlhf_components.demo.grammar import sample_kind, sample_prompt, sample_review

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from kfp import components
+
 from rlhf_pipelines import cli as cli_module
 from rlhf_pipelines.components import IMAGE
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from rlhf_components.core.errors import ConfigError, UserError
 from rlhf_pipelines.config import PipelineConfig, load_pipeline_config
 
@@ -195,8 +196,6 @@ def test_missing_file_is_a_clear_not_found_error(tmp_path: Path) -> None:
     assert isinstance(raised.value, UserError)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: yaml.safe_load keeps the last of two duplicate keys, so a "
-                   "repeated section silently drops the first (components/core/config.py parse_yaml_text)")
 def test_duplicate_key_is_an_error_not_silently_overwritten(tmp_path: Path) -> None:
     text = DEMO_CONFIG.read_text(encoding="utf-8") + "ppo:\n  total_episodes: 64\n"
     path = tmp_path / "duplicate.yaml"
@@ -254,29 +253,46 @@ def _cli_cases(factory: pytest.TempPathFactory) -> dict[str, CliCase]:
     return cases
 
 
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, CliResult]]:
-    """Every CLI case of this module, started together (each in its own cwd) and waited for."""
-    cases = _cli_cases(tmp_path_factory)
-    running: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
-    try:
-        for name, case in cases.items():
-            out, err = case.cwd / "cli.stdout", case.cwd / "cli.stderr"
-            with out.open("wb") as stdout, err.open("wb") as stderr:
-                process = subprocess.Popen([str(RLHF), *case.args], cwd=case.cwd, env=cli_env(),
-                                           stdout=stdout, stderr=stderr)
-            running[name] = (process, out, err)
-        results = {}
-        for name, (process, out, err) in running.items():
+class CliRuns:
+    """The `rlhf` subprocesses of this module, all started at once; each result is waited for on first use."""
+
+    def __init__(self, cases: dict[str, CliCase]) -> None:
+        self._running: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        self._results: dict[str, CliResult] = {}
+        try:
+            for name, case in cases.items():
+                with (case.cwd / "cli.stdout").open("wb") as out, (case.cwd / "cli.stderr").open("wb") as err:
+                    process = subprocess.Popen([str(RLHF), *case.args], cwd=case.cwd, env=cli_env(),
+                                               stdout=out, stderr=err)
+                self._running[name] = (process, case.cwd)
+        except BaseException:
+            self.stop()
+            raise
+
+    def __getitem__(self, name: str) -> CliResult:
+        if name not in self._results:
+            process, cwd = self._running[name]
             returncode = process.wait(timeout=CLI_TIMEOUT_S)
-            results[name] = CliResult(returncode, out.read_text(encoding="utf-8"),
-                                      err.read_text(encoding="utf-8"))
-        yield results
-    finally:
-        for process, _, _ in running.values():
+            self._results[name] = CliResult(returncode, (cwd / "cli.stdout").read_text(encoding="utf-8"),
+                                            (cwd / "cli.stderr").read_text(encoding="utf-8"))
+        return self._results[name]
+
+    def stop(self) -> None:
+        for process, _ in self._running.values():
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliRuns]:
+    """Every CLI case of this module, each in its own cwd, started when the module starts (so their seconds
+    of imports overlap the in-process tests) and stopped at its end."""
+    runs = CliRuns(_cli_cases(tmp_path_factory))
+    try:
+        yield runs
+    finally:
+        runs.stop()
 
 
 def assert_one_line_error(result: CliResult) -> str:
@@ -289,25 +305,25 @@ def assert_one_line_error(result: CliResult) -> str:
     return line
 
 
-def test_cli_validate_missing_file(cli: dict[str, CliResult]) -> None:
+def test_cli_validate_missing_file(cli: CliRuns) -> None:
     line = assert_one_line_error(cli["missing"])
     assert line == "error: missing.yaml: config file not found"
     assert cli["missing"].returncode == 2
 
 
-def test_cli_validate_unknown_key(cli: dict[str, CliResult]) -> None:
+def test_cli_validate_unknown_key(cli: CliRuns) -> None:
     line = assert_one_line_error(cli["unknown_key"])
     assert "typo.yaml" in line
     assert "ppo.learnin_rate: unknown key" in line
 
 
-def test_cli_validate_bad_value(cli: dict[str, CliResult]) -> None:
+def test_cli_validate_bad_value(cli: CliRuns) -> None:
     line = assert_one_line_error(cli["bad_value"])
     assert "bad.yaml" in line
     assert "ppo.cliprange" in line and "greater than 0" in line
 
 
-def test_cli_validate_demo_config_is_valid(cli: dict[str, CliResult]) -> None:
+def test_cli_validate_demo_config_is_valid(cli: CliRuns) -> None:
     result = cli["valid"]
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stdout
@@ -315,13 +331,13 @@ def test_cli_validate_demo_config_is_valid(cli: dict[str, CliResult]) -> None:
     assert "error" not in result.stderr.lower()
 
 
-def test_cli_run_policy_without_safetensors(cli: dict[str, CliResult]) -> None:
+def test_cli_run_policy_without_safetensors(cli: CliRuns) -> None:
     line = assert_one_line_error(cli["run_no_weights"])
     assert "safetensors" in line
     assert "policy" in line  # the checkpoint directory that lacks weights is named
 
 
-def test_cli_run_unreachable_tracking_server(cli: dict[str, CliResult]) -> None:
+def test_cli_run_unreachable_tracking_server(cli: CliRuns) -> None:
     line = assert_one_line_error(cli["run_unreachable"])
     assert "unreachable" in line
     assert "http://127.0.0.1:9" in line

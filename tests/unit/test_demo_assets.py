@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from rlhf_components.demo import (
     GOLD_JUDGE_NAME,
     DemoAssets,
@@ -31,7 +33,6 @@ from rlhf_components.demo.grammar import (
     sample_review,
 )
 from rlhf_components.demo.tokenizer import EOS_TOKEN, PAD_TOKEN, train_tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SMALL_SPEC = DemoAssetsSpec(n_corpus=300, n_prompts=50, sft_steps=20, n_embd=32, n_head=4, n_layer=1)
 
@@ -87,9 +88,14 @@ def test_corpus_is_balanced() -> None:
 
 def test_review_kind_follows_the_prompt_kind() -> None:
     rng = random.Random(0)
-    assert "the online store" not in sample_prompt(rng, "restaurant")
+    restaurant_prompts = {sample_prompt(rng, "restaurant") for _ in range(300)}
+    product_prompts = {sample_prompt(rng, "product") for _ in range(300)}
+    assert not any(" I bought " in p or " gift" in p for p in restaurant_prompts)
+    assert not any(" on Main Street" in p or " downtown" in p for p in product_prompts)
     products = [sample_review(rng, 0.0, "product") for _ in range(200)]
+    restaurants = [sample_review(rng, 0.0, "restaurant") for _ in range(200)]
     assert not any(" food " in review or " staff " in review for review in products)
+    assert not any(" design " in review or " packaging " in review for review in restaurants)
 
 
 def test_matches_grammar_rejects_off_grammar_text() -> None:

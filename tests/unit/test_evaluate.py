@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+
 from rlhf_components import evaluate
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import SamplingConfig

@@ -10,6 +10,7 @@ from itertools import combinations
 from pathlib import Path
 
 import pytest
+
 from rlhf_components import generate_candidates
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import SamplingConfig
@@ -23,10 +24,10 @@ NUM_PROMPTS = 4
 
 
 def _config(**overrides: object) -> generate_candidates.Config:
-    return generate_candidates.Config(
-        samples_per_prompt=K, sampling=SamplingConfig(temperature=1.0, max_new_tokens=8), batch_size=3,
-        **overrides,  # type: ignore[arg-type]
-    )
+    return generate_candidates.Config.model_validate({
+        "samples_per_prompt": K, "sampling": SamplingConfig(temperature=1.0, max_new_tokens=8),
+        "batch_size": 3, **overrides,
+    })
 
 
 @pytest.fixture

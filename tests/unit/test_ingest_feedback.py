@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+
 from rlhf_components import ingest_feedback
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.tracking import RunContext
@@ -238,6 +240,16 @@ def test_simulated_marking_follows_the_annotator(tmp_path: Path, run_context: Ru
     assert flags == {(GOOD, BAD): False, (MEH, BAD): True, (GOOD, MEH): True, (BAD, GOOD): True}
     assert outputs.counts["simulated"] == 3
     assert json.loads(Path(outputs.manifest).read_text(encoding="utf-8"))["contains_simulated_labels"] is True
+
+
+@pytest.mark.xfail(strict=True, reason="project bug: a malformed task file raises a raw pydantic "
+                                       "ValidationError without the file and line, not a UserError")
+def test_malformed_task_file_is_a_user_error(tmp_path: Path, run_context: RunContext) -> None:
+    inbox = tmp_path / "inbox"
+    tasks = write_jsonl(inbox / "tasks" / "broken.jsonl", [{"task_id": "t1"}])
+    write_jsonl(inbox / "labels" / "l.jsonl", [{"prompt": PROMPT, "chosen": GOOD, "rejected": BAD}])
+    with pytest.raises(UserError, match=re.escape(f"{tasks}:1")):
+        _ingest(inbox, run_context)
 
 
 def test_fewer_than_two_pairs_is_a_user_error(tmp_path: Path, run_context: RunContext) -> None:

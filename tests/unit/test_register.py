@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+
 from rlhf_components import register_and_promote
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.tracking import RunContext
@@ -181,17 +182,23 @@ def test_register_gate_aliases_and_rollback(
         registry.rollback("no-such-model")
 
 
-@pytest.mark.xfail(strict=True, reason="project bug: rollback moves the alias but not the legacy stage, and "
-                                       "promotion does not archive the previous Production version")
-def test_rollback_moves_the_legacy_stage_too(tmp_path: Path, run_context: RunContext) -> None:
+def test_legacy_stage_follows_promotion_and_rollback(tmp_path: Path, run_context: RunContext) -> None:
+    """Clients still reading `models:/name/Production` must see what the `production` alias sees."""
     mlflow.set_tracking_uri(run_context.tracking_uri)
     client = mlflow.MlflowClient()
     client.create_registered_model("stage-model")
     for _ in range(2):
         client.create_model_version("stage-model", source=str(tmp_path), run_id=None)
+
+    def in_production() -> list[str]:
+        return [str(v.version) for v in client.get_latest_versions("stage-model", stages=["Production"])]
+
     registry.promote("stage-model", "1", "production")
+    registry.promote("stage-model", "1", "production")
+    assert registry.production_history("stage-model") == ["1"], "re-promoting the same version is one move"
     registry.promote("stage-model", "2", "production")
+    assert in_production() == ["2"]
+    assert str(client.get_model_version("stage-model", "1").current_stage) == "Archived"
     assert registry.rollback("stage-model") == ("2", "1")
     assert registry.alias_version("stage-model", "production") == "1"
-    in_production = client.get_latest_versions("stage-model", stages=["Production"])
-    assert [str(v.version) for v in in_production] == ["1"]
+    assert in_production() == ["1"]

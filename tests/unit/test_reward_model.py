@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+
 from rlhf_components import train_reward_model
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.models import (
