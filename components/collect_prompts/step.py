@@ -70,9 +70,11 @@ def prompt_id(text: str) -> str:
 
 def _rows(uri: str) -> list[tuple[str, Any]]:
     """(location, raw row) for every row of one file; parse errors become rows the caller quarantines."""
-    text = storage.read_text(uri)
+    # utf-8-sig: spreadsheet exports often start with a byte-order mark that would corrupt the header.
+    text = storage.read_bytes(uri).decode("utf-8-sig")
     if uri.endswith(".csv"):
-        return [(f"{uri}:{n}", row) for n, row in enumerate(csv.DictReader(io.StringIO(text)), start=2)]
+        reader = csv.DictReader(io.StringIO(text))
+        return [(f"{uri}:{reader.line_num}", row) for row in reader]
     rows: list[tuple[str, Any]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -130,7 +132,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         train = [r.model_dump() for r in records if not is_eval(r.id, config.eval_fraction)]
         evaluation = [r.model_dump() for r in records if is_eval(r.id, config.eval_fraction)]
         counts.update(kept=len(records), train=len(train), eval=len(evaluation))
-        content_hash = hashlib.sha256("\n".join(r.id for r in records).encode()).hexdigest()
+        content_hash = storage.content_hash([r.model_dump(exclude={"source"}) for r in records])
         outputs = Outputs(
             train=step_output(context, "collect_prompts", "train.jsonl"),
             eval=step_output(context, "collect_prompts", "eval.jsonl"),

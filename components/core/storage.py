@@ -242,3 +242,8 @@ def write_jsonl(uri: str, rows: Iterable[dict[str, Any]]) -> int:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def content_hash(rows: list[dict[str, Any]]) -> str:
+    """A dataset version: changes with any content, independent of where the rows came from."""
+    return sha256_hex(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode())

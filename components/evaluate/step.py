@@ -125,7 +125,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         prompts = prompts[: config.max_prompts]
         if not prompts:
             raise UserError(f"{inputs.prompts}: no held-out prompts to evaluate on")
-        reward_model, _ = load_scalar_model(inputs.reward_model, config.trust_remote_code)
+        reward_model, reward_tokenizer = load_scalar_model(inputs.reward_model, config.trust_remote_code)
         reward_model.eval()
         judge = resolve_judge(config.gold_judge) if config.gold_judge else None
         reference, tokenizer = load_policy(inputs.reference, config.trust_remote_code)
@@ -137,7 +137,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                     [
                         score_texts(
                             reward_model,
-                            tokenizer,
+                            reward_tokenizer,
                             prompts[i : i + config.batch_size],
                             texts[i : i + config.batch_size],
                             config.max_reward_tokens,

@@ -76,9 +76,11 @@ def candidate_id(prompt_id: str, response: str) -> str:
 
 
 def pairwise_tasks(candidates: list[Candidate]) -> list[AnnotationTask]:
-    """Every pair of distinct answers to the same prompt becomes one task."""
+    """Every pair of distinct, non-empty answers to the same prompt becomes one task."""
     by_prompt: dict[str, dict[str, Candidate]] = {}
     for candidate in candidates:
+        if not candidate.response.strip():
+            continue
         by_prompt.setdefault(candidate.prompt_id, {}).setdefault(candidate.id, candidate)
     tasks = []
     for prompt_id, unique in by_prompt.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rlhf_components.core import storage
+from rlhf_components.core.errors import UserError
 from rlhf_components.generate_candidates.step import AnnotationTask
 
 Judge = Callable[[str, str], float]
@@ -23,7 +24,7 @@ def judges() -> dict[str, Judge]:
 def resolve_judge(name: str) -> Judge:
     available = judges()
     if name not in available:
-        raise ValueError(f"unknown judge {name!r}; available: {', '.join(sorted(available))}")
+        raise UserError(f"unknown judge {name!r}; available: {', '.join(sorted(available))}")
     return available[name]
 
 

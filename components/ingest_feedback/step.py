@@ -86,8 +86,11 @@ def _load_tasks(inbox: str) -> dict[str, AnnotationTask]:
     tasks: dict[str, AnnotationTask] = {}
     for uri in storage.list_files(storage.join(inbox, "tasks")):
         if uri.endswith(".jsonl"):
-            for _, line in storage.read_jsonl(uri):
-                task = AnnotationTask.model_validate_json(line)
+            for number, line in storage.read_jsonl(uri):
+                try:
+                    task = AnnotationTask.model_validate_json(line)
+                except ValidationError as error:
+                    raise UserError(f"{uri}:{number}: invalid annotation task: {_reason(error)}") from None
                 tasks[task.task_id] = task
     return tasks
 
@@ -199,7 +202,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             eval=len(evaluation),
             simulated=sum(p.simulated for p in records),
         )
-        content_hash = hashlib.sha256("\n".join(p.id for p in records).encode()).hexdigest()
+        content_hash = storage.content_hash([p.model_dump(exclude={"source"}) for p in records])
         outputs = Outputs(
             train=step_output(context, "ingest_feedback", "train.jsonl"),
             eval=step_output(context, "ingest_feedback", "eval.jsonl"),

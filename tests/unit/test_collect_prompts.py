@@ -121,7 +121,6 @@ def test_custom_text_field(tmp_path: Path, run_context: RunContext) -> None:
     assert "'question'" in read_jsonl(outputs.quarantine)[0]["reason"]
 
 
-@pytest.mark.xfail(strict=True, reason="project bug: CSV locations count rows, not file lines")
 def test_csv_location_is_the_file_line(tmp_path: Path, run_context: RunContext) -> None:
     source = tmp_path / "prompts.csv"
     # The row without a prompt is on line 4 of the file: line 3 is blank, and csv skips blank lines.
@@ -131,8 +130,6 @@ def test_csv_location_is_the_file_line(tmp_path: Path, run_context: RunContext) 
     assert bad["location"] == f"{source}:4"
 
 
-@pytest.mark.xfail(strict=True, reason="project bug: CSV is decoded as utf-8, so a BOM (Excel export) "
-                                       "renames the first column and every row is quarantined")
 def test_csv_with_byte_order_mark(tmp_path: Path, run_context: RunContext) -> None:
     source = tmp_path / "excel.csv"
     source.write_bytes("prompt,topic\nReview of the diner downtown:,food\n".encode("utf-8-sig"))
@@ -197,8 +194,6 @@ def test_manifest_and_content_hash(tmp_path: Path, run_context: RunContext) -> N
     assert other.content_hash != outputs.content_hash
 
 
-@pytest.mark.xfail(strict=True, reason="project bug: content_hash covers only the ids (case-folded text), "
-                                       "so a change in letter case of a prompt does not change it")
 def test_content_hash_changes_with_prompt_case(tmp_path: Path) -> None:
     lower, upper = tmp_path / "lower.jsonl", tmp_path / "upper.jsonl"
     lower.write_text(json.dumps({"prompt": "review of the diner downtown:"}) + "\n", encoding="utf-8")

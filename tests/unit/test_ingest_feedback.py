@@ -98,7 +98,6 @@ def test_simulated_annotator_needs_tasks(tmp_path: Path, run_context: RunContext
         _ingest(inbox, run_context, simulated_annotator=GOLD_JUDGE_NAME)
 
 
-@pytest.mark.xfail(strict=True, reason="project bug: an unknown judge name raises ValueError, not UserError")
 def test_unknown_judge_is_a_user_error(tmp_path: Path, run_context: RunContext) -> None:
     inbox = tmp_path / "inbox"
     tasks = write_jsonl(inbox / "tasks" / "t.jsonl", [_task("t1", GOOD, BAD)])
@@ -242,8 +241,6 @@ def test_simulated_marking_follows_the_annotator(tmp_path: Path, run_context: Ru
     assert json.loads(Path(outputs.manifest).read_text(encoding="utf-8"))["contains_simulated_labels"] is True
 
 
-@pytest.mark.xfail(strict=True, reason="project bug: a malformed task file raises a raw pydantic "
-                                       "ValidationError without the file and line, not a UserError")
 def test_malformed_task_file_is_a_user_error(tmp_path: Path, run_context: RunContext) -> None:
     inbox = tmp_path / "inbox"
     tasks = write_jsonl(inbox / "tasks" / "broken.jsonl", [{"task_id": "t1"}])
