@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.splits import is_eval
+from rlhf_components.core.splits import SplitDataset, is_eval
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 
@@ -51,13 +51,8 @@ class PromptRecord(StrictModel):
     source: str
 
 
-class Outputs(StrictModel):
-    train: str
-    eval: str
-    quarantine: str
-    manifest: str
-    content_hash: str
-    counts: dict[str, int]
+class Outputs(SplitDataset):
+    """The prompt dataset: train/eval JSONL, quarantine, manifest, version hash."""
 
 
 def normalize(text: str) -> str:

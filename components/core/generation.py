@@ -164,27 +164,16 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, batch: Batch) -> list[s
     return texts
 
 
-def generate_texts(
+def sample_prompts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     config: SamplingConfig,
     max_prompt_tokens: int,
-    batch_size: int,
     generator: torch.Generator | None = None,
-) -> tuple[list[str], list[bool], list[int]]:
-    """Responses for many prompts in batches: (texts, ended with EOS, response lengths in tokens)."""
-    texts: list[str] = []
-    ended: list[bool] = []
-    lengths: list[int] = []
-    for start in range(0, len(prompts), batch_size):
-        query_ids, query_mask = encode_prompts(
-            tokenizer, prompts[start : start + batch_size], max_prompt_tokens
-        )
-        batch = sample(
-            model, query_ids, query_mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id, generator
-        )
-        texts.extend(decode_responses(tokenizer, batch))
-        ended.extend(bool(e) for e in batch.ended_with_eos)
-        lengths.extend(int(n) for n in batch.response_mask.sum(-1))
-    return texts, ended, lengths
+) -> Batch:
+    """Tokenise (left-padded) and sample one batch of prompts."""
+    query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_tokens)
+    return sample(
+        model, query_ids, query_mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id, generator
+    )

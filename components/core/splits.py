@@ -2,6 +2,19 @@
 
 import hashlib
 
+from rlhf_components.core.config import StrictModel
+
+
+class SplitDataset(StrictModel):
+    """Where a step wrote its train/eval split, what it quarantined, and the dataset's version."""
+
+    train: str
+    eval: str
+    quarantine: str
+    manifest: str
+    content_hash: str
+    counts: dict[str, int]
+
 
 def is_eval(record_id: str, eval_fraction: float) -> bool:
     """A record stays on its side of the split across runs, sources and machines."""

@@ -23,9 +23,8 @@ from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import (
     SamplingConfig,
     decode_responses,
-    encode_prompts,
     response_logprobs,
-    sample,
+    sample_prompts,
 )
 from rlhf_components.core.models import load_policy, load_scalar_model, normalized_rewards
 from rlhf_components.core.runtime import seed_everything
@@ -94,18 +93,8 @@ def answer(
 ) -> Answers:
     answers = Answers(texts=[], lengths=[], ended=[], kl_to_reference=[])
     for start in range(0, len(prompts), config.batch_size):
-        query_ids, query_mask = encode_prompts(
-            tokenizer, prompts[start : start + config.batch_size], config.max_prompt_tokens
-        )
-        batch = sample(
-            policy,
-            query_ids,
-            query_mask,
-            config.sampling,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-            generator,
-        )
+        chunk = prompts[start : start + config.batch_size]
+        batch = sample_prompts(policy, tokenizer, chunk, config.sampling, config.max_prompt_tokens, generator)
         ref_logprobs = response_logprobs(reference, batch, config.sampling.temperature)
         answers.texts.extend(decode_responses(tokenizer, batch))
         answers.lengths.extend(int(n) for n in batch.response_mask.sum(-1))

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.generation import SamplingConfig, decode_responses, encode_prompts, sample
+from rlhf_components.core.generation import SamplingConfig, decode_responses, sample_prompts
 from rlhf_components.core.models import load_policy
 from rlhf_components.core.runtime import progress_disabled, seed_everything
 from rlhf_components.core.step import step_output
@@ -123,18 +123,10 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             disable=progress_disabled(),
         ):
             chunk = repeated[start : start + config.batch_size]
-            query_ids, query_mask = encode_prompts(
-                tokenizer, [p["prompt"] for p in chunk], config.max_prompt_tokens
-            )
+            texts_in = [p["prompt"] for p in chunk]
             with torch.inference_mode():
-                batch = sample(
-                    model,
-                    query_ids,
-                    query_mask,
-                    config.sampling,
-                    tokenizer.eos_token_id,
-                    tokenizer.pad_token_id,
-                    generator,
+                batch = sample_prompts(
+                    model, tokenizer, texts_in, config.sampling, config.max_prompt_tokens, generator
                 )
             texts = decode_responses(tokenizer, batch)
             for offset, (prompt, text) in enumerate(zip(chunk, texts, strict=True)):

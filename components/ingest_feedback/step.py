@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError
 from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.splits import is_eval
+from rlhf_components.core.splits import SplitDataset, is_eval
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 from rlhf_components.generate_candidates.step import AnnotationTask
@@ -69,13 +69,8 @@ class Preference(StrictModel):
     source: str
 
 
-class Outputs(StrictModel):
-    train: str
-    eval: str
-    quarantine: str
-    manifest: str
-    content_hash: str
-    counts: dict[str, int]
+class Outputs(SplitDataset):
+    """The preference dataset: train/eval JSONL, quarantine, manifest, version hash."""
 
 
 def preference_id(prompt: str, chosen: str, rejected: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,20 @@ from rlhf_components.demo import gold_score
 from rlhf_components.demo.grammar import sample_kind, sample_prompt, sample_review
 
 RM_CACHE_NAME = "tiny-reward-model"
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What an `rlhf` subprocess left behind."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
 
 
 def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:

@@ -23,6 +23,8 @@ import yaml
 from rlhf_components.core.errors import ConfigError, UserError
 from rlhf_pipelines.config import PipelineConfig, load_pipeline_config
 
+from ._helpers import CliResult
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "examples" / "demo.yaml"
 RLHF = Path(sys.executable).parent / "rlhf"
@@ -207,15 +209,6 @@ def test_duplicate_key_is_an_error_not_silently_overwritten(tmp_path: Path) -> N
 # ----------------------------------------------------------------------------- the CLI, as a subprocess
 
 
-@dataclass(frozen=True)
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def stderr_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.strip()]
 
 
 @dataclass

@@ -34,12 +34,13 @@ from typing import Any
 import kfp
 import pytest
 import yaml
-from kfp_server_api.exceptions import ApiException
 
 from rlhf_components.core.errors import UserError
 from rlhf_pipelines import cli as cli_module
 from rlhf_pipelines import runner
 from rlhf_pipelines.config import PipelineConfig, load_pipeline_config
+
+from ._helpers import CliResult
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "examples" / "demo.yaml"
@@ -417,15 +418,6 @@ def test_kfp_cron_rejects_other_field_counts(expression: str) -> None:
 # ----------------------------------------------------------------------------- the CLI
 
 
-@dataclass(frozen=True)
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def stderr_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.strip()]
 
 
 def kubernetes_yaml(path: Path) -> Path:
