@@ -1,0 +1,63 @@
+"""Local storage semantics, and what an unreachable S3 endpoint looks like to the user."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rlhf_components.core import storage
+from rlhf_components.core.errors import UserError
+
+
+def test_local_writes_are_atomic_and_leave_no_temporary_files(tmp_path: Path) -> None:
+    target = str(tmp_path / "a" / "b.json")
+    storage.write_json(target, {"x": 1})
+    storage.write_json(target, {"x": 2})
+    assert storage.read_json(target) == {"x": 2}
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
+
+
+def test_jsonl_round_trip_keeps_line_numbers_for_quarantine(tmp_path: Path) -> None:
+    uri = str(tmp_path / "rows.jsonl")
+    assert storage.write_jsonl(uri, [{"a": 1}, {"a": "é"}]) == 2
+    Path(uri).write_text(Path(uri).read_text() + "\n{broken\n", encoding="utf-8")
+    assert list(storage.read_jsonl(uri)) == [(1, '{"a": 1}'), (2, '{"a": "é"}'), (4, "{broken")]
+
+
+def test_content_hash_depends_on_content_not_key_order() -> None:
+    assert storage.content_hash([{"a": 1, "b": 2}]) == storage.content_hash([{"b": 2, "a": 1}])
+    assert storage.content_hash([{"a": 1}]) != storage.content_hash([{"a": 2}])
+
+
+def test_join_and_scheme_detection() -> None:
+    assert storage.join("s3://bucket/root/", "/run", "step/") == "s3://bucket/root/run/step"
+    assert storage.is_s3("s3://b/k") and not storage.is_s3("/tmp/s3:/x")
+    with pytest.raises(UserError, match="bucket"):
+        storage.split_s3("s3:///key")
+
+
+def test_missing_local_file_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="file not found"):
+        storage.read_bytes(str(tmp_path / "nope.json"))
+    with pytest.raises(UserError, match="directory not found"):
+        storage.local_dir(str(tmp_path / "nope"))
+
+
+def test_unreachable_s3_endpoint_is_one_clear_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Port 9 (discard) is closed on this machine: the connection is refused at once.
+    for key, value in {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    storage.s3_client.cache_clear()
+    try:
+        with pytest.raises(UserError, match=r"s3://bucket/key: S3 GET failed: Could not connect"):
+            storage.read_bytes("s3://bucket/key")
+        with pytest.raises(UserError, match="S3 PUT failed"):
+            storage.write_bytes("s3://bucket/key", b"x")
+    finally:
+        storage.s3_client.cache_clear()
