@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from rlhf_components.core.errors import UserError
 from rlhf_components.core.models import MODELS_PREFIX, resolve_checkpoint
 from rlhf_components.core.tracking import check_reachable, resolve_tracking_uri
 from rlhf_pipelines.config import PipelineConfig, with_absolute_paths
+from rlhf_pipelines.steps import ERROR_FILE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +70,24 @@ def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
         )
     build_demo_assets_if_configured(config)
     preflight(config)
+    pipeline_root = workdir / "kfp-local"
+    pipeline_root.mkdir(parents=True, exist_ok=True)
     kfp.local.init(
         runner=kfp.local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(workdir / "kfp-local"),
+        pipeline_root=str(pipeline_root),
         raise_on_error=True,
     )
+    error_file = pipeline_root / "last-step-error.txt"
+    error_file.unlink(missing_ok=True)
+    os.environ[ERROR_FILE_ENV] = str(error_file)  # the task subprocesses inherit it
     try:
         task = rlhf_pipeline(config=config.to_json())
     except RuntimeError as error:
-        raise UserError(f"pipeline {config.name} failed: {str(error).splitlines()[0]}") from None
+        reason = error_file.read_text(encoding="utf-8").strip() if error_file.is_file() else ""
+        detail = reason or re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()[0]
+        raise UserError(f"pipeline {config.name} failed at {detail} (step logs above)") from None
+    finally:
+        os.environ.pop(ERROR_FILE_ENV, None)
     outputs = json.loads(task.output)
     summary: dict[str, Any] = storage.read_json(outputs["summary"])
     return summary
@@ -84,16 +96,22 @@ def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
 def _check_for_kubernetes(config: PipelineConfig) -> None:
     """Pods share nothing with this machine: every location must be a server or shared storage."""
     if config.tracking.uri is None or not config.tracking.uri.startswith(("http://", "https://")):
-        raise UserError("tracking.uri: a pipeline on Kubernetes needs an MLflow server URL (http:// or https://)")
+        raise UserError(
+            "tracking.uri: a pipeline on Kubernetes needs an MLflow server URL (http:// or https://)"
+        )
     shared = [("storage_root", config.storage_root), ("feedback_inbox", config.feedback_inbox)]
     shared += [(f"collect_prompts.sources[{i}]", s) for i, s in enumerate(config.collect_prompts.sources)]
     for name, uri in shared:
         if not storage.is_s3(uri):
             raise UserError(f"{name}: a pipeline on Kubernetes needs shared storage (s3://…), got {uri}")
     if not (storage.is_s3(config.policy) or config.policy.startswith(MODELS_PREFIX)):
-        raise UserError(f"policy: a pipeline on Kubernetes needs an s3:// or models:/ policy, got {config.policy}")
+        raise UserError(
+            f"policy: a pipeline on Kubernetes needs an s3:// or models:/ policy, got {config.policy}"
+        )
     if config.demo_assets is not None:
-        raise UserError("demo_assets: the demo assets are built on this machine; upload them and drop the section")
+        raise UserError(
+            "demo_assets: the demo assets are built on this machine; upload them and drop the section"
+        )
 
 
 @contextmanager

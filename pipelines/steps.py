@@ -1,12 +1,19 @@
 """What each KFP component calls: parse the pipeline config, pick the step's section, run the step.
 
 Each function takes and returns JSON strings (KFP parameters), so the component bodies stay one line and
-hold no logic of their own. Step outputs flow between tasks as the JSON of the step's Outputs model.
+hold no logic of their own. Step outputs flow between tasks as the JSON of the step's Outputs model. A step
+that fails marks the pipeline's MLflow parent run FAILED, and leaves its one-line reason where `rlhf run`
+can show it (RLHF_ERROR_FILE).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from rlhf_components import (
     collect_prompts,
@@ -27,6 +34,10 @@ from rlhf_components.core.tracking import (
 from rlhf_components.register_and_promote.registry import alias_version
 from rlhf_pipelines.config import PipelineConfig, parse_pipeline_config
 
+ERROR_FILE_ENV = "RLHF_ERROR_FILE"
+
+StepBody = Callable[..., str]
+
 
 def _context(config: PipelineConfig, run_id: str) -> RunContext:
     return RunContext(
@@ -38,109 +49,141 @@ def _context(config: PipelineConfig, run_id: str) -> RunContext:
     )
 
 
+def _report_failure(step: str, error: Exception) -> None:
+    target = os.environ.get(ERROR_FILE_ENV)
+    if target:
+        message = str(error).removeprefix(f"{step}: ")
+        Path(target).write_text(f"step {step}: {message}\n", encoding="utf-8")
+
+
 def start(config_json: str) -> str:
     """Open the MLflow parent run; name the champion policy (production alias, else the SFT policy)."""
     setup_logging()
     config = parse_pipeline_config(config_json)
-    _, run_id = start_pipeline_run(
-        config.tracking,
-        config.name,
-        config.model_dump(mode="json"),
-        {"rlhf.pipeline": config.name, "rlhf.config_hash": config.config_hash()},
-    )
-    name = config.register_and_promote.policy_name
-    version = alias_version(name, "production")
+    try:
+        _, run_id = start_pipeline_run(
+            config.tracking,
+            config.name,
+            config.model_dump(mode="json"),
+            {"rlhf.pipeline": config.name, "rlhf.config_hash": config.config_hash()},
+        )
+        name = config.register_and_promote.policy_name
+        version = alias_version(name, "production")
+    except Exception as error:
+        _report_failure("start_run", error)
+        raise
     champion = f"models:/{name}@production" if version else config.policy
     return json.dumps({"run_id": run_id, "champion": champion, "champion_version": version})
 
 
-def _run_id(run: str) -> str:
-    return str(json.loads(run)["run_id"])
+def _step(body: Callable[..., str]) -> StepBody:
+    """(config JSON, start_run's output, upstream outputs…) → body(config, started, context, *upstream)."""
+
+    @functools.wraps(body)
+    def wrapper(config_json: str, run: str, *upstream: str) -> str:
+        setup_logging()
+        config = parse_pipeline_config(config_json)
+        started: dict[str, Any] = json.loads(run)
+        context = _context(config, started["run_id"])
+        try:
+            return body(config, started, context, *(json.loads(u) for u in upstream))
+        except Exception as error:
+            _report_failure(body.__name__.removeprefix("run_"), error)
+            finish_pipeline_run(context, "FAILED")
+            raise
+
+    return wrapper
 
 
-def run_collect_prompts(config_json: str, run: str) -> str:
-    setup_logging()
-    config = parse_pipeline_config(config_json)
-    outputs = collect_prompts.run(
-        config.collect_prompts, collect_prompts.Inputs(), _context(config, _run_id(run))
-    )
-    return outputs.model_dump_json()
+@_step
+def run_collect_prompts(config: PipelineConfig, started: dict[str, Any], context: RunContext) -> str:
+    return collect_prompts.run(config.collect_prompts, collect_prompts.Inputs(), context).model_dump_json()
 
 
-def run_generate_candidates(config_json: str, run: str, prompts: str) -> str:
-    setup_logging()
-    config = parse_pipeline_config(config_json)
+@_step
+def run_generate_candidates(
+    config: PipelineConfig, started: dict[str, Any], context: RunContext, prompts: dict[str, Any]
+) -> str:
     inputs = generate_candidates.Inputs(
-        policy=json.loads(run)["champion"], prompts=json.loads(prompts)["train"], inbox=config.feedback_inbox
+        policy=started["champion"], prompts=prompts["train"], inbox=config.feedback_inbox
     )
-    outputs = generate_candidates.run(config.generate_candidates, inputs, _context(config, _run_id(run)))
-    return outputs.model_dump_json()
+    return generate_candidates.run(config.generate_candidates, inputs, context).model_dump_json()
 
 
-def run_ingest_feedback(config_json: str, run: str, candidates: str) -> str:
-    setup_logging()
-    config = parse_pipeline_config(config_json)
-    inputs = ingest_feedback.Inputs(inbox=config.feedback_inbox, tasks=json.loads(candidates)["tasks"])
-    outputs = ingest_feedback.run(config.ingest_feedback, inputs, _context(config, _run_id(run)))
-    return outputs.model_dump_json()
+@_step
+def run_ingest_feedback(
+    config: PipelineConfig, started: dict[str, Any], context: RunContext, candidates: dict[str, Any]
+) -> str:
+    inputs = ingest_feedback.Inputs(inbox=config.feedback_inbox, tasks=candidates["tasks"])
+    return ingest_feedback.run(config.ingest_feedback, inputs, context).model_dump_json()
 
 
-def run_train_reward_model(config_json: str, run: str, feedback: str) -> str:
-    setup_logging()
-    config = parse_pipeline_config(config_json)
-    dataset = json.loads(feedback)
-    inputs = train_reward_model.Inputs(base_model=config.policy, train=dataset["train"], eval=dataset["eval"])
-    outputs = train_reward_model.run(config.train_reward_model, inputs, _context(config, _run_id(run)))
-    return outputs.model_dump_json()
-
-
-def run_ppo(config_json: str, run: str, prompts: str, reward: str) -> str:
-    setup_logging()
-    config = parse_pipeline_config(config_json)
-    inputs = ppo.Inputs(
-        policy=config.policy,
-        reward_model=json.loads(reward)["reward_model"],
-        prompts=json.loads(prompts)["train"],
+@_step
+def run_train_reward_model(
+    config: PipelineConfig, started: dict[str, Any], context: RunContext, feedback: dict[str, Any]
+) -> str:
+    inputs = train_reward_model.Inputs(
+        base_model=config.policy, train=feedback["train"], eval=feedback["eval"]
     )
-    outputs = ppo.run(config.ppo, inputs, _context(config, _run_id(run)))
-    return outputs.model_dump_json()
+    return train_reward_model.run(config.train_reward_model, inputs, context).model_dump_json()
 
 
-def run_evaluate(config_json: str, run: str, prompts: str, reward: str, policy: str) -> str:
-    setup_logging()
-    config = parse_pipeline_config(config_json)
-    champion = json.loads(run)["champion"]
+@_step
+def run_ppo(
+    config: PipelineConfig,
+    started: dict[str, Any],
+    context: RunContext,
+    prompts: dict[str, Any],
+    reward: dict[str, Any],
+) -> str:
+    inputs = ppo.Inputs(policy=config.policy, reward_model=reward["reward_model"], prompts=prompts["train"])
+    return ppo.run(config.ppo, inputs, context).model_dump_json()
+
+
+@_step
+def run_evaluate(
+    config: PipelineConfig,
+    started: dict[str, Any],
+    context: RunContext,
+    prompts: dict[str, Any],
+    reward: dict[str, Any],
+    policy: dict[str, Any],
+) -> str:
+    champion = started["champion"]
     inputs = evaluate.Inputs(
-        candidate=json.loads(policy)["policy"],
+        candidate=policy["policy"],
         reference=config.policy,
         champion=champion if champion != config.policy else None,
-        reward_model=json.loads(reward)["reward_model"],
-        prompts=json.loads(prompts)["eval"],
+        reward_model=reward["reward_model"],
+        prompts=prompts["eval"],
     )
-    outputs = evaluate.run(config.evaluate, inputs, _context(config, _run_id(run)))
-    return outputs.model_dump_json()
+    return evaluate.run(config.evaluate, inputs, context).model_dump_json()
 
 
+@_step
 def run_register_and_promote(
-    config_json: str, run: str, prompts: str, feedback: str, reward: str, policy: str, evaluation: str
+    config: PipelineConfig,
+    started: dict[str, Any],
+    context: RunContext,
+    prompts: dict[str, Any],
+    feedback: dict[str, Any],
+    reward: dict[str, Any],
+    policy: dict[str, Any],
+    evaluation: dict[str, Any],
 ) -> str:
-    setup_logging()
-    config = parse_pipeline_config(config_json)
-    started = json.loads(run)
     inputs = register_and_promote.Inputs(
-        policy=json.loads(policy)["policy"],
-        reward_model=json.loads(reward)["reward_model"],
-        evaluation=json.loads(evaluation)["metrics"],
-        reward_model_accuracy=json.loads(reward)["eval_accuracy"],
+        policy=policy["policy"],
+        reward_model=reward["reward_model"],
+        evaluation=evaluation["metrics"],
+        reward_model_accuracy=reward["eval_accuracy"],
         lineage={
-            "prompts_hash": json.loads(prompts)["content_hash"],
-            "feedback_hash": json.loads(feedback)["content_hash"],
+            "prompts_hash": prompts["content_hash"],
+            "feedback_hash": feedback["content_hash"],
             "config_hash": config.config_hash(),
             "base_policy": config.policy,
         },
         parent_version=started["champion_version"],
     )
-    context = _context(config, started["run_id"])
     outputs = register_and_promote.run(config.register_and_promote, inputs, context)
     finish_pipeline_run(context)
     return outputs.model_dump_json()

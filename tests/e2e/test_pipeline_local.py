@@ -111,3 +111,35 @@ def _plain(text: str) -> str:
     import re
 
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_failing_step_ends_in_one_line_and_a_failed_parent_run(
+    tiny_assets: DemoAssets, tmp_path: Path
+) -> None:
+    config = tiny_pipeline_config(tiny_assets, tmp_path)
+    config["ingest_feedback"] = {"simulated_annotator": "demo-gold-sentiment", "max_invalid_fraction": 0.0}
+    labels = tmp_path / "inbox" / "labels"
+    labels.mkdir(parents=True)
+    (labels / "bad.jsonl").write_text('{"broken\n', encoding="utf-8")
+    config_path = tmp_path / "failing.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    rlhf = Path(sys.executable).parent / "rlhf"
+    done = subprocess.run(
+        [str(rlhf), "run", str(config_path), "--workdir", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: pipeline tiny failed at step ingest_feedback:"), last
+    assert "bad.jsonl" in last and "invalid" in last
+    assert not (tmp_path / "summary.json").exists()
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`rlhf.kind` = 'pipeline'")
+    assert [run.info.status for run in parents] == ["FAILED"]
+    quarantine = next((tmp_path / "outputs").glob("*/ingest_feedback/quarantine.jsonl"))
+    assert "bad.jsonl:1" in quarantine.read_text()
