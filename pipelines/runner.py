@@ -15,10 +15,10 @@ from typing import Any
 
 from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.models import MODELS_PREFIX, resolve_checkpoint
+from rlhf_components.core.step import ERROR_FILE_ENV
+from rlhf_components.core.storage import MODELS_PREFIX
 from rlhf_components.core.tracking import check_reachable, resolve_tracking_uri
 from rlhf_pipelines.config import PipelineConfig, with_absolute_paths
-from rlhf_pipelines.steps import ERROR_FILE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ def build_demo_assets_if_configured(config: PipelineConfig) -> None:
 
 def preflight(config: PipelineConfig) -> None:
     """Catch what would otherwise fail minutes into a run: unreachable servers, missing inputs."""
+    from rlhf_components.core.models import resolve_checkpoint
+
     check_reachable(resolve_tracking_uri(config.tracking))
     if not config.policy.startswith(MODELS_PREFIX):
         resolve_checkpoint(config.policy)

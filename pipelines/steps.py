@@ -24,17 +24,23 @@ from rlhf_components import (
     register_and_promote,
     train_reward_model,
 )
+from rlhf_components.collect_prompts.step import run as collect_prompts_run
 from rlhf_components.core.runtime import setup_logging
+from rlhf_components.core.step import ERROR_FILE_ENV
 from rlhf_components.core.tracking import (
     RunContext,
     finish_pipeline_run,
     resolve_tracking_uri,
     start_pipeline_run,
 )
+from rlhf_components.evaluate.step import run as evaluate_run
+from rlhf_components.generate_candidates.step import run as generate_candidates_run
+from rlhf_components.ingest_feedback.step import run as ingest_feedback_run
+from rlhf_components.ppo.step import run as ppo_run
 from rlhf_components.register_and_promote.registry import alias_version
+from rlhf_components.register_and_promote.step import run as register_and_promote_run
+from rlhf_components.train_reward_model.step import run as train_reward_model_run
 from rlhf_pipelines.config import PipelineConfig, parse_pipeline_config
-
-ERROR_FILE_ENV = "RLHF_ERROR_FILE"
 
 StepBody = Callable[..., str]
 
@@ -97,7 +103,7 @@ def _step(body: Callable[..., str]) -> StepBody:
 
 @_step
 def run_collect_prompts(config: PipelineConfig, started: dict[str, Any], context: RunContext) -> str:
-    return collect_prompts.run(config.collect_prompts, collect_prompts.Inputs(), context).model_dump_json()
+    return collect_prompts_run(config.collect_prompts, collect_prompts.Inputs(), context).model_dump_json()
 
 
 @_step
@@ -107,7 +113,7 @@ def run_generate_candidates(
     inputs = generate_candidates.Inputs(
         policy=started["champion"], prompts=prompts["train"], inbox=config.feedback_inbox
     )
-    return generate_candidates.run(config.generate_candidates, inputs, context).model_dump_json()
+    return generate_candidates_run(config.generate_candidates, inputs, context).model_dump_json()
 
 
 @_step
@@ -115,7 +121,7 @@ def run_ingest_feedback(
     config: PipelineConfig, started: dict[str, Any], context: RunContext, candidates: dict[str, Any]
 ) -> str:
     inputs = ingest_feedback.Inputs(inbox=config.feedback_inbox, tasks=candidates["tasks"])
-    return ingest_feedback.run(config.ingest_feedback, inputs, context).model_dump_json()
+    return ingest_feedback_run(config.ingest_feedback, inputs, context).model_dump_json()
 
 
 @_step
@@ -125,7 +131,7 @@ def run_train_reward_model(
     inputs = train_reward_model.Inputs(
         base_model=config.policy, train=feedback["train"], eval=feedback["eval"]
     )
-    return train_reward_model.run(config.train_reward_model, inputs, context).model_dump_json()
+    return train_reward_model_run(config.train_reward_model, inputs, context).model_dump_json()
 
 
 @_step
@@ -137,7 +143,7 @@ def run_ppo(
     reward: dict[str, Any],
 ) -> str:
     inputs = ppo.Inputs(policy=config.policy, reward_model=reward["reward_model"], prompts=prompts["train"])
-    return ppo.run(config.ppo, inputs, context).model_dump_json()
+    return ppo_run(config.ppo, inputs, context).model_dump_json()
 
 
 @_step
@@ -157,7 +163,7 @@ def run_evaluate(
         reward_model=reward["reward_model"],
         prompts=prompts["eval"],
     )
-    return evaluate.run(config.evaluate, inputs, context).model_dump_json()
+    return evaluate_run(config.evaluate, inputs, context).model_dump_json()
 
 
 @_step
@@ -184,6 +190,6 @@ def run_register_and_promote(
         },
         parent_version=started["champion_version"],
     )
-    outputs = register_and_promote.run(config.register_and_promote, inputs, context)
+    outputs = register_and_promote_run(config.register_and_promote, inputs, context)
     finish_pipeline_run(context)
     return outputs.model_dump_json()

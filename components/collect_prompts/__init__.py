@@ -1,5 +1,8 @@
 """collect_prompts: read prompt sources, normalise, dedupe, filter, split train/eval by hash."""
 
-from rlhf_components.collect_prompts.step import Config, Inputs, Outputs, PromptRecord, run
+from rlhf_components.collect_prompts.config import Config, Inputs, Outputs, PromptRecord
+from rlhf_components.core.lazy import step_module_getattr
 
 __all__ = ["Config", "Inputs", "Outputs", "PromptRecord", "run"]
+
+__getattr__ = step_module_getattr(__name__)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlhf_components.core.errors import ConfigError
 
@@ -17,6 +17,14 @@ class StrictModel(BaseModel):
     """Unknown keys are errors: a typo in a config must never be silently ignored."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SamplingConfig(StrictModel):
+    max_new_tokens: int = Field(default=32, ge=1)
+    temperature: float = Field(default=0.7, gt=0.0)
+    top_k: int = Field(default=0, ge=0, description="0 = no top-k filtering (the RLHF default)")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="1.0 = no nucleus filtering")
+    greedy: bool = Field(default=False, description="argmax decoding, for near-greedy evaluation")
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:

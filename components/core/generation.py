@@ -11,18 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_components.core.config import StrictModel
-
-
-class SamplingConfig(StrictModel):
-    max_new_tokens: int = Field(default=32, ge=1)
-    temperature: float = Field(default=0.7, gt=0.0)
-    top_k: int = Field(default=0, ge=0, description="0 = no top-k filtering (the RLHF default)")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="1.0 = no nucleus filtering")
-    greedy: bool = Field(default=False, description="argmax decoding, for near-greedy evaluation")
+from rlhf_components.core.config import SamplingConfig
 
 
 @dataclass

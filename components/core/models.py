@@ -24,7 +24,7 @@ from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import positions
 
-MODELS_PREFIX = "models:/"
+MODELS_PREFIX = storage.MODELS_PREFIX
 REWARD_MEAN_KEY = "rlhf_reward_mean"
 REWARD_STD_KEY = "rlhf_reward_std"
 

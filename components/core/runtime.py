@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def setup_logging(level: str | None = None) -> None:
@@ -22,6 +23,9 @@ def setup_logging(level: str | None = None) -> None:
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed every RNG and return a dedicated generator for sampling, so sampling is reproducible alone."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

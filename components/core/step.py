@@ -38,6 +38,9 @@ OutputsT = TypeVar("OutputsT", bound=BaseModel)
 
 log = logging.getLogger(__name__)
 
+# Where a failing pipeline task leaves its one-line reason for `rlhf run` (unset on Kubernetes).
+ERROR_FILE_ENV = "RLHF_ERROR_FILE"
+
 
 def step_output(context: RunContext, step: str, *parts: str) -> str:
     return storage.join(context.output_root, context.parent_run_id, step, *parts)

@@ -21,6 +21,7 @@ from typing import Any
 from rlhf_components.core.errors import UserError
 
 S3_PREFIX = "s3://"
+MODELS_PREFIX = "models:/"  # an MLflow registry URI, resolved by core.models
 
 
 def is_s3(uri: str) -> bool:

@@ -25,8 +25,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .grammar import build_corpus, build_prompts
-from .sft import train_sft_policy
-from .tokenizer import train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +115,10 @@ def _cached(root: Path, spec_hash: str) -> DemoAssets | None:
 
 
 def _build_into(staging: Path, spec: DemoAssetsSpec, spec_hash: str) -> None:
+    # Imported here: torch and transformers are only needed to build, not to describe, the assets.
+    from .sft import train_sft_policy
+    from .tokenizer import train_tokenizer
+
     corpus = build_corpus(spec.n_corpus, seed=spec.seed)
     # A different stream from the corpus, so the RLHF prompts are not the SFT prompts in order.
     prompts = build_prompts(spec.n_prompts, seed=spec.seed + 1)

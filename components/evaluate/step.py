@@ -14,14 +14,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import (
-    SamplingConfig,
     decode_responses,
     response_logprobs,
     sample_prompts,
@@ -30,35 +28,11 @@ from rlhf_components.core.models import load_policy, load_scalar_model, normaliz
 from rlhf_components.core.runtime import seed_everything
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
+from rlhf_components.evaluate.config import Config, Inputs, Outputs
 from rlhf_components.ingest_feedback.simulated import resolve_judge
 from rlhf_components.train_reward_model.step import score_texts
 
 log = logging.getLogger(__name__)
-
-
-class Config(StrictModel):
-    max_prompts: int = Field(default=128, ge=1)
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    max_prompt_tokens: int = Field(default=64, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    bootstrap_samples: int = Field(default=1000, ge=100)
-    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
-    gold_judge: str | None = Field(default=None, description="a programmatic judge, e.g. demo-gold-sentiment")
-    max_reward_tokens: int = Field(default=256, ge=8)
-    trust_remote_code: bool = False
-
-
-class Inputs(StrictModel):
-    candidate: str
-    reference: str
-    champion: str | None = Field(default=None, description="the current production policy, if any")
-    reward_model: str
-    prompts: str = Field(description="held-out prompts (collect_prompts' eval split)")
-
-
-class Outputs(StrictModel):
-    report: str
-    metrics: dict[str, float]
 
 
 class Answers(StrictModel):

@@ -19,29 +19,14 @@ from pydantic import Field, ValidationError
 from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.splits import SplitDataset, is_eval
+from rlhf_components.core.splits import is_eval
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 from rlhf_components.generate_candidates.step import AnnotationTask
 from rlhf_components.ingest_feedback import simulated
+from rlhf_components.ingest_feedback.config import Config, Inputs, Outputs, Preference
 
 log = logging.getLogger(__name__)
-
-
-class Config(StrictModel):
-    simulated_annotator: str | None = Field(
-        default=None,
-        description="judge name that labels this run's tasks (demos/tests only), e.g. demo-gold-sentiment",
-    )
-    max_invalid_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
-    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-
-
-class Inputs(StrictModel):
-    inbox: str
-    tasks: str | None = Field(
-        default=None, description="this run's annotation tasks (for the simulated annotator)"
-    )
 
 
 class ChosenRejected(StrictModel):
@@ -57,20 +42,6 @@ class TaskChoice(StrictModel):
     choice: Literal["a", "b", "tie"]
     annotator: str = "unknown"
     simulated: bool = False
-
-
-class Preference(StrictModel):
-    id: str
-    prompt: str
-    chosen: str
-    rejected: str
-    annotator: str
-    simulated: bool
-    source: str
-
-
-class Outputs(SplitDataset):
-    """The preference dataset: train/eval JSONL, quarantine, manifest, version hash."""
 
 
 def preference_id(prompt: str, chosen: str, rejected: str) -> str:

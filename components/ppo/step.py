@@ -21,19 +21,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from rlhf_components.core import storage
-from rlhf_components.core.config import StrictModel
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import (
     Batch,
-    SamplingConfig,
     encode_prompts,
     entropy,
     response_logits,
@@ -51,61 +47,9 @@ from rlhf_components.core.models import (
 from rlhf_components.core.runtime import progress_disabled, seed_everything
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
+from rlhf_components.ppo.config import Config, Inputs, Outputs
 
 log = logging.getLogger(__name__)
-
-
-class Config(StrictModel):
-    total_episodes: int = Field(default=1024, ge=1, description="responses sampled over the whole run")
-    rollout_batch_size: int = Field(default=64, ge=1, description="episodes per PPO iteration")
-    num_minibatches: int = Field(default=4, ge=1)
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
-    ppo_epochs: int = Field(default=4, ge=1)
-    learning_rate: float = Field(default=3e-6, gt=0.0)
-    lr_schedule: Literal["linear", "constant"] = "linear"
-    adam_eps: float = Field(default=1e-5, gt=0.0)
-    max_grad_norm: float = Field(default=1.0, gt=0.0)
-    gamma: float = Field(default=1.0, ge=0.0, le=1.0)
-    lam: float = Field(default=0.95, ge=0.0, le=1.0)
-    cliprange: float = Field(default=0.2, gt=0.0)
-    cliprange_value: float = Field(default=0.2, gt=0.0)
-    vf_coef: float = Field(default=0.1, ge=0.0)
-    kl_coef: float = Field(default=0.05, ge=0.0, description="β: initial value for the adaptive controller")
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    kl_controller: Literal["fixed", "adaptive"] = "fixed"
-    kl_target: float = Field(default=6.0, gt=0.0, description="adaptive controller: target KL per sequence")
-    kl_horizon: int = Field(default=10000, ge=1, description="adaptive controller: horizon in episodes")
-    whiten_rewards: bool = False
-    missing_eos_penalty: float = Field(default=1.0, ge=0.0, description="subtracted from the score")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    max_prompt_tokens: int = Field(default=64, ge=1)
-    trust_remote_code: bool = False
-
-    @model_validator(mode="after")
-    def _batches_divide(self) -> Config:
-        micro = self.num_minibatches * self.gradient_accumulation_steps
-        if self.rollout_batch_size % micro:
-            raise ValueError(
-                "rollout_batch_size must be divisible by num_minibatches × gradient_accumulation_steps "
-                f"({self.rollout_batch_size} % {micro} != 0)"
-            )
-        return self
-
-
-class Inputs(StrictModel):
-    policy: str = Field(
-        description="initial policy checkpoint (also the reference unless `reference` is set)"
-    )
-    reference: str | None = None
-    reward_model: str
-    prompts: str = Field(description="JSONL of {prompt} records")
-
-
-class Outputs(StrictModel):
-    policy: str
-    iterations: int
-    final_score: float
-    final_kl: float
 
 
 # ----------------------------------------------------------------------------- numerics

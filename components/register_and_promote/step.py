@@ -13,56 +13,15 @@ from typing import Any
 
 import torch
 import transformers
-from pydantic import Field
 
 from rlhf_components.core import storage
-from rlhf_components.core.config import StrictModel
 from rlhf_components.core.models import load_policy, load_scalar_model
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, step_run
 from rlhf_components.register_and_promote import registry
+from rlhf_components.register_and_promote.config import Config, GateConfig, Inputs, Outputs, RegisteredVersion
 
 log = logging.getLogger(__name__)
-
-
-class GateConfig(StrictModel):
-    metric: str = Field(default="rm_win_rate", description="evaluation win rate whose CI decides")
-    min_ci_low: float = Field(default=0.5, ge=0.0, le=1.0, description="lower CI bound must exceed this")
-    max_kl: float = Field(default=25.0, gt=0.0, description="KL to the reference must stay under this")
-    must_beat_champion: bool = Field(
-        default=True, description="also require <metric>_vs_champion_ci_low > 0.5"
-    )
-
-
-class Config(StrictModel):
-    policy_name: str = Field(default="rlhf-policy", min_length=1)
-    reward_model_name: str = Field(default="rlhf-reward-model", min_length=1)
-    gate: GateConfig = Field(default_factory=GateConfig)
-    trust_remote_code: bool = False
-
-
-class Inputs(StrictModel):
-    policy: str
-    reward_model: str
-    evaluation: dict[str, float] = Field(description="evaluate's metrics")
-    reward_model_accuracy: float
-    lineage: dict[str, str] = Field(default_factory=dict, description="dataset hashes, config hash, …")
-    parent_version: str | None = Field(
-        default=None, description="the production version this run started from"
-    )
-
-
-class RegisteredVersion(StrictModel):
-    name: str
-    version: str
-    aliases: list[str]
-
-
-class Outputs(StrictModel):
-    summary: str
-    promoted: bool
-    reasons: list[str]
-    registered: dict[str, RegisteredVersion]
 
 
 def gate_decision(gate: GateConfig, metrics: dict[str, float]) -> tuple[bool, list[str]]:

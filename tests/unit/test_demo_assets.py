@@ -293,7 +293,7 @@ def test_a_failed_build_leaves_the_previous_one_intact(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("rlhf_components.demo.assets.train_sft_policy", interrupted)
+    monkeypatch.setattr("rlhf_components.demo.sft.train_sft_policy", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_demo_assets(small_copy, SMALL_SPEC.model_copy(update={"seed": 7}))
     assert [p.name for p in small_copy.parent.iterdir()] == ["assets"]

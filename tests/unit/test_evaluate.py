@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rlhf_components import evaluate
+from rlhf_components.core.config import SamplingConfig
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.generation import SamplingConfig
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.demo import GOLD_JUDGE_NAME, DemoAssets
 from rlhf_components.evaluate.step import bootstrap_interval, win_rate

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_components import generate_candidates
+from rlhf_components.core.config import SamplingConfig
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.generation import SamplingConfig
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.demo import DemoAssets
 

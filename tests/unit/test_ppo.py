@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from rlhf_components import ppo
-from rlhf_components.core.generation import SamplingConfig, encode_prompts, response_logprobs, sample
+from rlhf_components.core.config import SamplingConfig
+from rlhf_components.core.generation import encode_prompts, response_logprobs, sample
 from rlhf_components.core.models import load_policy
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.demo import DemoAssets

@@ -1,0 +1,35 @@
+"""evaluate: configuration, inputs and outputs.
+
+Pydantic only, so that configs load without importing torch.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from rlhf_components.core.config import SamplingConfig, StrictModel
+
+
+class Config(StrictModel):
+    max_prompts: int = Field(default=128, ge=1)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    max_prompt_tokens: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    bootstrap_samples: int = Field(default=1000, ge=100)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    gold_judge: str | None = Field(default=None, description="a programmatic judge, e.g. demo-gold-sentiment")
+    max_reward_tokens: int = Field(default=256, ge=8)
+    trust_remote_code: bool = False
+
+
+class Inputs(StrictModel):
+    candidate: str
+    reference: str
+    champion: str | None = Field(default=None, description="the current production policy, if any")
+    reward_model: str
+    prompts: str = Field(description="held-out prompts (collect_prompts' eval split)")
+
+
+class Outputs(StrictModel):
+    report: str
+    metrics: dict[str, float]

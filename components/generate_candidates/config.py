@@ -1,0 +1,54 @@
+"""generate_candidates: configuration, inputs, outputs and records.
+
+Pydantic only, so that configs load without importing torch.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from rlhf_components.core.config import SamplingConfig, StrictModel
+
+
+class Config(StrictModel):
+    samples_per_prompt: int = Field(default=2, ge=2, description="K candidates per prompt")
+    max_prompts: int | None = Field(default=None, ge=1)
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=1.0))
+    max_prompt_tokens: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    trust_remote_code: bool = False
+
+
+class Inputs(StrictModel):
+    policy: str = Field(description="checkpoint dir, s3:// prefix or models:/name@alias")
+    prompts: str = Field(description="JSONL of {id, prompt} records (collect_prompts' train split)")
+    inbox: str = Field(description="feedback inbox: tasks are written under tasks/")
+
+
+class Candidate(StrictModel):
+    id: str
+    prompt_id: str
+    prompt: str
+    response: str
+    ended_with_eos: bool
+    num_tokens: int
+    policy: str
+    sample_index: int
+
+
+class AnnotationTask(StrictModel):
+    task_id: str
+    prompt_id: str
+    prompt: str
+    response_a_id: str
+    response_a: str
+    response_b_id: str
+    response_b: str
+
+
+class Outputs(StrictModel):
+    candidates: str
+    tasks: str
+    label_studio_tasks: str
+    num_candidates: int
+    num_tasks: int
