@@ -172,6 +172,22 @@ def upload_dir(local_dir: Path, uri: str) -> None:
     os.replace(staging, target)
 
 
+def remove(uri: str) -> None:
+    """Delete a file or everything under a directory/prefix; missing is fine."""
+    if not is_s3(uri):
+        path = Path(uri)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        return
+    bucket = split_s3(uri)[0]
+    keys = [split_s3(f)[1] for f in list_files(uri)]
+    for start in range(0, len(keys), 1000):
+        batch = {"Objects": [{"Key": key} for key in keys[start : start + 1000]], "Quiet": True}
+        _s3_call(uri, "DELETE", s3_client().delete_objects, Bucket=bucket, Delete=batch)
+
+
 def cache_dir() -> Path:
     root = Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf-pipelines"))
     root.mkdir(parents=True, exist_ok=True)

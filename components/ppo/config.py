@@ -36,6 +36,10 @@ class Config(StrictModel):
     missing_eos_penalty: float = Field(default=1.0, ge=0.0, description="subtracted from the score")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     max_prompt_tokens: int = Field(default=64, ge=1)
+    checkpoint_every: int = Field(
+        default=0, ge=0, description="iterations between checkpoints; 0 = only when stopped by SIGTERM"
+    )
+    resume: bool = Field(default=True, description="continue from this run's checkpoint when there is one")
     trust_remote_code: bool = False
 
     @model_validator(mode="after")

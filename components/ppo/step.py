@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from rlhf_components.core import storage
+from rlhf_components.core import checkpoint, storage
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import (
     Batch,
@@ -287,6 +287,75 @@ def _load_prompts(uri: str) -> list[str]:
     return prompts
 
 
+class PromptStream:
+    """Prompts in a seeded random order, reshuffled after each pass; its position is part of a checkpoint."""
+
+    def __init__(self, prompts: list[str], generator: torch.Generator) -> None:
+        self.prompts = prompts
+        self.generator = generator
+        self.order = torch.randperm(len(prompts), generator=generator).tolist()
+        self.cursor = 0
+
+    def take(self, count: int) -> list[str]:
+        chosen = []
+        for _ in range(count):
+            if self.cursor == len(self.order):
+                self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
+                self.cursor = 0
+            chosen.append(self.prompts[self.order[self.cursor]])
+            self.cursor += 1
+        return chosen
+
+
+@dataclass
+class Trainer:
+    """Everything a checkpoint must capture for a resumed run to equal an uninterrupted one."""
+
+    config: Config
+    policy: PreTrainedModel
+    value_model: PreTrainedModel
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    kl_controller: KLController
+    stream: PromptStream
+    generator: torch.Generator
+
+    def save(self, uri: str, iteration: int) -> None:
+        optimizer_tensors, optimizer_rest = checkpoint.flatten_optimizer("optimizer", self.optimizer)
+        tensors = {
+            **checkpoint.prefixed("policy", self.policy.state_dict()),
+            **checkpoint.prefixed("value", self.value_model.state_dict()),
+            **optimizer_tensors,
+            "rng.sampling": self.generator.get_state(),
+            "rng.torch": torch.get_rng_state(),
+        }
+        state = {
+            "config": self.config.model_dump(mode="json"),
+            "optimizer": optimizer_rest,
+            "schedule": self.schedule.state_dict(),
+            "kl_coef": self.kl_controller.value,
+            "prompt_order": self.stream.order,
+            "prompt_cursor": self.stream.cursor,
+        }
+        checkpoint.save(uri, iteration, tensors, state)
+
+    def restore(self, uri: str) -> int:
+        """Load the checkpoint at `uri`; returns the iteration it was taken after."""
+        tensors, state = checkpoint.load(uri)
+        if state["config"] != self.config.model_dump(mode="json"):
+            raise UserError(f"{uri}: checkpoint was written with a different ppo config; set resume: false")
+        self.policy.load_state_dict(checkpoint.unprefixed("policy", tensors))
+        self.value_model.load_state_dict(checkpoint.unprefixed("value", tensors))
+        checkpoint.restore_optimizer("optimizer", self.optimizer, tensors, state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.kl_controller.value = state["kl_coef"]
+        self.stream.order, self.stream.cursor = state["prompt_order"], state["prompt_cursor"]
+        self.generator.set_state(tensors["rng.sampling"])
+        torch.set_rng_state(tensors["rng.torch"])
+        log.info("resumed from %s after iteration %d", uri, state["step"])
+        return int(state["step"])
+
+
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, "ppo", config):
         generator = seed_everything(context.seed)
@@ -309,60 +378,80 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, (lambda i: 1.0 - i / iterations) if config.lr_schedule == "linear" else (lambda i: 1.0)
         )
-        kl_controller = KLController(config)
-        order = torch.randperm(len(prompts), generator=generator).tolist()
-        cursor = 0
+        trainer = Trainer(
+            config,
+            policy,
+            value_model,
+            optimizer,
+            schedule,
+            KLController(config),
+            PromptStream(prompts, generator),
+            generator,
+        )
+        checkpoint_uri = step_output(context, "ppo", "checkpoint")
+        done = trainer.restore(checkpoint_uri) if config.resume and checkpoint.exists(checkpoint_uri) else 0
         score = kl_total = float("nan")
-        progress = tqdm(range(1, iterations + 1), desc="ppo", disable=progress_disabled())
-        for iteration in progress:
-            chosen = []
-            for _ in range(config.rollout_batch_size):
-                if cursor == len(order):
-                    order, cursor = torch.randperm(len(prompts), generator=generator).tolist(), 0
-                chosen.append(prompts[order[cursor]])
-                cursor += 1
-            started = time.perf_counter()
-            query_ids, query_mask = encode_prompts(tokenizer, chosen, config.max_prompt_tokens)
-            rollout = collect_rollout(
-                policy,
-                reference,
-                reward_model,
-                value_model,
-                query_ids,
-                query_mask,
-                config,
-                kl_controller.value,
-                tokenizer.eos_token_id,
-                tokenizer.pad_token_id,
-                generator,
+        with checkpoint.StopRequest() as stop:
+            progress = tqdm(
+                range(done + 1, iterations + 1),
+                desc="ppo",
+                disable=progress_disabled(),
+                initial=done,
+                total=iterations,
             )
-            rollout_seconds = time.perf_counter() - started
-            train_stats = ppo_update(policy, value_model, optimizer, rollout, config, generator)
-            schedule.step()
-            elapsed = time.perf_counter() - started
+            for iteration in progress:
+                started = time.perf_counter()
+                query_ids, query_mask = encode_prompts(
+                    tokenizer, trainer.stream.take(config.rollout_batch_size), config.max_prompt_tokens
+                )
+                rollout = collect_rollout(
+                    policy,
+                    reference,
+                    reward_model,
+                    value_model,
+                    query_ids,
+                    query_mask,
+                    config,
+                    trainer.kl_controller.value,
+                    tokenizer.eos_token_id,
+                    tokenizer.pad_token_id,
+                    generator,
+                )
+                rollout_seconds = time.perf_counter() - started
+                train_stats = ppo_update(policy, value_model, optimizer, rollout, config, generator)
+                schedule.step()
+                elapsed = time.perf_counter() - started
 
-            mask = rollout.batch.response_mask.float()
-            score = rollout.scores.mean().item()
-            kl_total = (rollout.kl * mask).sum(-1).mean().item()
-            non_score = (rollout.rewards * mask).sum(-1).mean().item() - score
-            generated_tokens = int(mask.sum().item())
-            kl_controller.update(kl_total, config.rollout_batch_size)
-            metrics = {
-                "score": score,
-                "rlhf_reward": score + non_score,
-                "non_score_reward": non_score,
-                "kl": kl_total,
-                "kl_coef": kl_controller.value,
-                "eos_rate": rollout.batch.ended_with_eos.float().mean().item(),
-                "response_length": mask.sum(-1).mean().item(),
-                "episodes_per_second": config.rollout_batch_size / elapsed,
-                "tokens_per_second": generated_tokens / elapsed,
-                "rollout_seconds": rollout_seconds,
-                "learning_rate": schedule.get_last_lr()[0],
-                **train_stats,
-            }
-            log_metrics(metrics, step=iteration)
-            progress.set_postfix(score=f"{score:.2f}", kl=f"{kl_total:.2f}")
+                mask = rollout.batch.response_mask.float()
+                score = rollout.scores.mean().item()
+                kl_total = (rollout.kl * mask).sum(-1).mean().item()
+                non_score = (rollout.rewards * mask).sum(-1).mean().item() - score
+                generated_tokens = int(mask.sum().item())
+                trainer.kl_controller.update(kl_total, config.rollout_batch_size)
+                metrics = {
+                    "score": score,
+                    "rlhf_reward": score + non_score,
+                    "non_score_reward": non_score,
+                    "kl": kl_total,
+                    "kl_coef": trainer.kl_controller.value,
+                    "eos_rate": rollout.batch.ended_with_eos.float().mean().item(),
+                    "response_length": mask.sum(-1).mean().item(),
+                    "episodes_per_second": config.rollout_batch_size / elapsed,
+                    "tokens_per_second": generated_tokens / elapsed,
+                    "rollout_seconds": rollout_seconds,
+                    "learning_rate": schedule.get_last_lr()[0],
+                    **train_stats,
+                }
+                log_metrics(metrics, step=iteration)
+                progress.set_postfix(score=f"{score:.2f}", kl=f"{kl_total:.2f}")
+                periodic = config.checkpoint_every and iteration % config.checkpoint_every == 0
+                if stop.requested or (periodic and iteration < iterations):
+                    trainer.save(checkpoint_uri, iteration)
+                if stop.requested:
+                    raise UserError(
+                        f"ppo: stopped by SIGTERM after iteration {iteration}/{iterations}; "
+                        f"run it again to resume from {checkpoint_uri}"
+                    )
         outputs = Outputs(
             policy=step_output(context, "ppo", "policy"),
             iterations=iterations,

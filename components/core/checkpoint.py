@@ -1,0 +1,120 @@
+"""Trainer checkpoints: tensors in safetensors, everything else in JSON; nothing is ever unpickled.
+
+A checkpoint location (local or s3://) holds one directory per saved step (`step-00000042/` with
+`tensors.safetensors` and `state.json`) and a `latest.json` pointer, written last: a process killed while
+saving leaves the previous checkpoint intact and current. Older step directories are removed after the
+pointer moves. Optimizer states are flattened to tensors + JSON; RNG states
+are byte tensors. Trainers call `save` every N steps and when asked to stop (SIGTERM: preemption on
+Kubernetes), and `load` at start-up to resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import tempfile
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf_components.core import storage
+
+log = logging.getLogger(__name__)
+
+TENSORS = "tensors.safetensors"
+STATE = "state.json"
+LATEST = "latest.json"
+
+
+def flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+    """(tensors, JSON-able rest) of an optimizer's state_dict."""
+    state_dict = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{index}.{name}"] = value.contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(
+    prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: Any
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(f"{prefix}."):
+            index, name = key[len(prefix) + 1 :].split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+    for index, scalars in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(scalars)
+    optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
+def exists(uri: str) -> bool:
+    return storage.exists(storage.join(uri, LATEST))
+
+
+def save(uri: str, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    name = f"step-{step:08d}"
+    with tempfile.TemporaryDirectory() as temp:
+        # safetensors refuses tensors that share memory (tied embeddings): store private copies.
+        save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, str(Path(temp, TENSORS)))
+        storage.write_bytes(storage.join(uri, name, TENSORS), Path(temp, TENSORS).read_bytes())
+    storage.write_json(storage.join(uri, name, STATE), {**state, "step": step})
+    storage.write_json(storage.join(uri, LATEST), {"step": step, "directory": name})
+    for stale in _step_directories(uri) - {name}:
+        storage.remove(storage.join(uri, stale))
+    log.info("checkpoint saved to %s (step %d)", uri, step)
+
+
+def _step_directories(uri: str) -> set[str]:
+    root = uri.rstrip("/") + "/"
+    tops = {f[len(root) :].split("/", 1)[0] for f in storage.list_files(uri) if f.startswith(root)}
+    return {top for top in tops if top.startswith("step-")}
+
+
+def load(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    name = storage.read_json(storage.join(uri, LATEST))["directory"]
+    state = storage.read_json(storage.join(uri, name, STATE))
+    with tempfile.TemporaryDirectory() as temp:
+        path = Path(temp, TENSORS)
+        path.write_bytes(storage.read_bytes(storage.join(uri, name, TENSORS)))
+        tensors = load_file(str(path))
+    return tensors, state
+
+
+def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{key}": value for key, value in tensors.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key[len(prefix) + 1 :]: value for key, value in tensors.items() if key.startswith(f"{prefix}.")}
+
+
+class StopRequest:
+    """SIGTERM sets a flag instead of killing the process, so the trainer can checkpoint and exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        log.warning("signal %d received: checkpointing after this step, then stopping", signum)
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signal handling to the caller
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

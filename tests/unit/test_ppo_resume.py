@@ -1,0 +1,141 @@
+"""PPO checkpoint/resume: a run killed with SIGKILL, then resumed, ends with the weights of an unbroken run.
+
+Both runs are real `python -m rlhf_components.ppo` processes on the CPU, which is deterministic here.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rlhf_components import train_reward_model
+from rlhf_components.core import checkpoint, storage
+from rlhf_components.core.tracking import RunContext, TrackingConfig, start_pipeline_run
+from rlhf_components.demo import DemoAssets
+
+pytestmark = pytest.mark.slow
+
+PPO_CONFIG = {
+    "total_episodes": 48,
+    "rollout_batch_size": 8,
+    "num_minibatches": 2,
+    "ppo_epochs": 2,
+    "learning_rate": 0.001,
+    "checkpoint_every": 1,
+    "sampling": {"max_new_tokens": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_assets: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("resume-rm")
+    tracking = TrackingConfig(uri=f"sqlite:///{root / 'mlflow.db'}", experiment="rm")
+    uri, run_id = start_pipeline_run(tracking, "rm", {}, {})
+    context = RunContext(tracking_uri=uri, experiment="rm", parent_run_id=run_id, output_root=str(root))
+    pairs = [{"prompt": "Review of a cafe:", "chosen": " lovely food", "rejected": " awful food"}] * 8
+    storage.write_jsonl(str(root / "pairs.jsonl"), pairs)
+    inputs = train_reward_model.Inputs(
+        base_model=tiny_assets.sft_model_dir, train=str(root / "pairs.jsonl"), eval=str(root / "pairs.jsonl")
+    )
+    return train_reward_model.run(train_reward_model.Config(batch_size=8), inputs, context).reward_model
+
+
+def ppo_job(tmp_path: Path, name: str, tiny_assets: DemoAssets, reward_model: str) -> tuple[Path, Path]:
+    """A standalone PPO job under its own parent run; returns (job file, the run's ppo output dir)."""
+    tracking = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "resume"}
+    _, parent = start_pipeline_run(TrackingConfig(**tracking), name, {}, {})
+    job = {
+        "context": {"tracking": tracking, "output_root": str(tmp_path / name), "parent_run_id": parent},
+        "inputs": {
+            "policy": tiny_assets.sft_model_dir,
+            "reward_model": reward_model,
+            "prompts": tiny_assets.prompts_file,
+        },
+        "config": PPO_CONFIG,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    return path, tmp_path / name / parent / "ppo"
+
+
+def start(job: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rlhf_components.ppo", "--config", str(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen[str]) -> str:
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def latest_step(ppo_dir: Path) -> int:
+    latest = ppo_dir / "checkpoint" / checkpoint.LATEST
+    return int(json.loads(latest.read_text())["step"]) if latest.is_file() else 0
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(
+    tiny_assets: DemoAssets, reward_model: str, tmp_path: Path
+) -> None:
+    whole_job, whole_dir = ppo_job(tmp_path, "whole", tiny_assets, reward_model)
+    cut_job, cut_dir = ppo_job(tmp_path, "cut", tiny_assets, reward_model)
+    whole = start(whole_job)
+    cut = start(cut_job)
+    deadline = time.monotonic() + 300
+    while latest_step(cut_dir) < 2 and cut.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cut.send_signal(signal.SIGKILL)
+    cut.communicate()
+    killed_at = latest_step(cut_dir)
+    assert 2 <= killed_at < 6, "the run must be killed part-way"
+    assert not (cut_dir / "policy").exists()
+
+    resumed_log = finish(start(cut_job))
+    assert f"after iteration {killed_at}" in resumed_log or "resumed from" in resumed_log
+    finish(whole)
+    whole_weights = load_file(str(whole_dir / "policy" / "model.safetensors"))
+    resumed_weights = load_file(str(cut_dir / "policy" / "model.safetensors"))
+    assert whole_weights.keys() == resumed_weights.keys()
+    for name, tensor in whole_weights.items():
+        assert torch.equal(tensor, resumed_weights[name]), name
+    # Only the newest step directory is kept next to the pointer.
+    assert sorted(p.name for p in (cut_dir / "checkpoint").iterdir()) == ["latest.json", "step-00000005"]
+
+
+def test_sigterm_checkpoints_then_stops_with_one_line(
+    tiny_assets: DemoAssets, reward_model: str, tmp_path: Path
+) -> None:
+    job, ppo_dir = ppo_job(tmp_path, "term", tiny_assets, reward_model)
+    config = yaml.safe_load(job.read_text())
+    config["config"] = {**PPO_CONFIG, "checkpoint_every": 0}
+    job.write_text(yaml.safe_dump(config), encoding="utf-8")
+    process = start(job)
+    # Training is under way once the PPO child run has logged its first iteration.
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        runs = client.search_runs(
+            [client.get_experiment_by_name("resume").experiment_id], filter_string="tags.`rlhf.step` = 'ppo'"
+        )
+        if runs and "score" in runs[0].data.metrics:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2
+    assert "stopped by SIGTERM after iteration" in stderr.strip().splitlines()[-1]
+    assert latest_step(ppo_dir) >= 1
