@@ -1,0 +1,203 @@
+"""The PPO implementation details of DESIGN §4 that are not plain formulas, each checked on a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_components import ppo
+from rlhf_components.core.config import SamplingConfig
+from rlhf_components.core.generation import Batch, encode_prompts, response_logprobs, sample
+from rlhf_components.core.models import load_policy, load_scalar_model, sequence_scores
+from rlhf_components.demo import DemoAssets
+from rlhf_components.ppo.step import collect_rollout, ppo_update
+
+PROMPTS = ["Review of the ramen:", "Review of a small cafe near the station:", "My review of the lamp:"] * 2
+
+
+def test_log_probs_divide_logits_by_the_sampling_temperature(tiny_assets: DemoAssets) -> None:
+    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
+    batch = sample(
+        model,
+        ids,
+        mask,
+        SamplingConfig(temperature=0.5, max_new_tokens=6),
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        torch.Generator().manual_seed(0),
+    )
+    sequence, attention, position = batch.sequence()
+    with torch.no_grad():
+        logits = model(input_ids=sequence, attention_mask=attention, position_ids=position).logits.double()
+        start = ids.shape[1] - 1
+        width = batch.response_ids.shape[1]
+        expected = (logits[:, start : start + width] / 0.5).log_softmax(-1)
+        expected = expected.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
+        at_half = response_logprobs(model, batch, 0.5).double()
+        at_one = response_logprobs(model, batch, 1.0).double()
+    assert torch.allclose(at_half, expected, atol=1e-5)
+    assert not torch.allclose(at_one, expected, atol=1e-3)
+
+
+def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tiny_assets: DemoAssets) -> None:
+    reward_model, tokenizer = load_scalar_model(tiny_assets.sft_model_dir)
+    texts = ["Review of the ramen: great soup", "My review of the small lamp I bought: it was bad"]
+    alone = []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            alone.append(
+                sequence_scores(reward_model, ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1]))
+            )
+    # Left padding of the prompt and right padding after the response, as a PPO rollout has both.
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(r) for r in rows) + 3
+    ids = torch.full((2, width), tokenizer.pad_token_id)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    last = []
+    for index, row in enumerate(rows):
+        offset = 2 if index == 0 else 1
+        ids[index, offset : offset + len(row)] = torch.tensor(row)
+        mask[index, offset : offset + len(row)] = 1
+        last.append(offset + len(row) - 1)
+    with torch.no_grad():
+        padded = sequence_scores(reward_model, ids, mask, torch.tensor(last))
+    assert torch.allclose(padded, torch.cat(alone), atol=1e-5)
+
+
+def test_missing_eos_is_penalised_by_exactly_the_configured_amount(tiny_assets: DemoAssets) -> None:
+    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    reward_model, _ = load_scalar_model(tiny_assets.sft_model_dir)
+    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
+
+    def scores(penalty: float) -> tuple[torch.Tensor, Batch]:
+        # Four new tokens: most answers are cut before their EOS.
+        config = ppo.Config(
+            missing_eos_penalty=penalty,
+            rollout_batch_size=6,
+            num_minibatches=1,
+            sampling=SamplingConfig(max_new_tokens=4, temperature=1.0),
+        )
+        rollout = collect_rollout(
+            policy,
+            policy,
+            reward_model,
+            reward_model,
+            ids,
+            mask,
+            config,
+            0.1,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            torch.Generator().manual_seed(1),
+        )
+        return rollout.scores, rollout.batch
+
+    plain, batch = scores(0.0)
+    penalised, _ = scores(2.5)
+    missing = (~batch.ended_with_eos).float()
+    assert missing.sum() > 0
+    assert torch.allclose(plain - penalised, 2.5 * missing, atol=1e-6)
+
+
+def test_score_is_added_at_the_last_response_token_only(tiny_assets: DemoAssets) -> None:
+    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    reward_model, _ = load_scalar_model(tiny_assets.sft_model_dir)
+    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
+    config = ppo.Config(rollout_batch_size=6, num_minibatches=1, sampling=SamplingConfig(max_new_tokens=12))
+    kl_coef = 0.2
+    rollout = collect_rollout(
+        policy,
+        policy,
+        reward_model,
+        reward_model,
+        ids,
+        mask,
+        config,
+        kl_coef,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        torch.Generator().manual_seed(2),
+    )
+    response_mask = rollout.batch.response_mask.float()
+    expected = -kl_coef * rollout.kl
+    for row in range(expected.shape[0]):
+        last = int(response_mask[row].sum()) - 1
+        expected[row, last] += rollout.scores[row]
+    assert torch.allclose(rollout.rewards, expected, atol=1e-6)
+    # Policy == reference here: the per-token KL is zero up to float error.
+    assert rollout.kl.abs().max() < 1e-4
+    assert torch.all(rollout.rewards[response_mask == 0] == 0)
+
+
+def test_dropout_is_disabled_in_every_loaded_model(tiny_assets: DemoAssets) -> None:
+    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    scalar, _ = load_scalar_model(tiny_assets.sft_model_dir)
+    for model in (policy, scalar):
+        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert dropouts and all(m.p == 0.0 for m in dropouts)
+        model.train()  # even in training mode two forward passes must agree
+        ids = torch.tensor([tokenizer("Review of the ramen: great", add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+        assert torch.equal(first, second)
+
+
+def test_greedy_evaluation_sampling_is_deterministic(tiny_assets: DemoAssets) -> None:
+    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
+    greedy = SamplingConfig(greedy=True, max_new_tokens=10)
+    runs = [
+        sample(
+            model,
+            ids,
+            mask,
+            greedy,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            torch.Generator().manual_seed(seed),
+        )
+        for seed in (0, 1)
+    ]
+    assert torch.equal(runs[0].response_ids, runs[1].response_ids)
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_minibatch_and_accumulation_shape_of_an_update(tiny_assets: DemoAssets, accumulation: int) -> None:
+    """Every PPO epoch visits each episode once; ratio starts at exactly 1 and moves after the first step."""
+    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    value, _ = load_scalar_model(tiny_assets.sft_model_dir)
+    reference, _ = load_policy(tiny_assets.sft_model_dir)
+    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
+    config = ppo.Config(
+        rollout_batch_size=6,
+        num_minibatches=2,
+        gradient_accumulation_steps=accumulation,
+        ppo_epochs=2,
+        learning_rate=1e-3,
+        sampling=SamplingConfig(max_new_tokens=8),
+    )
+    generator = torch.Generator().manual_seed(3)
+    rollout = collect_rollout(
+        policy,
+        reference,
+        value,
+        value,
+        ids,
+        mask,
+        config,
+        0.1,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        generator,
+    )
+    optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
+    stats = ppo_update(policy, value, optimizer, rollout, config, generator)
+    assert len(stats) > 0 and math.isclose(stats["first_minibatch_ratio"], 1.0, abs_tol=1e-5)
+    assert (
+        optimizer.state[next(iter(policy.parameters()))]["step"] == config.ppo_epochs * config.num_minibatches
+    )
+    assert stats["approx_kl"] > 0.0
