@@ -11,7 +11,7 @@ TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed
 TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 
-.PHONY: install demo test test-fast lint compile images clean
+.PHONY: install demo test test-fast lint compile images bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check components pipelines tests benchmarks
+	$(VENV)/bin/ruff format --check components pipelines
 	$(VENV)/bin/mypy components pipelines
 
 compile: $(STAMP)
@@ -40,6 +41,9 @@ compile: $(STAMP)
 
 images:
 	podman build -f containers/Dockerfile -t rlhf-pipelines:0.1.0-cpu .
+
+bench: $(STAMP)
+	benchmarks/run.sh
 
 clean:
 	rm -rf .rlhf-demo .rlhf-runs kfp-local mlflow.db summary.json rlhf.yaml

@@ -152,6 +152,8 @@ class Rollout:
     rewards: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    generation_seconds: float
+    scoring_seconds: float
 
 
 def response_values(value_model: PreTrainedModel, batch: Batch) -> torch.Tensor:
@@ -175,7 +177,9 @@ def collect_rollout(
     pad_token_id: int,
     generator: torch.Generator,
 ) -> Rollout:
+    started = time.perf_counter()
     batch = sample(policy, query_ids, query_mask, config.sampling, eos_token_id, pad_token_id, generator)
+    generated = time.perf_counter()
     mask = batch.response_mask.float()
     ref_logprobs = response_logprobs(reference, batch, config.sampling.temperature)
     values = response_values(value_model, batch) * mask
@@ -192,7 +196,18 @@ def collect_rollout(
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
     advantages = masked_whiten(advantages, mask)
-    return Rollout(batch, ref_logprobs, values, scores, kl, rewards, advantages, returns)
+    return Rollout(
+        batch,
+        ref_logprobs,
+        values,
+        scores,
+        kl,
+        rewards,
+        advantages,
+        returns,
+        generated - started,
+        time.perf_counter() - generated,
+    )
 
 
 def _select(batch: Batch, rows: torch.Tensor) -> Batch:
@@ -438,7 +453,9 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                     "response_length": mask.sum(-1).mean().item(),
                     "episodes_per_second": config.rollout_batch_size / elapsed,
                     "tokens_per_second": generated_tokens / elapsed,
-                    "rollout_seconds": rollout_seconds,
+                    "generation_seconds": rollout.generation_seconds,
+                    "scoring_seconds": rollout.scoring_seconds,
+                    "training_seconds": elapsed - rollout_seconds,
                     "learning_rate": schedule.get_last_lr()[0],
                     **train_stats,
                 }

@@ -1,0 +1,79 @@
+"""Models and settings shared by the PPO benchmarks (ours and the reference implementations).
+
+Everything is built locally and cached under benchmarks/.cache: the demo SFT policy, and a larger random-init
+GPT-2 (6 layers × 512) with the demo tokenizer. The reward model of each is its policy's backbone with a
+scalar head: throughput does not depend on what the head learned.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+# One PPO setting for every implementation: rollout size, epochs, minibatches, response length, sampling.
+PPO_SETTINGS: dict[str, Any] = {
+    "rollout_batch_size": 64,
+    "num_minibatches": 4,
+    "ppo_epochs": 4,
+    "max_new_tokens": 32,
+    "temperature": 0.7,
+    "learning_rate": 3e-6,
+    "kl_coef": 0.05,
+}
+
+MODELS = {
+    "demo": {"n_layer": 2, "n_embd": 128, "n_head": 4},
+    "gpt2-6x512": {"n_layer": 6, "n_embd": 512, "n_head": 8},
+}
+
+
+def prepare(model: str) -> dict[str, str]:
+    """Policy, reward model and prompts for `model`, built once: {"policy", "reward_model", "prompts"}."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from rlhf_components.demo import DemoAssetsSpec, build_demo_assets
+
+    assets = build_demo_assets(CACHE / "demo-assets", DemoAssetsSpec())
+    root = CACHE / model
+    policy_dir = Path(assets.sft_model_dir) if model == "demo" else root / "policy"
+    reward_dir = root / "reward_model"
+    if model != "demo" and not (policy_dir / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(assets.sft_model_dir)
+        torch.manual_seed(0)
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=128,
+            **MODELS[model],
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        GPT2LMHeadModel(config).save_pretrained(policy_dir, safe_serialization=True)
+        tokenizer.save_pretrained(policy_dir)
+    if not (reward_dir / "config.json").is_file():
+        reward = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+        reward.save_pretrained(reward_dir, safe_serialization=True)
+        AutoTokenizer.from_pretrained(policy_dir).save_pretrained(reward_dir)
+    return {"policy": str(policy_dir), "reward_model": str(reward_dir), "prompts": assets.prompts_file}
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    device = (
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu × {torch.get_num_threads()}"
+    )
+    return {"device": device, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def write_result(path: Path | None, result: dict[str, Any]) -> None:
+    text = json.dumps(result, indent=2, sort_keys=True)
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")

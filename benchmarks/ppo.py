@@ -1,0 +1,95 @@
+"""Throughput of rlhf-pipelines' PPO: episodes/s and generated tokens/s, split into generation, scoring
+(reference log-probs, values, reward) and training, with peak memory. Prints JSON; never a test.
+
+    .venv/bin/python benchmarks/ppo.py --model demo --iterations 6 -o benchmarks/results/ppo-demo.json
+
+Each model runs in a fresh process so peak memory is its own. The first iteration is a warm-up and is left
+out of the averages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import MODELS, PPO_SETTINGS, machine, prepare, write_result
+
+
+def measure(model: str, iterations: int) -> dict[str, Any]:
+    import mlflow
+    import torch
+
+    from rlhf_components import ppo
+    from rlhf_components.core.config import SamplingConfig
+    from rlhf_components.core.runtime import setup_logging
+    from rlhf_components.core.tracking import RunContext, TrackingConfig, start_pipeline_run
+
+    setup_logging("WARNING")
+    paths = prepare(model)
+    settings = PPO_SETTINGS
+    config = ppo.Config(
+        total_episodes=settings["rollout_batch_size"] * iterations,
+        rollout_batch_size=settings["rollout_batch_size"],
+        num_minibatches=settings["num_minibatches"],
+        ppo_epochs=settings["ppo_epochs"],
+        learning_rate=settings["learning_rate"],
+        kl_coef=settings["kl_coef"],
+        sampling=SamplingConfig(
+            max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"]
+        ),
+    )
+    with tempfile.TemporaryDirectory() as temp:
+        tracking = TrackingConfig(uri=f"sqlite:///{temp}/mlflow.db", experiment="bench")
+        uri, parent = start_pipeline_run(tracking, "bench", {}, {})
+        context = RunContext(tracking_uri=uri, experiment="bench", parent_run_id=parent, output_root=temp)
+        inputs = ppo.Inputs(
+            policy=paths["policy"], reward_model=paths["reward_model"], prompts=paths["prompts"]
+        )
+        ppo.run(config, inputs, context)
+        client = mlflow.MlflowClient(uri)
+        child = client.search_runs(
+            [client.get_experiment_by_name("bench").experiment_id], filter_string="tags.`rlhf.step` = 'ppo'"
+        )[0]
+
+        def steady(metric: str) -> float:
+            history = sorted(client.get_metric_history(child.info.run_id, metric), key=lambda m: m.step)
+            return statistics.fmean(m.value for m in history[1:] or history)
+
+        per_iteration = {name: steady(f"{name}_seconds") for name in ("generation", "scoring", "training")}
+        result = {
+            "implementation": "rlhf-pipelines",
+            "model": model,
+            "architecture": MODELS[model],
+            "settings": settings,
+            "iterations": iterations,
+            "episodes_per_second": steady("episodes_per_second"),
+            "generated_tokens_per_second": steady("tokens_per_second"),
+            "mean_response_tokens": steady("response_length"),
+            "seconds_per_iteration": per_iteration,
+            "generation_share": per_iteration["generation"] / sum(per_iteration.values()),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **machine(),
+        }
+        if torch.cuda.is_available():
+            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="demo")
+    parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("-o", "--output", type=Path, default=None)
+    args = parser.parse_args()
+    write_result(args.output, measure(args.model, args.iterations))
+
+
+if __name__ == "__main__":
+    main()
