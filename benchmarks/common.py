@@ -7,8 +7,13 @@ scalar head: throughput does not depend on what the head learned.
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +74,42 @@ def machine() -> dict[str, Any]:
         torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu × {torch.get_num_threads()}"
     )
     return {"device": device, "torch": torch.__version__, "python": platform.python_version()}
+
+
+class RolloutClock:
+    """Timestamps at the start of training and after every optimizer step of a transformers Trainer."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        self.stamps: list[float] = []
+        stamps = self.stamps
+
+        class Callback(TrainerCallback):  # type: ignore[misc]
+            def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+                stamps.append(time.perf_counter())
+
+            def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+                stamps.append(time.perf_counter())
+
+        self.callback = Callback()
+
+    def seconds_per_rollout(self, steps_per_rollout: int) -> float:
+        """Mean wall time of a rollout and its update, the first (warm-up) one left out."""
+        starts = self.stamps[::steps_per_rollout]
+        durations = [b - a for a, b in itertools.pairwise(starts)]
+        return statistics.fmean(durations[1:] or durations)
+
+
+def reference_main(measure: Callable[[dict[str, str], str, int], dict[str, Any]], description: str) -> None:
+    """Command line of the reference runners: --paths (from common.prepare) --model --iterations -o."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--paths", type=Path, required=True)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("-o", "--output", type=Path, default=None)
+    args = parser.parse_args()
+    write_result(args.output, measure(json.loads(args.paths.read_text()), args.model, args.iterations))
 
 
 def write_result(path: Path | None, result: dict[str, Any]) -> None:

@@ -15,6 +15,8 @@ def main() -> None:
         if not ours_path.is_file() or not trl_path.is_file():
             continue
         ours, trl = json.loads(ours_path.read_text()), json.loads(trl_path.read_text())
+        rloo_path = folder / f"trl-rloo-{model}.json"
+        rloo = json.loads(rloo_path.read_text()) if rloo_path.is_file() else None
         rows.append(
             {
                 "model": model,
@@ -22,11 +24,13 @@ def main() -> None:
                 "ours_episodes_per_second": round(ours["episodes_per_second"], 1),
                 "trl_episodes_per_second": round(trl["episodes_per_second"], 1),
                 "speedup": round(ours["episodes_per_second"] / trl["episodes_per_second"], 2),
+                "trl_rloo_episodes_per_second": round(rloo["episodes_per_second"], 1) if rloo else None,
                 "ours_seconds_per_iteration": {
                     k: round(v, 3) for k, v in ours["seconds_per_iteration"].items()
                 },
                 "ours_peak_rss_mb": round(ours["peak_rss_mb"]),
                 "trl_peak_rss_mb": round(trl["peak_rss_mb"]),
+                "trl_rloo_peak_rss_mb": round(rloo["peak_rss_mb"]) if rloo else None,
             }
         )
     summary = folder / "summary.json"

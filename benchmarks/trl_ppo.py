@@ -10,21 +10,17 @@ PATHS.json is what `common.prepare(model)` returned, written by benchmarks/run.s
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import itertools
 
-from common import PPO_SETTINGS, machine, write_result
+from common import PPO_SETTINGS, RolloutClock, machine, reference_main
 
 
 def measure(paths: dict[str, str], model: str, iterations: int) -> dict[str, Any]:
@@ -35,7 +31,6 @@ def measure(paths: dict[str, str], model: str, iterations: int) -> dict[str, Any
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
-        TrainerCallback,
     )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
@@ -68,15 +63,7 @@ def measure(paths: dict[str, str], model: str, iterations: int) -> dict[str, Any
             seed=0,
             use_cpu=not torch.cuda.is_available(),
         )
-        step_ends: list[float] = []
-
-        class Clock(TrainerCallback):  # type: ignore[misc]
-            def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-                step_ends.append(time.perf_counter())
-
-            def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-                step_ends.append(time.perf_counter())
-
+        clock = RolloutClock()
         trainer = PPOTrainer(
             args=args,
             processing_class=tokenizer,
@@ -89,32 +76,21 @@ def measure(paths: dict[str, str], model: str, iterations: int) -> dict[str, Any
                 paths["reward_model"], num_labels=1
             ),
             train_dataset=dataset,
-            callbacks=[Clock()],
+            callbacks=[clock.callback],
         )
         trainer.train()
-    durations = [b - a for a, b in itertools.pairwise(step_ends)]
-    steady = durations[1:] or durations
+    seconds = clock.seconds_per_rollout(1)
     return {
         "implementation": f"trl {trl.__version__} experimental.ppo.PPOTrainer",
         "model": model,
         "settings": settings,
         "iterations": iterations,
-        "episodes_per_second": settings["rollout_batch_size"] / statistics.fmean(steady),
-        "seconds_per_iteration": statistics.fmean(steady),
+        "episodes_per_second": settings["rollout_batch_size"] / seconds,
+        "seconds_per_iteration": seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **machine(),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--paths", type=Path, required=True)
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--iterations", type=int, default=6)
-    parser.add_argument("-o", "--output", type=Path, default=None)
-    args = parser.parse_args()
-    write_result(args.output, measure(json.loads(args.paths.read_text()), args.model, args.iterations))
-
-
 if __name__ == "__main__":
-    main()
+    reference_main(measure, __doc__.splitlines()[0])

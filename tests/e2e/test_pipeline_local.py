@@ -56,17 +56,22 @@ def tiny_pipeline_config(assets: DemoAssets, root: Path) -> dict[str, object]:
     }
 
 
-def test_rlhf_run_executes_the_dag_and_registers_models(tiny_assets: DemoAssets, tmp_path: Path) -> None:
-    config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(tiny_pipeline_config(tiny_assets, tmp_path)), encoding="utf-8")
+def rlhf_run(config_path: Path, workdir: Path) -> subprocess.CompletedProcess[str]:
+    """The installed `rlhf run`, as a user types it."""
     rlhf = Path(sys.executable).parent / "rlhf"
-    done = subprocess.run(
-        [str(rlhf), "run", str(config_path), "--workdir", str(tmp_path)],
-        cwd=tmp_path,
+    return subprocess.run(
+        [str(rlhf), "run", str(config_path), "--workdir", str(workdir)],
+        cwd=workdir,
         capture_output=True,
         text=True,
         timeout=900,
     )
+
+
+def test_rlhf_run_executes_the_dag_and_registers_models(tiny_assets: DemoAssets, tmp_path: Path) -> None:
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_pipeline_config(tiny_assets, tmp_path)), encoding="utf-8")
+    done = rlhf_run(config_path, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for step in ("start-run", *(s.replace("_", "-") for s in STEPS)):
         assert f"Task '{step}' finished with status" in _plain(done.stdout + done.stderr), step
@@ -123,14 +128,7 @@ def test_failing_step_ends_in_one_line_and_a_failed_parent_run(
     (labels / "bad.jsonl").write_text('{"broken\n', encoding="utf-8")
     config_path = tmp_path / "failing.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    rlhf = Path(sys.executable).parent / "rlhf"
-    done = subprocess.run(
-        [str(rlhf), "run", str(config_path), "--workdir", str(tmp_path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = rlhf_run(config_path, tmp_path)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: pipeline tiny failed at step ingest_feedback:"), last

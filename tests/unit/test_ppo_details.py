@@ -9,10 +9,10 @@ import torch
 
 from rlhf_components import ppo
 from rlhf_components.core.config import SamplingConfig
-from rlhf_components.core.generation import Batch, encode_prompts, response_logprobs, sample
+from rlhf_components.core.generation import encode_prompts, response_logprobs, sample
 from rlhf_components.core.models import load_policy, load_scalar_model, sequence_scores
 from rlhf_components.demo import DemoAssets
-from rlhf_components.ppo.step import collect_rollout, ppo_update
+from rlhf_components.ppo.step import Rollout, collect_rollout, ppo_update
 
 PROMPTS = ["Review of the ramen:", "Review of a small cafe near the station:", "My review of the lamp:"] * 2
 
@@ -68,48 +68,15 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tiny_assets:
     assert torch.allclose(padded, torch.cat(alone), atol=1e-5)
 
 
-def test_missing_eos_is_penalised_by_exactly_the_configured_amount(tiny_assets: DemoAssets) -> None:
-    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
-    reward_model, _ = load_scalar_model(tiny_assets.sft_model_dir)
+def rollout_of_policy_against_itself(
+    assets: DemoAssets, config: ppo.Config, kl_coef: float, seed: int
+) -> Rollout:
+    """A rollout where the reference is the policy itself and the reward model its backbone with a head."""
+    policy, tokenizer = load_policy(assets.sft_model_dir)
+    reward_model, _ = load_scalar_model(assets.sft_model_dir)
     ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
-
-    def scores(penalty: float) -> tuple[torch.Tensor, Batch]:
-        # Four new tokens: most answers are cut before their EOS.
-        config = ppo.Config(
-            missing_eos_penalty=penalty,
-            rollout_batch_size=6,
-            num_minibatches=1,
-            sampling=SamplingConfig(max_new_tokens=4, temperature=1.0),
-        )
-        rollout = collect_rollout(
-            policy,
-            policy,
-            reward_model,
-            reward_model,
-            ids,
-            mask,
-            config,
-            0.1,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-            torch.Generator().manual_seed(1),
-        )
-        return rollout.scores, rollout.batch
-
-    plain, batch = scores(0.0)
-    penalised, _ = scores(2.5)
-    missing = (~batch.ended_with_eos).float()
-    assert missing.sum() > 0
-    assert torch.allclose(plain - penalised, 2.5 * missing, atol=1e-6)
-
-
-def test_score_is_added_at_the_last_response_token_only(tiny_assets: DemoAssets) -> None:
-    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
-    reward_model, _ = load_scalar_model(tiny_assets.sft_model_dir)
-    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
-    config = ppo.Config(rollout_batch_size=6, num_minibatches=1, sampling=SamplingConfig(max_new_tokens=12))
-    kl_coef = 0.2
-    rollout = collect_rollout(
+    generator = torch.Generator().manual_seed(seed)
+    return collect_rollout(
         policy,
         policy,
         reward_model,
@@ -120,8 +87,31 @@ def test_score_is_added_at_the_last_response_token_only(tiny_assets: DemoAssets)
         kl_coef,
         tokenizer.eos_token_id,
         tokenizer.pad_token_id,
-        torch.Generator().manual_seed(2),
+        generator,
     )
+
+
+def test_missing_eos_is_penalised_by_exactly_the_configured_amount(tiny_assets: DemoAssets) -> None:
+    def rollout(penalty: float) -> Rollout:
+        # Four new tokens: most answers are cut before their EOS.
+        config = ppo.Config(
+            missing_eos_penalty=penalty,
+            rollout_batch_size=6,
+            num_minibatches=1,
+            sampling=SamplingConfig(max_new_tokens=4, temperature=1.0),
+        )
+        return rollout_of_policy_against_itself(tiny_assets, config, kl_coef=0.1, seed=1)
+
+    plain, penalised = rollout(0.0), rollout(2.5)
+    missing = (~plain.batch.ended_with_eos).float()
+    assert missing.sum() > 0
+    assert torch.allclose(plain.scores - penalised.scores, 2.5 * missing, atol=1e-6)
+
+
+def test_score_is_added_at_the_last_response_token_only(tiny_assets: DemoAssets) -> None:
+    config = ppo.Config(rollout_batch_size=6, num_minibatches=1, sampling=SamplingConfig(max_new_tokens=12))
+    kl_coef = 0.2
+    rollout = rollout_of_policy_against_itself(tiny_assets, config, kl_coef, seed=2)
     response_mask = rollout.batch.response_mask.float()
     expected = -kl_coef * rollout.kl
     for row in range(expected.shape[0]):

@@ -1,0 +1,88 @@
+"""Hugging Face TRL 1.16's RLOOTrainer (critic-free: k samples per prompt, leave-one-out baseline) on the same
+models, prompts and rollout shape as benchmarks/ppo.py: 64 episodes per rollout (16 prompts × 4 samples),
+4 epochs × 4 minibatches, 32 new tokens, temperature 0.7. Prints JSON; never a test. Its own venv:
+
+    benchmarks/.venv-trl-rloo/bin/python benchmarks/trl_rloo.py --paths PATHS.json --iterations 6 -o out.json
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+from common import PPO_SETTINGS, RolloutClock, machine, reference_main
+
+SAMPLES_PER_PROMPT = 4
+
+
+def measure(paths: dict[str, str], model: str, iterations: int) -> dict[str, Any]:
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+    from trl import RLOOConfig, RLOOTrainer
+
+    settings = PPO_SETTINGS
+    tokenizer = AutoTokenizer.from_pretrained(paths["policy"], padding_side="left")
+    prompts = [json.loads(line)["prompt"] for line in Path(paths["prompts"]).read_text().splitlines()]
+    minibatch = settings["rollout_batch_size"] // settings["num_minibatches"]
+    steps_per_rollout = settings["num_minibatches"] * settings["ppo_epochs"]
+    with tempfile.TemporaryDirectory() as temp:
+        args = RLOOConfig(
+            output_dir=temp,
+            per_device_train_batch_size=minibatch,
+            steps_per_generation=settings["num_minibatches"],
+            num_iterations=settings["ppo_epochs"],
+            num_generations=SAMPLES_PER_PROMPT,
+            max_completion_length=settings["max_new_tokens"],
+            temperature=settings["temperature"],
+            top_k=0,
+            top_p=1.0,
+            learning_rate=settings["learning_rate"],
+            beta=settings["kl_coef"],
+            max_steps=steps_per_rollout * iterations,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=steps_per_rollout,
+            seed=0,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        clock = RolloutClock()
+        trainer = RLOOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(paths["policy"]),
+            reward_funcs=AutoModelForSequenceClassification.from_pretrained(
+                paths["reward_model"], num_labels=1
+            ),
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": prompts}),
+            processing_class=tokenizer,
+            reward_processing_classes=tokenizer,
+            callbacks=[clock.callback],
+        )
+        trainer.train()
+    seconds = clock.seconds_per_rollout(steps_per_rollout)
+    return {
+        "implementation": f"trl {trl.__version__} RLOOTrainer",
+        "model": model,
+        "settings": {**settings, "samples_per_prompt": SAMPLES_PER_PROMPT},
+        "iterations": iterations,
+        "episodes_per_second": settings["rollout_batch_size"] / seconds,
+        "seconds_per_iteration": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **machine(),
+    }
+
+
+if __name__ == "__main__":
+    reference_main(measure, __doc__.splitlines()[0])
