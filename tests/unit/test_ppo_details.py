@@ -73,6 +73,7 @@ def rollout_of_policy_against_itself(
 ) -> Rollout:
     """A rollout where the reference is the policy itself and the reward model its backbone with a head."""
     policy, tokenizer = load_policy(assets.sft_model_dir)
+    torch.manual_seed(0)  # the scalar head is new: the same seed gives the same reward model every call
     reward_model, _ = load_scalar_model(assets.sft_model_dir)
     ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
     generator = torch.Generator().manual_seed(seed)
