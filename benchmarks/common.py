@@ -101,15 +101,23 @@ class RolloutClock:
         return statistics.fmean(durations[1:] or durations)
 
 
-def reference_main(measure: Callable[[dict[str, str], str, int], dict[str, Any]], description: str) -> None:
-    """Command line of the reference runners: --paths (from common.prepare) --model --iterations -o."""
+Measure = Callable[[dict[str, str], str, int, dict[str, Any], Path | None], dict[str, Any]]
+
+
+def reference_main(measure: Measure, description: str) -> None:
+    """Command line of the reference runners: --paths (from common.prepare) --model --iterations -o, plus
+    --settings JSON overriding PPO_SETTINGS and --save-policy DIR for the learning comparison."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--paths", type=Path, required=True)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--settings", type=json.loads, default={})
+    parser.add_argument("--save-policy", type=Path, default=None)
     parser.add_argument("-o", "--output", type=Path, default=None)
     args = parser.parse_args()
-    write_result(args.output, measure(json.loads(args.paths.read_text()), args.model, args.iterations))
+    settings = {**PPO_SETTINGS, **args.settings}
+    paths = json.loads(args.paths.read_text())
+    write_result(args.output, measure(paths, args.model, args.iterations, settings, args.save_policy))
 
 
 def write_result(path: Path | None, result: dict[str, Any]) -> None:

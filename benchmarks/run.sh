@@ -29,4 +29,5 @@ json.dump(prepare('$model'), open('benchmarks/results/paths-$model.json', 'w'))"
       --iterations "$ITERATIONS" -o "benchmarks/results/trl-$runner-$model.json" >/dev/null 2>&1
   done
 done
+$PY benchmarks/learning.py -o benchmarks/results/learning.json >/dev/null 2>&1
 $PY benchmarks/compare.py benchmarks/results

@@ -20,10 +20,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-from common import PPO_SETTINGS, RolloutClock, machine, reference_main
+from common import RolloutClock, machine, reference_main
 
 
-def measure(paths: dict[str, str], model: str, iterations: int) -> dict[str, Any]:
+def measure(
+    paths: dict[str, str], model: str, iterations: int, settings: dict[str, Any], save_policy: Path | None
+) -> dict[str, Any]:
     import torch
     import trl
     from datasets import Dataset
@@ -34,7 +36,6 @@ def measure(paths: dict[str, str], model: str, iterations: int) -> dict[str, Any
     )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    settings = PPO_SETTINGS
     tokenizer = AutoTokenizer.from_pretrained(paths["policy"], padding_side="left")
     prompts = [json.loads(line)["prompt"] for line in Path(paths["prompts"]).read_text().splitlines()]
     dataset = Dataset.from_dict(
@@ -60,6 +61,7 @@ def measure(paths: dict[str, str], model: str, iterations: int) -> dict[str, Any
             report_to=[],
             save_strategy="no",
             logging_steps=1,
+            adam_epsilon=1e-5,  # as ours (N+ implementation details)
             seed=0,
             use_cpu=not torch.cuda.is_available(),
         )
@@ -79,6 +81,8 @@ def measure(paths: dict[str, str], model: str, iterations: int) -> dict[str, Any
             callbacks=[clock.callback],
         )
         trainer.train()
+        if save_policy is not None:
+            trainer.save_model(str(save_policy))
     seconds = clock.seconds_per_rollout(1)
     return {
         "implementation": f"trl {trl.__version__} experimental.ppo.PPOTrainer",

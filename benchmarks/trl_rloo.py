@@ -17,12 +17,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-from common import PPO_SETTINGS, RolloutClock, machine, reference_main
+from common import RolloutClock, machine, reference_main
 
 SAMPLES_PER_PROMPT = 4
 
 
-def measure(paths: dict[str, str], model: str, iterations: int) -> dict[str, Any]:
+def measure(
+    paths: dict[str, str], model: str, iterations: int, settings: dict[str, Any], save_policy: Path | None
+) -> dict[str, Any]:
     import torch
     import trl
     from datasets import Dataset
@@ -33,7 +35,6 @@ def measure(paths: dict[str, str], model: str, iterations: int) -> dict[str, Any
     )
     from trl import RLOOConfig, RLOOTrainer
 
-    settings = PPO_SETTINGS
     tokenizer = AutoTokenizer.from_pretrained(paths["policy"], padding_side="left")
     prompts = [json.loads(line)["prompt"] for line in Path(paths["prompts"]).read_text().splitlines()]
     minibatch = settings["rollout_batch_size"] // settings["num_minibatches"]
@@ -71,6 +72,8 @@ def measure(paths: dict[str, str], model: str, iterations: int) -> dict[str, Any
             callbacks=[clock.callback],
         )
         trainer.train()
+        if save_policy is not None:
+            trainer.save_model(str(save_policy))
     seconds = clock.seconds_per_rollout(steps_per_rollout)
     return {
         "implementation": f"trl {trl.__version__} RLOOTrainer",
