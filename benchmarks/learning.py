@@ -5,7 +5,8 @@ by the reward model and the hidden gold judge. Prints JSON; never a test.
     .venv/bin/python benchmarks/learning.py -o benchmarks/results/learning.json
 
 The reward model comes from the demo pipeline's own steps (prompts, candidates, simulated feedback,
-Bradley–Terry), built once in benchmarks/.cache/learning. TRL reads raw reward-model scores, so its copy of
+Bradley–Terry), run here under benchmarks/.cache/learning; they are deterministic, so every run trains the
+same one. TRL reads raw reward-model scores, so its copy of
 the reward model has our normalisation's scale folded into the head; the mean shift is left out, and
 advantage whitening makes it irrelevant.
 """
