@@ -67,6 +67,33 @@ def prepare(model: str) -> dict[str, str]:
     return {"policy": str(policy_dir), "reward_model": str(reward_dir), "prompts": assets.prompts_file}
 
 
+def our_ppo_config(settings: dict[str, Any], episodes: int) -> Any:
+    """rlhf-pipelines' PPO config for a benchmark setting."""
+    from rlhf_components import ppo
+    from rlhf_components.core.config import SamplingConfig
+
+    return ppo.Config(
+        total_episodes=episodes,
+        rollout_batch_size=settings["rollout_batch_size"],
+        num_minibatches=settings["num_minibatches"],
+        ppo_epochs=settings["ppo_epochs"],
+        learning_rate=settings["learning_rate"],
+        kl_coef=settings["kl_coef"],
+        sampling=SamplingConfig(
+            max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"]
+        ),
+    )
+
+
+def policy_tokenizer_and_prompts(paths: dict[str, str]) -> tuple[Any, list[str]]:
+    """For the reference runners: the policy's tokenizer, left-padding, and the prompt texts."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(paths["policy"], padding_side="left")
+    prompts = [json.loads(line)["prompt"] for line in Path(paths["prompts"]).read_text().splitlines()]
+    return tokenizer, prompts
+
+
 def machine() -> dict[str, Any]:
     import torch
 

@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, PPO_SETTINGS, machine, write_result
+from common import CACHE, PPO_SETTINGS, machine, our_ppo_config, write_result
 
 ROOT = CACHE / "learning"
 TRL_PYTHON = Path(__file__).resolve().parent / ".venv-trl" / "bin" / "python"
@@ -73,13 +73,16 @@ def build_reward_model(context: Any) -> tuple[dict[str, Any], str, str]:
     return split, reward.reward_model, trl_reward
 
 
+def _pick(metrics: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    return {key: metrics[key] for key in keys}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", type=Path, default=None)
     args = parser.parse_args()
 
     from rlhf_components import evaluate, ppo
-    from rlhf_components.core.config import SamplingConfig
     from rlhf_components.core.runtime import setup_logging
     from rlhf_components.core.tracking import RunContext, TrackingConfig, start_pipeline_run
 
@@ -93,17 +96,7 @@ def main() -> None:
 
     started = time.perf_counter()
     ours = ppo.run(
-        ppo.Config(
-            total_episodes=EPISODES,
-            rollout_batch_size=SETTINGS["rollout_batch_size"],
-            num_minibatches=SETTINGS["num_minibatches"],
-            ppo_epochs=SETTINGS["ppo_epochs"],
-            learning_rate=SETTINGS["learning_rate"],
-            kl_coef=SETTINGS["kl_coef"],
-            sampling=SamplingConfig(
-                max_new_tokens=SETTINGS["max_new_tokens"], temperature=SETTINGS["temperature"]
-            ),
-        ),
+        our_ppo_config(SETTINGS, EPISODES),
         ppo.Inputs(policy=split["sft"], reward_model=reward_model, prompts=split["train"]),
         context,
     )
@@ -151,9 +144,9 @@ def main() -> None:
     result = {
         "episodes": EPISODES,
         "settings": SETTINGS,
-        "rlhf_pipelines": {**{k: judged(ours.policy)[k] for k in keys}, "train_seconds": ours_seconds},
+        "rlhf_pipelines": {**_pick(judged(ours.policy), keys), "train_seconds": ours_seconds},
         "trl_1_12_ppo": {
-            **{k: judged(str(trl_policy))[k] for k in keys},
+            **_pick(judged(str(trl_policy)), keys),
             "train_seconds_with_startup": trl_seconds,
         },
         **machine(),

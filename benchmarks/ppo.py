@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MODELS, PPO_SETTINGS, machine, prepare, write_result
+from common import MODELS, PPO_SETTINGS, machine, our_ppo_config, prepare, write_result
 
 
 def measure(model: str, iterations: int) -> dict[str, Any]:
@@ -27,24 +27,13 @@ def measure(model: str, iterations: int) -> dict[str, Any]:
     import torch
 
     from rlhf_components import ppo
-    from rlhf_components.core.config import SamplingConfig
     from rlhf_components.core.runtime import setup_logging
     from rlhf_components.core.tracking import RunContext, TrackingConfig, start_pipeline_run
 
     setup_logging("WARNING")
     paths = prepare(model)
     settings = PPO_SETTINGS
-    config = ppo.Config(
-        total_episodes=settings["rollout_batch_size"] * iterations,
-        rollout_batch_size=settings["rollout_batch_size"],
-        num_minibatches=settings["num_minibatches"],
-        ppo_epochs=settings["ppo_epochs"],
-        learning_rate=settings["learning_rate"],
-        kl_coef=settings["kl_coef"],
-        sampling=SamplingConfig(
-            max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"]
-        ),
-    )
+    config = our_ppo_config(settings, settings["rollout_batch_size"] * iterations)
     with tempfile.TemporaryDirectory() as temp:
         tracking = TrackingConfig(uri=f"sqlite:///{temp}/mlflow.db", experiment="bench")
         uri, parent = start_pipeline_run(tracking, "bench", {}, {})

@@ -10,7 +10,6 @@ PATHS.json is what `common.prepare(model)` returned, written by benchmarks/run.s
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-from common import RolloutClock, machine, reference_main
+from common import RolloutClock, machine, policy_tokenizer_and_prompts, reference_main
 
 
 def measure(
@@ -29,15 +28,10 @@ def measure(
     import torch
     import trl
     from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(paths["policy"], padding_side="left")
-    prompts = [json.loads(line)["prompt"] for line in Path(paths["prompts"]).read_text().splitlines()]
+    tokenizer, prompts = policy_tokenizer_and_prompts(paths)
     dataset = Dataset.from_dict(
         {"input_ids": [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]}
     )

@@ -7,7 +7,6 @@ models, prompts and rollout shape as benchmarks/ppo.py: 64 episodes per rollout 
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-from common import RolloutClock, machine, reference_main
+from common import RolloutClock, machine, policy_tokenizer_and_prompts, reference_main
 
 SAMPLES_PER_PROMPT = 4
 
@@ -28,15 +27,10 @@ def measure(
     import torch
     import trl
     from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl import RLOOConfig, RLOOTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(paths["policy"], padding_side="left")
-    prompts = [json.loads(line)["prompt"] for line in Path(paths["prompts"]).read_text().splitlines()]
+    tokenizer, prompts = policy_tokenizer_and_prompts(paths)
     minibatch = settings["rollout_batch_size"] // settings["num_minibatches"]
     steps_per_rollout = settings["num_minibatches"] * settings["ppo_epochs"]
     with tempfile.TemporaryDirectory() as temp:
