@@ -79,6 +79,8 @@ def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
         pipeline_root=str(pipeline_root),
         raise_on_error=True,
     )
+    # Our components name the project image as base_image on purpose; under kfp.local it is this environment.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
     error_file = pipeline_root / "last-step-error.txt"
     error_file.unlink(missing_ok=True)
     os.environ[ERROR_FILE_ENV] = str(error_file)  # the task subprocesses inherit it
