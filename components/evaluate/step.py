@@ -46,6 +46,41 @@ def win_rate(candidate: list[float], baseline: list[float]) -> list[float]:
     return [1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline, strict=True)]
 
 
+def length_controlled_win_rate(outcomes: list[float], length_difference: list[float]) -> float:
+    """The win rate a judge would give at equal answer lengths.
+
+    Fits P(win) = σ(a + b·Δ) by maximum likelihood (Newton's method, ties as ½), Δ = the length difference
+    in units of its standard deviation, and returns σ(a): wins bought by longer answers do not count.
+    """
+    y = torch.tensor(outcomes, dtype=torch.float64)
+    delta = torch.tensor(length_difference, dtype=torch.float64)
+    scale = (
+        delta.std()
+        if len(outcomes) > 1 and float(delta.std()) > 0
+        else torch.tensor(1.0, dtype=torch.float64)
+    )
+    features = torch.stack([torch.ones_like(delta), delta / scale], dim=1)
+    weights = torch.zeros(2, dtype=torch.float64)
+    ridge = 1e-3 * torch.eye(2, dtype=torch.float64)  # keeps the fit finite when one side always wins
+    for _ in range(50):
+        p = torch.sigmoid(features @ weights)
+        gradient = features.T @ (p - y) + ridge @ weights
+        hessian = features.T @ (features * (p * (1 - p))[:, None]) + ridge
+        step = torch.linalg.solve(hessian, gradient)
+        weights = weights - step
+        if float(step.abs().max()) < 1e-10:
+            break
+    return float(torch.sigmoid(weights[0]))
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Unique n-grams over all n-grams of all answers (whitespace words): 1.0 = no repetition at all."""
+    grams = [
+        tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)
+    ]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
 def bootstrap_interval(
     outcomes: list[float], samples: int, confidence: float, generator: torch.Generator
 ) -> tuple[float, float]:
@@ -122,6 +157,8 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             "kl": _mean(candidate.kl_to_reference),
             "response_length": _mean([float(n) for n in candidate.lengths]),
             "eos_rate": _mean([float(e) for e in candidate.ended]),
+            "distinct_1": distinct_n(candidate.texts, 1),
+            "distinct_2": distinct_n(candidate.texts, 2),
             "rm_score": _mean(candidate_rm),
         }
         if candidate_gold:
@@ -145,6 +182,8 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 metrics[prefix] = _mean(outcomes)
                 metrics[f"{prefix}_ci_low"] = low
                 metrics[f"{prefix}_ci_high"] = high
+                length_gap = [float(c - b) for c, b in zip(candidate.lengths, baseline.lengths, strict=True)]
+                metrics[f"{prefix}_length_controlled"] = length_controlled_win_rate(outcomes, length_gap)
             metrics[f"{name}_response_length"] = _mean([float(n) for n in baseline.lengths])
             metrics[f"{name}_rm_score"] = _mean(baseline_rm)
             if baseline_gold:
