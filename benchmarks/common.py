@@ -11,6 +11,7 @@ import argparse
 import itertools
 import json
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -92,6 +93,22 @@ def policy_tokenizer_and_prompts(paths: dict[str, str]) -> tuple[Any, list[str]]
     tokenizer = AutoTokenizer.from_pretrained(paths["policy"], padding_side="left")
     prompts = [json.loads(line)["prompt"] for line in Path(paths["prompts"]).read_text().splitlines()]
     return tokenizer, prompts
+
+
+def reference_result(
+    implementation: str, model: str, settings: dict[str, Any], iterations: int, seconds_per_rollout: float
+) -> dict[str, Any]:
+    """The JSON a reference runner prints: throughput of one rollout + update, peak memory, the machine."""
+    return {
+        "implementation": implementation,
+        "model": model,
+        "settings": settings,
+        "iterations": iterations,
+        "episodes_per_second": settings["rollout_batch_size"] / seconds_per_rollout,
+        "seconds_per_iteration": seconds_per_rollout,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **machine(),
+    }
 
 
 def machine() -> dict[str, Any]:

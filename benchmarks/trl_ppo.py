@@ -10,7 +10,6 @@ PATHS.json is what `common.prepare(model)` returned, written by benchmarks/run.s
 
 from __future__ import annotations
 
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-from common import RolloutClock, machine, policy_tokenizer_and_prompts, reference_main
+from common import RolloutClock, policy_tokenizer_and_prompts, reference_main, reference_result
 
 
 def measure(
@@ -77,17 +76,13 @@ def measure(
         trainer.train()
         if save_policy is not None:
             trainer.save_model(str(save_policy))
-    seconds = clock.seconds_per_rollout(1)
-    return {
-        "implementation": f"trl {trl.__version__} experimental.ppo.PPOTrainer",
-        "model": model,
-        "settings": settings,
-        "iterations": iterations,
-        "episodes_per_second": settings["rollout_batch_size"] / seconds,
-        "seconds_per_iteration": seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        **machine(),
-    }
+    return reference_result(
+        f"trl {trl.__version__} experimental.ppo.PPOTrainer",
+        model,
+        settings,
+        iterations,
+        clock.seconds_per_rollout(1),
+    )
 
 
 if __name__ == "__main__":

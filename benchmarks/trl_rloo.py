@@ -7,7 +7,6 @@ models, prompts and rollout shape as benchmarks/ppo.py: 64 episodes per rollout 
 
 from __future__ import annotations
 
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-from common import RolloutClock, machine, policy_tokenizer_and_prompts, reference_main
+from common import RolloutClock, policy_tokenizer_and_prompts, reference_main, reference_result
 
 SAMPLES_PER_PROMPT = 4
 
@@ -68,17 +67,13 @@ def measure(
         trainer.train()
         if save_policy is not None:
             trainer.save_model(str(save_policy))
-    seconds = clock.seconds_per_rollout(steps_per_rollout)
-    return {
-        "implementation": f"trl {trl.__version__} RLOOTrainer",
-        "model": model,
-        "settings": {**settings, "samples_per_prompt": SAMPLES_PER_PROMPT},
-        "iterations": iterations,
-        "episodes_per_second": settings["rollout_batch_size"] / seconds,
-        "seconds_per_iteration": seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        **machine(),
-    }
+    return reference_result(
+        f"trl {trl.__version__} RLOOTrainer",
+        model,
+        {**settings, "samples_per_prompt": SAMPLES_PER_PROMPT},
+        iterations,
+        clock.seconds_per_rollout(steps_per_rollout),
+    )
 
 
 if __name__ == "__main__":

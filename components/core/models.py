@@ -110,33 +110,28 @@ def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_policy(uri: str, trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load(
+    auto_class: Any, uri: str, trust_remote_code: bool, **kwargs: Any
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     checkpoint = resolve_checkpoint(uri)
     tokenizer = load_tokenizer(checkpoint, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        checkpoint, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+    model = auto_class.from_pretrained(
+        checkpoint, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32, **kwargs
     )
     fit_embeddings(model, tokenizer)
     disable_dropout(model)
     return model, tokenizer
+
+
+def load_policy(uri: str, trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return _load(AutoModelForCausalLM, uri, trust_remote_code)
 
 
 def load_scalar_model(
     uri: str, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A sequence classifier with one output: a reward model, or a value model initialised from one."""
-    checkpoint = resolve_checkpoint(uri)
-    tokenizer = load_tokenizer(checkpoint, trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        checkpoint,
-        num_labels=1,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        dtype=torch.float32,
-    )
-    fit_embeddings(model, tokenizer)
-    disable_dropout(model)
-    return model, tokenizer
+    return _load(AutoModelForSequenceClassification, uri, trust_remote_code, num_labels=1)
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, uri: str) -> None:

@@ -142,16 +142,19 @@ def list_files(prefix: str) -> list[str]:
             return [prefix]
         except FileNotFoundError:
             key += "/"
+    return sorted(_s3_objects(prefix, bucket, key))
+
+
+def _s3_objects(uri: str, bucket: str, key_prefix: str) -> dict[str, str]:
+    """{object URI: ETag} under a key prefix, hidden (dot) files left out as locally."""
     paginator = s3_client().get_paginator("list_objects_v2")
-    found: list[str] = []
-    pages = _s3_call(prefix, "LIST", lambda: list(paginator.paginate(Bucket=bucket, Prefix=key)))
-    for page in pages:
-        found.extend(
-            f"{S3_PREFIX}{bucket}/{item['Key']}"
-            for item in page.get("Contents", [])
-            if not item["Key"].rsplit("/", 1)[-1].startswith(".")
-        )
-    return sorted(found)
+    pages = _s3_call(uri, "LIST", lambda: list(paginator.paginate(Bucket=bucket, Prefix=key_prefix)))
+    return {
+        f"{S3_PREFIX}{bucket}/{item['Key']}": item["ETag"]
+        for page in pages
+        for item in page.get("Contents", [])
+        if not item["Key"].rsplit("/", 1)[-1].startswith(".")
+    }
 
 
 def upload_dir(local_dir: Path, uri: str) -> None:
@@ -205,14 +208,14 @@ def local_dir(uri: str) -> Path:
             raise UserError(f"{uri}: directory not found")
         return path
     prefix = uri.rstrip("/") + "/"
-    files = list_files(prefix)
-    if not files:
-        raise UserError(f"{uri}: no objects under this S3 prefix")
     bucket, key_prefix = split_s3(prefix)
-    heads = [
-        _s3_call(f, "HEAD", s3_client().head_object, Bucket=bucket, Key=split_s3(f)[1])["ETag"] for f in files
+    objects = _s3_objects(prefix, bucket, key_prefix)  # the listing carries the ETags: no HEAD per object
+    if not objects:
+        raise UserError(f"{uri}: no objects under this S3 prefix")
+    files = sorted(objects)
+    digest = hashlib.sha256(json.dumps([prefix, files, [objects[f] for f in files]]).encode()).hexdigest()[
+        :20
     ]
-    digest = hashlib.sha256(json.dumps([prefix, files, heads]).encode()).hexdigest()[:20]
     target = cache_dir() / "s3" / digest
     if target.is_dir():
         return target

@@ -61,13 +61,11 @@ def check_reachable(uri: str) -> None:
 
 
 def _use(uri: str, experiment: str) -> str:
+    """Point MLflow at `uri` and the experiment (created if missing); returns the experiment id."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is not None:
-        return str(found.experiment_id)
-    return str(mlflow.create_experiment(experiment))
+    return str(mlflow.set_experiment(experiment).experiment_id)
 
 
 def start_pipeline_run(
@@ -109,7 +107,6 @@ def step_run(context: RunContext, step: str, config: StrictModel) -> Iterator[An
 
     check_reachable(context.tracking_uri)
     _use(context.tracking_uri, context.experiment)
-    mlflow.set_experiment(context.experiment)
     with mlflow.start_run(
         run_name=step, parent_run_id=context.parent_run_id, tags={"rlhf.step": step}
     ) as run:

@@ -146,8 +146,10 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             return normalized_rewards(reward_model, raw).tolist()
 
         def evaluate_policy(uri: str) -> tuple[Answers, list[float], list[float]]:
-            model, _ = load_policy(uri, config.trust_remote_code)
-            model.eval()
+            # The reference baseline is the model already loaded for the KL: no second copy.
+            model = (
+                reference if uri == inputs.reference else load_policy(uri, config.trust_remote_code)[0].eval()
+            )
             answers = answer(model, reference, tokenizer, prompts, config, generator)
             gold = [judge(p, t) for p, t in zip(prompts, answers.texts, strict=True)] if judge else []
             return answers, rm_scores(answers.texts), gold
