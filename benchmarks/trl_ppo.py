@@ -55,7 +55,7 @@ def measure(
             save_strategy="no",
             logging_steps=1,
             adam_epsilon=1e-5,  # as ours (N+ implementation details)
-            seed=0,
+            seed=settings.get("seed", 0),
             use_cpu=not torch.cuda.is_available(),
         )
         clock = RolloutClock()
@@ -76,13 +76,19 @@ def measure(
         trainer.train()
         if save_policy is not None:
             trainer.save_model(str(save_policy))
-    return reference_result(
+    result = reference_result(
         f"trl {trl.__version__} experimental.ppo.PPOTrainer",
         model,
         settings,
         iterations,
         clock.seconds_per_rollout(1),
     )
+    logged = [entry for entry in trainer.state.log_history if "objective/scores" in entry]
+    result["curves"] = {
+        "score": [entry["objective/scores"] for entry in logged],
+        "kl": [entry["objective/kl"] for entry in logged],
+    }
+    return result
 
 
 if __name__ == "__main__":

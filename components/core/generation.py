@@ -34,6 +34,22 @@ class Batch:
         mask = torch.cat([self.query_mask, self.response_mask], dim=1)
         return ids, mask, positions(mask)
 
+    def rows(self, index: torch.Tensor) -> Batch:
+        """The rows at `index`, without the pad columns none of them uses (left of the prompts, right of the
+        responses): a minibatch of short answers costs what its own tokens cost, not the longest rollout's."""
+        query_mask = self.query_mask[index]
+        response_mask = self.response_mask[index]
+        first_query_column = int(query_mask.any(0).long().argmax())
+        width = max(1, int(response_mask.sum(-1).max()))
+        return Batch(
+            query_ids=self.query_ids[index, first_query_column:],
+            query_mask=query_mask[:, first_query_column:],
+            response_ids=self.response_ids[index, :width],
+            response_mask=response_mask[:, :width],
+            logprobs=self.logprobs[index, :width],
+            ended_with_eos=self.ended_with_eos[index],
+        )
+
     def last_token_index(self) -> torch.Tensor:
         """Index into `sequence()` of each row's last real token (the EOS, or the final sampled token)."""
         return self.query_ids.shape[1] + self.response_mask.sum(-1).clamp(min=1) - 1
@@ -142,9 +158,9 @@ def response_logprobs(model: PreTrainedModel, batch: Batch, temperature: float) 
     return token_logprobs * batch.response_mask
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    log_p = logits.log_softmax(-1)
-    return -(log_p.exp() * log_p).sum(-1)
+def entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of each distribution, from its log-probabilities over the last dimension."""
+    return -(log_probs.exp() * log_probs).sum(-1)
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, batch: Batch) -> list[str]:

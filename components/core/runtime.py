@@ -34,5 +34,20 @@ def seed_everything(seed: int) -> torch.Generator:
     return generator
 
 
+def process_rank() -> int:
+    """This process's rank among distributed workers (torchrun and PyTorchJob set RANK); 0 when alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def sampling_generator(seed: int, rank: int) -> torch.Generator:
+    """A generator for sampling responses, different on every rank: workers that share weights and see the
+    same prompts must still explore different responses, or N workers collect one worker's data N times."""
+    import torch
+
+    generator = torch.Generator()
+    generator.manual_seed((seed * 65_537 + rank + 1) % 2**63)
+    return generator
+
+
 def progress_disabled() -> bool:
     return os.environ.get("RLHF_NO_PROGRESS", "") not in {"", "0"}

@@ -12,7 +12,14 @@ from rlhf_components.core.config import SamplingConfig, StrictModel
 
 class Config(StrictModel):
     max_prompts: int = Field(default=128, ge=1)
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.01),
+        description="the answers that are judged: near-greedy, each policy's best answer",
+    )
+    kl_sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig,
+        description="a separate sampled pass for the KL to the reference, at PPO's sampling temperature",
+    )
     max_prompt_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=32, ge=1)
     bootstrap_samples: int = Field(default=1000, ge=100)

@@ -3,7 +3,9 @@
 For each baseline (the SFT reference, and the current champion when there is one) both policies answer the
 same prompts; per prompt the candidate wins (1), ties (½) or loses (0) by the reward model and, when a gold
 judge exists (the demo's), by the gold judge. Win rates carry a bootstrap confidence interval over prompts.
-KL to the reference is the k1 estimate summed over each candidate response, at the sampling temperature.
+The judged answers are near-greedy (temperature 0.01 by default): a policy is judged by its best answer,
+not by the luck of one sample. The KL to the reference is estimated on a separate sampled pass at PPO's
+temperature (k1 summed over each response): the log-ratio of near-greedy answers is not the KL PPO bounded.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ class Answers(StrictModel):
     texts: list[str]
     lengths: list[int]
     ended: list[bool]
-    kl_to_reference: list[float]
 
 
 def win_rate(candidate: list[float], baseline: list[float]) -> list[float]:
@@ -94,22 +95,41 @@ def bootstrap_interval(
 @torch.no_grad()
 def answer(
     policy: PreTrainedModel,
-    reference: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     config: Config,
     generator: torch.Generator,
 ) -> Answers:
-    answers = Answers(texts=[], lengths=[], ended=[], kl_to_reference=[])
+    answers = Answers(texts=[], lengths=[], ended=[])
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start : start + config.batch_size]
         batch = sample_prompts(policy, tokenizer, chunk, config.sampling, config.max_prompt_tokens, generator)
-        ref_logprobs = response_logprobs(reference, batch, config.sampling.temperature)
         answers.texts.extend(decode_responses(tokenizer, batch))
         answers.lengths.extend(int(n) for n in batch.response_mask.sum(-1))
         answers.ended.extend(bool(e) for e in batch.ended_with_eos)
-        answers.kl_to_reference.extend(float(k) for k in (batch.logprobs - ref_logprobs).sum(-1))
     return answers
+
+
+@torch.no_grad()
+def kl_to_reference(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    config: Config,
+    generator: torch.Generator,
+) -> list[float]:
+    """Σ_t log π(y_t)/π_ref(y_t) over responses sampled from π at `kl_sampling`: a k1 estimate per prompt."""
+    estimates: list[float] = []
+    temperature = config.kl_sampling.temperature
+    for start in range(0, len(prompts), config.batch_size):
+        chunk = prompts[start : start + config.batch_size]
+        batch = sample_prompts(
+            policy, tokenizer, chunk, config.kl_sampling, config.max_prompt_tokens, generator
+        )
+        ref_logprobs = response_logprobs(reference, batch, temperature)
+        estimates.extend(float(k) for k in (batch.logprobs - ref_logprobs).sum(-1))
+    return estimates
 
 
 def _mean(values: list[float]) -> float:
@@ -119,6 +139,7 @@ def _mean(values: list[float]) -> float:
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, "evaluate", config):
         generator = seed_everything(context.seed + 1)
+        kl_generator = torch.Generator().manual_seed(context.seed + 2)  # the KL pass leaves the answers alone
         prompts = [json.loads(line)["prompt"] for _, line in storage.read_jsonl(inputs.prompts)]
         prompts = prompts[: config.max_prompts]
         if not prompts:
@@ -145,18 +166,23 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 )
             return normalized_rewards(reward_model, raw).tolist()
 
-        def evaluate_policy(uri: str) -> tuple[Answers, list[float], list[float]]:
-            # The reference baseline is the model already loaded for the KL: no second copy.
-            model = (
+        def load(uri: str) -> PreTrainedModel:
+            # The reference is already loaded for the KL: no second copy.
+            return (
                 reference if uri == inputs.reference else load_policy(uri, config.trust_remote_code)[0].eval()
             )
-            answers = answer(model, reference, tokenizer, prompts, config, generator)
+
+        def judged_answers(model: PreTrainedModel) -> tuple[Answers, list[float], list[float]]:
+            answers = answer(model, tokenizer, prompts, config, generator)
             gold = [judge(p, t) for p, t in zip(prompts, answers.texts, strict=True)] if judge else []
             return answers, rm_scores(answers.texts), gold
 
-        candidate, candidate_rm, candidate_gold = evaluate_policy(inputs.candidate)
+        candidate_model = load(inputs.candidate)
+        candidate, candidate_rm, candidate_gold = judged_answers(candidate_model)
         metrics: dict[str, float] = {
-            "kl": _mean(candidate.kl_to_reference),
+            "kl": _mean(
+                kl_to_reference(candidate_model, reference, tokenizer, prompts, config, kl_generator)
+            ),
             "response_length": _mean([float(n) for n in candidate.lengths]),
             "eos_rate": _mean([float(e) for e in candidate.ended]),
             "distinct_1": distinct_n(candidate.texts, 1),
@@ -171,7 +197,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         examples: list[dict[str, str | float]] = []
         reference_rm: list[float] = []
         for name, uri in baselines.items():
-            baseline, baseline_rm, baseline_gold = evaluate_policy(uri)
+            baseline, baseline_rm, baseline_gold = judged_answers(load(uri))
             comparisons = {"rm": (candidate_rm, baseline_rm), "gold": (candidate_gold, baseline_gold)}
             for judge_name, (ours, theirs) in comparisons.items():
                 if not ours:

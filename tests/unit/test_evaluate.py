@@ -14,9 +14,10 @@ import torch
 from rlhf_components import evaluate
 from rlhf_components.core.config import SamplingConfig
 from rlhf_components.core.errors import UserError
+from rlhf_components.core.models import load_policy, save_checkpoint
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.demo import GOLD_JUDGE_NAME, DemoAssets
-from rlhf_components.evaluate.step import bootstrap_interval, win_rate
+from rlhf_components.evaluate.step import answer, bootstrap_interval, win_rate
 
 from ._helpers import child_runs, read_jsonl, tiny_reward_model, write_jsonl
 
@@ -147,3 +148,43 @@ def test_no_prompts_is_a_user_error(
                              reward_model=tiny_assets.sft_model_dir, prompts=str(empty))
     with pytest.raises(UserError, match="no held-out prompts"):
         evaluate.run(_config(), inputs, run_context)
+
+
+def test_answers_are_near_greedy_and_kl_comes_from_its_own_sampled_pass(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_assets: DemoAssets, eval_prompts: Path,
+    run_context: RunContext,
+) -> None:
+    defaults = evaluate.Config()
+    assert defaults.sampling.temperature <= 0.01 and defaults.kl_sampling.temperature == 0.7
+    reward_model = tiny_reward_model(tmp_path_factory, tiny_assets.sft_model_dir)
+    near_greedy = SamplingConfig(max_new_tokens=16, temperature=defaults.sampling.temperature)
+
+    # Near-greedy answers are mostly the greedy answers (the demo grammar's word choices are near-ties, so not
+    # all); answers sampled at PPO's temperature almost never are.
+    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    prompts = [row["prompt"] for row in read_jsonl(eval_prompts)]
+
+    def answers(sampling: SamplingConfig) -> list[str]:
+        config = _config(sampling=sampling)
+        return answer(policy, tokenizer, prompts, config, torch.Generator().manual_seed(0)).texts
+
+    greedy = answers(near_greedy.model_copy(update={"greedy": True}))
+    agreement = [sum(a == g for a, g in zip(answers(s), greedy, strict=True)) / len(greedy)
+                 for s in (near_greedy, defaults.kl_sampling.model_copy(update={"max_new_tokens": 16}))]
+    assert agreement[0] >= 0.5 and agreement[1] <= 0.2, agreement
+
+    itself = evaluate.Inputs(candidate=tiny_assets.sft_model_dir, reference=tiny_assets.sft_model_dir,
+                             reward_model=reward_model, prompts=str(eval_prompts))
+    # A different policy: the KL depends on the KL pass's temperature and the judged answers do not.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    save_checkpoint(policy, tokenizer, str(tmp_path / "perturbed"))
+    perturbed = itself.model_copy(update={"candidate": str(tmp_path / "perturbed")})
+    kl_passes = [near_greedy.model_copy(update={"temperature": t}) for t in (0.7, 1.0)]
+    at_07, at_10 = (evaluate.run(_config(sampling=near_greedy, kl_sampling=kl), perturbed, run_context)
+                    .metrics
+                    for kl in kl_passes)
+    assert at_07["kl"] > 0.1 and at_10["kl"] > 0.1 and at_07["kl"] != at_10["kl"]
+    assert {k: v for k, v in at_07.items() if k != "kl"} == {k: v for k, v in at_10.items() if k != "kl"}

@@ -165,6 +165,27 @@ def test_generation_logprobs_equal_recomputed_logprobs(tiny_assets: DemoAssets) 
             assert not batch.response_mask[row, first + 1 :].any()
 
 
+def test_a_minibatch_drops_the_pad_columns_its_rows_do_not_use(tiny_assets: DemoAssets) -> None:
+    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    prompts = ["Review of the ramen:", "Review of the tiny corner bakery on the main street:"] * 4
+    ids, mask = encode_prompts(tokenizer, prompts, 64)
+    config = SamplingConfig(temperature=0.7, max_new_tokens=24)
+    generator = torch.Generator().manual_seed(5)
+    batch = sample(model, ids, mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+    short_prompts = torch.tensor([0, 2, 4, 6])  # the left-padded rows
+    rows = batch.rows(short_prompts)
+    assert rows.query_mask.all()  # no prompt column is pad in every row
+    assert rows.query_ids.shape[1] < batch.query_ids.shape[1]
+    assert rows.response_ids.shape[1] == int(batch.response_mask[short_prompts].sum(-1).max())
+    with torch.no_grad():
+        full = response_logprobs(model, batch, config.temperature)[short_prompts]
+        trimmed = response_logprobs(model, rows, config.temperature)
+    width = rows.response_ids.shape[1]
+    assert torch.allclose(trimmed, full[:, :width], atol=1e-5)
+    assert not full[:, width:].any()
+    assert torch.allclose(rows.logprobs, batch.logprobs[short_prompts, :width])
+
+
 def test_ppo_run_moves_the_policy_and_logs_every_metric(
     tiny_assets: DemoAssets, run_context: RunContext, tmp_path: object
 ) -> None:

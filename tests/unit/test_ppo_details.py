@@ -11,6 +11,7 @@ from rlhf_components import ppo
 from rlhf_components.core.config import SamplingConfig
 from rlhf_components.core.generation import encode_prompts, response_logprobs, sample
 from rlhf_components.core.models import load_policy, load_scalar_model, sequence_scores
+from rlhf_components.core.runtime import process_rank, sampling_generator, seed_everything
 from rlhf_components.demo import DemoAssets
 from rlhf_components.ppo.step import Rollout, collect_rollout, ppo_update
 
@@ -192,3 +193,24 @@ def test_minibatch_and_accumulation_shape_of_an_update(tiny_assets: DemoAssets, 
         optimizer.state[next(iter(policy.parameters()))]["step"] == config.ppo_epochs * config.num_minibatches
     )
     assert stats["approx_kl"] > 0.0
+
+
+def test_each_rank_samples_different_responses_to_the_same_prompts(
+    tiny_assets: DemoAssets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranks share weights, prompts and data order; only their sampling seeds tell their rollouts apart."""
+    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    ids, mask = encode_prompts(tokenizer, PROMPTS * 4, 64)
+    config = SamplingConfig(max_new_tokens=12)
+
+    def responses(rank: int) -> torch.Tensor:
+        monkeypatch.setenv("RANK", str(rank))
+        generator = sampling_generator(seed=7, rank=process_rank())
+        batch = sample(model, ids, mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+        return batch.response_ids
+
+    rank0, rank1 = responses(0), responses(1)
+    assert torch.equal(rank0, responses(0))  # a rank is reproducible
+    assert rank0.shape != rank1.shape or not torch.equal(rank0, rank1)
+    # ... and its stream is not the shared data-order stream of the same seed.
+    assert not torch.equal(sampling_generator(7, 0).get_state(), seed_everything(7).get_state())
