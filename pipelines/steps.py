@@ -33,13 +33,12 @@ from rlhf_components.core.tracking import (
     resolve_tracking_uri,
     start_pipeline_run,
 )
+from rlhf_components.distributed import launch
 from rlhf_components.evaluate.step import run as evaluate_run
 from rlhf_components.generate_candidates.step import run as generate_candidates_run
 from rlhf_components.ingest_feedback.step import run as ingest_feedback_run
-from rlhf_components.ppo.step import run as ppo_run
 from rlhf_components.register_and_promote.registry import alias_version
 from rlhf_components.register_and_promote.step import run as register_and_promote_run
-from rlhf_components.train_reward_model.step import run as train_reward_model_run
 from rlhf_pipelines.config import PipelineConfig, parse_pipeline_config
 
 StepBody = Callable[..., str]
@@ -131,7 +130,7 @@ def run_train_reward_model(
     inputs = train_reward_model.Inputs(
         base_model=config.policy, train=feedback["train"], eval=feedback["eval"]
     )
-    return train_reward_model_run(config.train_reward_model, inputs, context).model_dump_json()
+    return str(launch("train_reward_model", config.train_reward_model, inputs, context).model_dump_json())
 
 
 @_step
@@ -143,7 +142,7 @@ def run_ppo(
     reward: dict[str, Any],
 ) -> str:
     inputs = ppo.Inputs(policy=config.policy, reward_model=reward["reward_model"], prompts=prompts["train"])
-    return ppo_run(config.ppo, inputs, context).model_dump_json()
+    return str(launch("ppo", config.ppo, inputs, context).model_dump_json())
 
 
 @_step

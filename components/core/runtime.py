@@ -39,13 +39,15 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def sampling_generator(seed: int, rank: int) -> torch.Generator:
-    """A generator for sampling responses, different on every rank: workers that share weights and see the
-    same prompts must still explore different responses, or N workers collect one worker's data N times."""
+def sampling_generator(seed: int, rank: int, iteration: int = 0) -> torch.Generator:
+    """A generator for sampling responses, different on every rank and every iteration: workers that share
+    weights and see the same prompts must still explore different responses, or N workers collect one
+    worker's data N times. Derived from (seed, rank, iteration) alone, a resumed run needs no saved state
+    for it, whatever its worker count."""
     import torch
 
     generator = torch.Generator()
-    generator.manual_seed((seed * 65_537 + rank + 1) % 2**63)
+    generator.manual_seed(((seed * 65_537 + rank + 1) * 1_000_003 + iteration) % 2**63)
     return generator
 
 

@@ -14,8 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from pydantic import BaseModel, Field
@@ -40,6 +45,25 @@ log = logging.getLogger(__name__)
 
 # Where a failing pipeline task leaves its one-line reason for `rlhf run` (unset on Kubernetes).
 ERROR_FILE_ENV = "RLHF_ERROR_FILE"
+# Where each distributed worker leaves its reason (rank-<r>.json) for the launcher (local dir or s3://).
+WORKER_ERROR_DIR_ENV = "RLHF_WORKER_ERROR_DIR"
+
+
+@contextmanager
+def recorded_errors() -> Iterator[None]:
+    """Leave this worker's failure where the launcher looks for it, then let it propagate."""
+    try:
+        yield
+    except Exception as error:
+        directory = os.environ.get(WORKER_ERROR_DIR_ENV)
+        if directory:
+            reason = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            rank = os.environ.get("RANK", "0")
+            # The time tells the launcher which failure came first: the cause, not its echoes on other ranks.
+            storage.write_json(
+                storage.join(directory, f"rank-{rank}.json"), {"time": time.time(), "reason": reason}
+            )
+        raise
 
 
 def step_output(context: RunContext, step: str, *parts: str) -> str:
@@ -66,38 +90,56 @@ def run_standalone(
     run: Callable[[ConfigT, InputsT, RunContext], OutputsT],
     argv: list[str] | None = None,
 ) -> int:
-    """`python -m rlhf_components.<step> --config job.yaml`: prints the outputs as JSON."""
+    """`python -m rlhf_components.<step> --config job.yaml [--outputs URI]`: prints the outputs as JSON.
+
+    The job file may be local or s3://. Under torchrun or a PyTorchJob every worker runs this; rank 0 writes
+    the outputs to `--outputs`, and each failing worker leaves its reason in $RLHF_WORKER_ERROR_DIR.
+    """
     parser = argparse.ArgumentParser(prog=f"python -m rlhf_components.{step}")
-    parser.add_argument("--config", required=True, help="job YAML with context, inputs and config sections")
+    parser.add_argument("--config", required=True, help="job YAML (local or s3://)")
+    parser.add_argument("--outputs", default=None, help="also write the outputs JSON here (local or s3://)")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        job = load_yaml_config(StandaloneJob[config_type, inputs_type], args.config)  # type: ignore[valid-type]
-        parent_run_id = job.context.parent_run_id
-        tracking_uri = resolve_tracking_uri(job.context.tracking)
-        if parent_run_id is None:
-            tracking_uri, parent_run_id = start_pipeline_run(
-                job.context.tracking, f"standalone-{step}", {}, {"rlhf.standalone_step": step}
+    with recorded_errors():
+        try:
+            job = _load_job(StandaloneJob[config_type, inputs_type], args.config)  # type: ignore[valid-type]
+            parent_run_id = job.context.parent_run_id
+            tracking_uri = resolve_tracking_uri(job.context.tracking)
+            if parent_run_id is None:
+                tracking_uri, parent_run_id = start_pipeline_run(
+                    job.context.tracking, f"standalone-{step}", {}, {"rlhf.standalone_step": step}
+                )
+            context = RunContext(
+                tracking_uri=tracking_uri,
+                experiment=job.context.tracking.experiment,
+                parent_run_id=parent_run_id,
+                output_root=job.context.output_root,
+                seed=job.context.seed,
             )
-        context = RunContext(
-            tracking_uri=tracking_uri,
-            experiment=job.context.tracking.experiment,
-            parent_run_id=parent_run_id,
-            output_root=job.context.output_root,
-            seed=job.context.seed,
-        )
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    owns_parent_run = job.context.parent_run_id is None
-    try:
-        outputs = run(job.config, job.inputs, context)
-    except UserError as error:
-        if owns_parent_run:
-            finish_pipeline_run(context, "FAILED")
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        owns_parent_run = job.context.parent_run_id is None
+        try:
+            outputs = run(job.config, job.inputs, context)
+        except UserError as error:
+            if owns_parent_run:
+                finish_pipeline_run(context, "FAILED")
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     if owns_parent_run:
         finish_pipeline_run(context)
-    print(json.dumps(outputs.model_dump(mode="json"), indent=2))
+    result = outputs.model_dump(mode="json")
+    if args.outputs and os.environ.get("RANK", "0") == "0":
+        storage.write_json(args.outputs, result)
+    print(json.dumps(result, indent=2))
     return 0
+
+
+def _load_job(model: type[ConfigT], uri: str) -> ConfigT:
+    if not storage.is_s3(uri):
+        return load_yaml_config(model, uri)
+    with tempfile.TemporaryDirectory() as temp:
+        local = Path(temp, "job.yaml")
+        local.write_bytes(storage.read_bytes(uri))
+        return load_yaml_config(model, local)

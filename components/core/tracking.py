@@ -19,6 +19,7 @@ from pydantic import Field
 
 from rlhf_components.core.config import StrictModel, flatten
 from rlhf_components.core.errors import UserError
+from rlhf_components.core.runtime import process_rank
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,16 @@ def finish_pipeline_run(context: RunContext, status: str = "FINISHED") -> None:
 
 @contextmanager
 def step_run(context: RunContext, step: str, config: StrictModel) -> Iterator[Any]:
-    """A child run of the pipeline run, with the step's config as params; failed steps are marked FAILED."""
+    """A child run of the pipeline run, with the step's config as params; failed steps are marked FAILED.
+
+    Only the main worker of a distributed step records anything (here and in `log_metrics`): the others
+    hand it their numbers through the collectives, and MLflow sees one run per step.
+    """
     import mlflow
 
+    if process_rank() != 0:
+        yield None
+        return
     check_reachable(context.tracking_uri)
     _use(context.tracking_uri, context.experiment)
     with mlflow.start_run(
@@ -119,4 +127,6 @@ def step_run(context: RunContext, step: str, config: StrictModel) -> Iterator[An
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     import mlflow
 
+    if process_rank() != 0:
+        return
     mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)

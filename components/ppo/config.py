@@ -10,11 +10,14 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rlhf_components.core.config import SamplingConfig, StrictModel
+from rlhf_components.distributed.config import Distributed
 
 
-class Config(StrictModel):
+class Config(Distributed):
     total_episodes: int = Field(default=1024, ge=1, description="responses sampled over the whole run")
-    rollout_batch_size: int = Field(default=64, ge=1, description="episodes per PPO iteration")
+    rollout_batch_size: int = Field(
+        default=64, ge=1, description="episodes per PPO iteration, over all workers together"
+    )
     num_minibatches: int = Field(default=4, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     ppo_epochs: int = Field(default=4, ge=1)
@@ -44,11 +47,11 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _batches_divide(self) -> Config:
-        micro = self.num_minibatches * self.gradient_accumulation_steps
+        micro = self.workers * self.num_minibatches * self.gradient_accumulation_steps
         if self.rollout_batch_size % micro:
             raise ValueError(
-                "rollout_batch_size must be divisible by num_minibatches × gradient_accumulation_steps "
-                f"({self.rollout_batch_size} % {micro} != 0)"
+                "rollout_batch_size must be divisible by workers × num_minibatches × "
+                f"gradient_accumulation_steps ({self.rollout_batch_size} % {micro} != 0)"
             )
         return self
 

@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -44,14 +45,11 @@ from rlhf_components.core.models import (
     sequence_scores,
     token_scores,
 )
-from rlhf_components.core.runtime import (
-    process_rank,
-    progress_disabled,
-    sampling_generator,
-    seed_everything,
-)
+from rlhf_components.core.runtime import progress_disabled, sampling_generator, seed_everything
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
+from rlhf_components.distributed.collectives import Workers, join
+from rlhf_components.distributed.config import Distributed
 from rlhf_components.ppo.config import Config, Inputs, Outputs
 
 log = logging.getLogger(__name__)
@@ -64,10 +62,15 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to unit variance over valid tokens; without mean shift the sign of rewards is preserved."""
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, workers: Workers | None = None
+) -> torch.Tensor:
+    """Normalise to unit variance over valid tokens (of every worker's rollout: the statistics are global);
+    without mean shift the sign of rewards is preserved."""
+    total = (workers or Workers()).sum
+    count = total(mask.sum()).clamp(min=1)
+    mean = total((values * mask).sum()) / count
+    variance = total((((values - mean) * mask) ** 2).sum()) / count
     whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -181,6 +184,7 @@ def collect_rollout(
     eos_token_id: int,
     pad_token_id: int,
     sampler: torch.Generator,
+    workers: Workers | None = None,
 ) -> Rollout:
     started = time.perf_counter()
     batch = sample(policy, query_ids, query_mask, config.sampling, eos_token_id, pad_token_id, sampler)
@@ -198,9 +202,9 @@ def collect_rollout(
     last = (batch.response_mask.sum(-1) - 1).clamp(min=0)
     rewards[torch.arange(rewards.shape[0]), last] += scores
     if config.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards = masked_whiten(rewards, mask, shift_mean=False, workers=workers)
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
-    advantages = masked_whiten(advantages, mask)
+    advantages = masked_whiten(advantages, mask, workers=workers)
     return Rollout(
         batch,
         ref_logprobs,
@@ -224,12 +228,21 @@ def ppo_update(
     optimizer: torch.optim.Optimizer,
     rollout: Rollout,
     config: Config,
-    generator: torch.Generator,
+    data_order: torch.Generator,
+    workers: Workers | None = None,
 ) -> dict[str, float]:
-    """PPO epochs × minibatches over one rollout; returns the iteration's training statistics."""
-    size = rollout.batch.response_ids.shape[0]
-    minibatch_size = size // config.num_minibatches
-    micro_size = minibatch_size // config.gradient_accumulation_steps
+    """PPO epochs × minibatches over this worker's rollout; returns its training statistics.
+
+    The rollout is seen as `gradient_accumulation_steps` blocks of rows. Each epoch draws one permutation of
+    a block's rows (the same on every worker) and minibatch m takes the m-th slice of it from every block:
+    one micro-batch per block. The minibatch loss is the mean of its micro-batch losses, over all workers'
+    blocks. So W workers with accumulation A take exactly the step of one process with accumulation W·A whose
+    rollout is the workers' rollouts one after another.
+    """
+    workers = workers or Workers()
+    blocks = config.gradient_accumulation_steps
+    block_size = rollout.batch.response_ids.shape[0] // blocks
+    micro_size = block_size // config.num_minibatches
     trainable = [p for p in [*policy.parameters(), *value_model.parameters()] if p.requires_grad]
     stats: dict[str, list[float]] = {
         k: []
@@ -248,11 +261,11 @@ def ppo_update(
     policy.train()
     value_model.train()
     for _ in range(config.ppo_epochs):
-        order = torch.randperm(size, generator=generator)
-        for mb_start in range(0, size, minibatch_size):
+        order = torch.randperm(block_size, generator=data_order)
+        for mb_start in range(0, block_size, micro_size):
             optimizer.zero_grad(set_to_none=True)
-            for micro_start in range(mb_start, mb_start + minibatch_size, micro_size):
-                rows = order[micro_start : micro_start + micro_size]
+            for block in range(blocks):
+                rows = block * block_size + order[mb_start : mb_start + micro_size]
                 micro = rollout.batch.rows(rows)
                 mask = micro.response_mask.float()
                 width = mask.shape[1]
@@ -270,7 +283,7 @@ def ppo_update(
                     mask,
                     config.cliprange_value,
                 )
-                loss = (pg_loss + config.vf_coef * vf_loss) / config.gradient_accumulation_steps
+                loss = (pg_loss + config.vf_coef * vf_loss) / blocks
                 loss.backward()
                 with torch.no_grad():
                     if first_ratio is None:
@@ -286,8 +299,10 @@ def ppo_update(
                     stats["entropy"].append(masked_mean(entropy(log_probs), mask).item())
                     stats["ratio_mean"].append(ratio_mean.item())
                     stats["ratio_var"].append(masked_mean((ratio - ratio_mean) ** 2, mask).item())
+            workers.after_backward(trainable)
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
+            workers.after_step(trainable)
     policy.eval()
     value_model.eval()
     summary = {key: sum(values) / len(values) for key, values in stats.items()}
@@ -334,9 +349,11 @@ class Trainer:
     kl_controller: KLController
     stream: PromptStream
     data_order: torch.Generator
-    """prompt order and minibatch shuffles: the same on every rank"""
-    sampler: torch.Generator
-    """response sampling: seeded per rank"""
+    """prompt order and minibatch shuffles: the same on every worker (sampling is seeded per iteration)"""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The config a checkpoint must match to be resumed: how many workers ran it does not matter."""
+        return self.config.model_dump(mode="json", exclude=set(Distributed.model_fields))
 
     def save(self, uri: str, iteration: int) -> None:
         optimizer_tensors, optimizer_rest = checkpoint.flatten_optimizer("optimizer", self.optimizer)
@@ -345,11 +362,10 @@ class Trainer:
             **checkpoint.prefixed("value", self.value_model.state_dict()),
             **optimizer_tensors,
             "rng.data_order": self.data_order.get_state(),
-            "rng.sampling": self.sampler.get_state(),
             "rng.torch": torch.get_rng_state(),
         }
         state = {
-            "config": self.config.model_dump(mode="json"),
+            "config": self.fingerprint(),
             "optimizer": optimizer_rest,
             "schedule": self.schedule.state_dict(),
             "kl_coef": self.kl_controller.value,
@@ -361,7 +377,7 @@ class Trainer:
     def restore(self, uri: str) -> int:
         """Load the checkpoint at `uri`; returns the iteration it was taken after."""
         tensors, state = checkpoint.load(uri)
-        if state["config"] != self.config.model_dump(mode="json"):
+        if state["config"] != self.fingerprint():
             raise UserError(f"{uri}: checkpoint was written with a different ppo config; set resume: false")
         self.policy.load_state_dict(checkpoint.unprefixed("policy", tensors))
         self.value_model.load_state_dict(checkpoint.unprefixed("value", tensors))
@@ -370,7 +386,6 @@ class Trainer:
         self.kl_controller.value = state["kl_coef"]
         self.stream.order, self.stream.cursor = state["prompt_order"], state["prompt_cursor"]
         self.data_order.set_state(tensors["rng.data_order"])
-        self.sampler.set_state(tensors["rng.sampling"])
         torch.set_rng_state(tensors["rng.torch"])
         log.info("resumed from %s after iteration %d", uri, state["step"])
         return int(state["step"])
@@ -378,8 +393,8 @@ class Trainer:
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, "ppo", config):
+        workers = join(config)
         data_order = seed_everything(context.seed)
-        sampler = sampling_generator(context.seed, process_rank())
         prompts = _load_prompts(inputs.prompts)
         policy, tokenizer = load_policy(inputs.policy, config.trust_remote_code)
         reference, _ = load_policy(inputs.reference or inputs.policy, config.trust_remote_code)
@@ -411,7 +426,6 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             KLController(config),
             PromptStream(prompts, data_order),
             data_order,
-            sampler,
         )
         checkpoint_uri = step_output(context, "ppo", "checkpoint")
         done = trainer.restore(checkpoint_uri) if config.resume and checkpoint.exists(checkpoint_uri) else 0
@@ -425,10 +439,12 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 total=iterations,
             )
             for iteration in progress:
-                started = time.perf_counter()
-                query_ids, query_mask = encode_prompts(
-                    tokenizer, trainer.stream.take(config.rollout_batch_size), config.max_prompt_tokens
-                )
+                started, communicated = time.perf_counter(), workers.communication_seconds
+                # Every worker draws the global batch from the shared stream and answers its own part.
+                prompt_batch = trainer.stream.take(config.rollout_batch_size)[
+                    workers.shard(config.rollout_batch_size)
+                ]
+                query_ids, query_mask = encode_prompts(tokenizer, prompt_batch, config.max_prompt_tokens)
                 rollout = collect_rollout(
                     policy,
                     reference,
@@ -440,52 +456,63 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                     trainer.kl_controller.value,
                     tokenizer.eos_token_id,
                     tokenizer.pad_token_id,
-                    sampler,
+                    sampling_generator(context.seed, workers.rank, iteration),
+                    workers,
                 )
                 rollout_seconds = time.perf_counter() - started
-                train_stats = ppo_update(policy, value_model, optimizer, rollout, config, data_order)
+                train_stats = ppo_update(policy, value_model, optimizer, rollout, config, data_order, workers)
                 schedule.step()
                 elapsed = time.perf_counter() - started
 
                 mask = rollout.batch.response_mask.float()
                 score = rollout.scores.mean().item()
-                kl_total = (rollout.kl * mask).sum(-1).mean().item()
                 non_score = (rollout.rewards * mask).sum(-1).mean().item() - score
-                generated_tokens = int(mask.sum().item())
-                trainer.kl_controller.update(kl_total, config.rollout_batch_size)
-                metrics = {
+                local = {
                     "score": score,
-                    "rlhf_reward": score + non_score,
                     "non_score_reward": non_score,
-                    "kl": kl_total,
-                    "kl_coef": trainer.kl_controller.value,
+                    "kl": (rollout.kl * mask).sum(-1).mean().item(),
                     "eos_rate": rollout.batch.ended_with_eos.float().mean().item(),
                     "response_length": mask.sum(-1).mean().item(),
-                    "episodes_per_second": config.rollout_batch_size / elapsed,
-                    "tokens_per_second": generated_tokens / elapsed,
+                    "tokens_per_second": mask.sum().item() / elapsed * workers.world_size,
                     "generation_seconds": rollout.generation_seconds,
                     "scoring_seconds": rollout.scoring_seconds,
                     "training_seconds": elapsed - rollout_seconds,
-                    "learning_rate": schedule.get_last_lr()[0],
+                    "communication_seconds": workers.communication_seconds - communicated,
+                    "stop_requested": float(stop.requested),
                     **train_stats,
+                }
+                metrics = workers.mean_metrics(local)  # the whole job's numbers, on every worker
+                score, kl_total = metrics["score"], metrics["kl"]
+                stopping = metrics.pop("stop_requested") > 0
+                trainer.kl_controller.update(kl_total, config.rollout_batch_size)
+                metrics |= {
+                    "rlhf_reward": score + metrics["non_score_reward"],
+                    "kl_coef": trainer.kl_controller.value,
+                    "episodes_per_second": config.rollout_batch_size / elapsed,
+                    "learning_rate": schedule.get_last_lr()[0],
                 }
                 log_metrics(metrics, step=iteration)
                 progress.set_postfix(score=f"{score:.2f}", kl=f"{kl_total:.2f}")
                 periodic = config.checkpoint_every and iteration % config.checkpoint_every == 0
-                if stop.requested or (periodic and iteration < iterations):
-                    trainer.save(checkpoint_uri, iteration)
-                if stop.requested:
+                if stopping or (periodic and iteration < iterations):
+                    if workers.is_main:
+                        trainer.save(checkpoint_uri, iteration)
+                    workers.barrier()
+                if stopping:
                     raise UserError(
                         f"ppo: stopped by SIGTERM after iteration {iteration}/{iterations}; "
                         f"run it again to resume from {checkpoint_uri}"
                     )
+        workers.finish([*policy.parameters(), *value_model.parameters()])
         outputs = Outputs(
             policy=step_output(context, "ppo", "policy"),
             iterations=iterations,
             final_score=score,
             final_kl=kl_total,
         )
-        policy.generation_config.pad_token_id = tokenizer.pad_token_id
-        save_checkpoint(policy, tokenizer, outputs.policy)
+        if workers.is_main:
+            policy.generation_config.pad_token_id = tokenizer.pad_token_id
+            save_checkpoint(policy, tokenizer, outputs.policy)
+        workers.barrier()  # the policy is written before any worker reports success
         log.info("ppo: %d iterations, final score %.3f, KL %.3f", iterations, score, kl_total)
         return outputs

@@ -30,6 +30,7 @@ from rlhf_components.core.models import (
 from rlhf_components.core.runtime import progress_disabled, seed_everything
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
+from rlhf_components.distributed.collectives import join
 from rlhf_components.train_reward_model.config import Config, Inputs, Outputs
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,16 @@ def _load_pairs(uri: str) -> list[dict[str, str]]:
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, "train_reward_model", config):
+        workers = join(config)
         generator = seed_everything(context.seed)
         train_pairs, eval_pairs = _load_pairs(inputs.train), _load_pairs(inputs.eval)
         if not train_pairs:
             raise UserError(f"{inputs.train}: no training pairs")
+        if len(train_pairs) < workers.world_size:
+            raise UserError(
+                f"{inputs.train}: {len(train_pairs)} training pairs cannot be shared by {workers.world_size} "
+                "workers; lower train_reward_model.workers"
+            )
         model, tokenizer = load_scalar_model(inputs.base_model, config.trust_remote_code)
         head = scalar_head(model)
         with torch.no_grad():
@@ -132,28 +139,47 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         for _ in range(config.epochs):
             order = torch.randperm(len(train_pairs), generator=generator).tolist()
             for start in range(0, len(order), config.batch_size):
-                batch = [train_pairs[i] for i in order[start : start + config.batch_size]]
-                chosen, rejected = _pair_scores(model, tokenizer, batch, config.max_length)
-                loss = bradley_terry_loss(chosen, rejected, config.margin, config.center_rewards_coef)
+                # Every worker walks the same global batches and scores its own part of each. Its loss is
+                # its pairs' share of the global mean, so the averaged gradient is the global batch's.
+                global_batch = order[start : start + config.batch_size]
+                batch = [train_pairs[i] for i in global_batch[workers.shard(len(global_batch))]]
                 optimizer.zero_grad(set_to_none=True)
+                chosen, rejected = _pair_scores(model, tokenizer, batch, config.max_length)
+                share = len(batch) * workers.world_size / len(global_batch)
+                loss = bradley_terry_loss(chosen, rejected, config.margin, config.center_rewards_coef) * share
                 loss.backward()
+                workers.after_backward(model.parameters())
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
+                workers.after_step(model.parameters())
                 schedule.step()
                 step += 1
-                accuracy = (chosen > rejected).float().mean().item()
-                log_metrics(
-                    {
-                        "rm_loss": loss.item(),
-                        "rm_batch_accuracy": accuracy,
-                        "rm_lr": schedule.get_last_lr()[0],
-                    },
-                    step=step,
+                totals = workers.sum(
+                    torch.tensor([loss.item(), float((chosen > rejected).sum()), float(len(batch))])
                 )
-                progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.2f}")
+                metrics = {
+                    "rm_communication_seconds": workers.communication_seconds,
+                    "rm_loss": totals[0].item() / workers.world_size,
+                    "rm_batch_accuracy": (totals[1] / totals[2]).item(),
+                    "rm_lr": schedule.get_last_lr()[0],
+                }
+                log_metrics(metrics, step=step)
+                progress.set_postfix(
+                    loss=f"{metrics['rm_loss']:.3f}", acc=f"{metrics['rm_batch_accuracy']:.2f}"
+                )
                 progress.update()
         progress.close()
+        workers.finish(model.parameters())
         model.eval()
+        outputs = Outputs(
+            reward_model=step_output(context, "train_reward_model", "model"),
+            eval_accuracy=float("nan"),
+            train_accuracy=float("nan"),
+            num_train_pairs=len(train_pairs),
+        )
+        if not workers.is_main:  # rank 0 scores, normalises and saves; its outputs are the job's
+            workers.barrier()
+            return outputs
 
         train_chosen, train_rejected = _all_scores(model, tokenizer, train_pairs, config)
         train_accuracy = (train_chosen > train_rejected).float().mean().item()
@@ -165,11 +191,8 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         setattr(model.config, REWARD_MEAN_KEY, reference_scores.mean().item())
         setattr(model.config, REWARD_STD_KEY, max(reference_scores.std().item(), 1e-6))
 
-        outputs = Outputs(
-            reward_model=step_output(context, "train_reward_model", "model"),
-            eval_accuracy=eval_accuracy,
-            train_accuracy=train_accuracy,
-            num_train_pairs=len(train_pairs),
+        outputs = outputs.model_copy(
+            update={"eval_accuracy": eval_accuracy, "train_accuracy": train_accuracy}
         )
         save_checkpoint(model, tokenizer, outputs.reward_model)
         log_metrics(
@@ -181,4 +204,5 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             }
         )
         log.info("reward model: train accuracy %.3f, held-out accuracy %.3f", train_accuracy, eval_accuracy)
+        workers.barrier()
         return outputs

@@ -39,8 +39,13 @@ def tiny_pipeline_config(assets: DemoAssets, root: Path) -> dict[str, object]:
             "sampling": {"temperature": 1.0, "max_new_tokens": 12},
         },
         "ingest_feedback": {"simulated_annotator": "demo-gold-sentiment"},
-        "train_reward_model": {"learning_rate": 0.001, "batch_size": 16},
+        # Both trainers on 2 torchrun workers: the distributed path runs inside kfp.local like any step.
+        "train_reward_model": {
+            "learning_rate": 0.001, "batch_size": 16, "launcher": "torchrun", "workers": 2,
+        },
         "ppo": {
+            "launcher": "torchrun",
+            "workers": 2,
             "total_episodes": 32,
             "rollout_batch_size": 16,
             "num_minibatches": 2,
@@ -102,6 +107,7 @@ def test_rlhf_run_executes_the_dag_and_registers_models(tiny_assets: DemoAssets,
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
+    # One run per step: of each distributed step's two workers, only rank 0 records.
     assert sorted(run.data.tags["rlhf.step"] for run in children) == sorted(STEPS)
 
     run_dir = tmp_path / "outputs" / summary["pipeline_run_id"]
