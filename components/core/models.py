@@ -175,6 +175,20 @@ def sequence_scores(
     return scores.gather(1, last_index[:, None]).squeeze(1)
 
 
+@torch.no_grad()
+def fold_reward_normalization(model: PreTrainedModel) -> None:
+    """Make the scalar head output normalised rewards itself: w ← w/σ, and b ← (b − μ)/σ where the head has
+    a bias. Without a bias its outputs stay off by the constant −μ/σ, which the value loss soon removes."""
+    mean, std = reward_normalization(model)
+    head = scalar_head(model)
+    weight = head.weight
+    assert isinstance(weight, torch.Tensor)
+    weight.div_(std)
+    bias: torch.Tensor | None = getattr(head, "bias", None)
+    if bias is not None:
+        bias.sub_(mean).div_(std)
+
+
 def normalized_rewards(model: PreTrainedModel, raw: torch.Tensor) -> torch.Tensor:
     """Rewards shifted and scaled so the reference policy's answers score ≈ 0 with unit spread."""
     mean, std = reward_normalization(model)

@@ -38,6 +38,7 @@ from rlhf_components.core.generation import (
     sample,
 )
 from rlhf_components.core.models import (
+    fold_reward_normalization,
     load_policy,
     load_scalar_model,
     normalized_rewards,
@@ -400,6 +401,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         reference, _ = load_policy(inputs.reference or inputs.policy, config.trust_remote_code)
         reward_model, reward_tokenizer = load_scalar_model(inputs.reward_model, config.trust_remote_code)
         value_model, _ = load_scalar_model(inputs.reward_model, config.trust_remote_code)
+        fold_reward_normalization(value_model)  # values start on the scale of the rewards PPO sees
         if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"{inputs.reward_model}: the reward model's tokenizer differs from the policy's")
         for frozen in (reference, reward_model):

@@ -16,6 +16,7 @@ from rlhf_components.core.errors import UserError
 from rlhf_components.core.models import (
     REWARD_MEAN_KEY,
     REWARD_STD_KEY,
+    fold_reward_normalization,
     load_scalar_model,
     load_tokenizer,
     normalized_rewards,
@@ -163,6 +164,16 @@ def test_checkpoint_is_safetensors_with_normalization(trained: Trained) -> None:
     # Normalisation is a shift and a scale: it keeps every preference's direction.
     n = len(pairs)
     assert torch.equal(rewards[:n] > rewards[n:], raw[:n] > raw[n:])
+
+    # PPO's value model starts from this checkpoint with the normalisation folded into its head: it
+    # predicts on the rewards' scale (a bias-free head keeps the constant offset −μ/σ).
+    value_model, _ = load_scalar_model(outputs.reward_model)
+    fold_reward_normalization(value_model)
+    with torch.no_grad():
+        values = score_texts(value_model, tokenizer, prompts, [p["chosen"] for p in pairs], 64)
+    mean, std = reward_normalization(model)
+    assert std != pytest.approx(1.0)
+    assert torch.allclose(values, rewards[:n] + mean / std, atol=1e-5)
 
 
 def test_training_is_tracked(trained: Trained) -> None:
