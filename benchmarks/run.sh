@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # RLHF throughput on the same models and rollout shape: our PPO, TRL 1.12's PPO (the last TRL with PPO) and
-# TRL 1.16's RLOO (critic-free). JSON lands in benchmarks/results/, side by side in summary.json.
+# TRL 1.16's RLOO (critic-free); learning of both PPOs over three seeds; 1 vs 2 workers. JSON lands in
+# benchmarks/results/, the throughput side by side in summary.json.
 #   benchmarks/run.sh [ITERATIONS]        (make bench)
 # Each TRL gets its own virtual environment with the same torch build as .venv.
 set -euo pipefail
@@ -29,5 +30,6 @@ json.dump(prepare('$model'), open('benchmarks/results/paths-$model.json', 'w'))"
       --iterations "$ITERATIONS" -o "benchmarks/results/trl-$runner-$model.json" >/dev/null 2>&1
   done
 done
-$PY benchmarks/learning.py -o benchmarks/results/learning.json >/dev/null 2>&1
+$PY benchmarks/learning.py --seeds 0 1 2 -o benchmarks/results/learning.json >/dev/null 2>&1
+$PY benchmarks/distributed.py -o benchmarks/results/distributed.json >/dev/null 2>&1
 $PY benchmarks/compare.py benchmarks/results

@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhf_components.collect_prompts import Config as CollectPromptsConfig
 from rlhf_components.core import storage
@@ -45,6 +45,16 @@ class PipelineConfig(StrictModel):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register_and_promote: RegisterConfig = Field(default_factory=RegisterConfig)
+
+    @model_validator(mode="after")
+    def _pytorchjob_pods_can_reach_storage(self) -> PipelineConfig:
+        for step in ("train_reward_model", "ppo"):
+            if getattr(self, step).launcher == "pytorchjob" and not storage.is_s3(self.storage_root):
+                raise ValueError(
+                    f"{step}.launcher: pytorchjob pods read and write through storage_root, "
+                    f"which must be s3:// (it is {self.storage_root!r})"
+                )
+        return self
 
     def config_hash(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]

@@ -154,6 +154,15 @@ def test_rollout_batch_not_divisible_by_minibatches_names_the_field(tmp_path: Pa
     assert "63 % 4" in message
 
 
+def test_pytorchjob_without_s3_storage_names_the_step_and_the_file(tmp_path: Path) -> None:
+    path = demo_with(tmp_path / "pytorchjob.yaml", "ppo", "launcher", "pytorchjob")
+    with pytest.raises(ConfigError) as raised:
+        load_pipeline_config(path)
+    message = str(raised.value)
+    assert str(path) in message
+    assert "ppo.launcher: pytorchjob pods read and write through storage_root, which must be s3://" in message
+
+
 def test_missing_required_section_names_it(tmp_path: Path) -> None:
     data = demo_mapping()
     del data["collect_prompts"]
