@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # RLHF throughput on the same models and rollout shape: our PPO, TRL 1.12's PPO (the last TRL with PPO) and
-# TRL 1.16's RLOO (critic-free); learning of both PPOs over three seeds; 1 vs 2 workers. JSON lands in
-# benchmarks/results/, the throughput side by side in summary.json.
+# TRL 1.16's RLOO (critic-free); learning of both PPOs over three seeds; 1 vs 2 workers; feedback
+# ingestion of 100k records. JSON lands in benchmarks/results/, the throughput side by side in summary.json.
 #   benchmarks/run.sh [ITERATIONS]        (make bench)
 # Each TRL gets its own virtual environment with the same torch build as .venv.
 set -euo pipefail
@@ -32,4 +32,5 @@ json.dump(prepare('$model'), open('benchmarks/results/paths-$model.json', 'w'))"
 done
 $PY benchmarks/learning.py --seeds 0 1 2 -o benchmarks/results/learning.json >/dev/null 2>&1
 $PY benchmarks/distributed.py -o benchmarks/results/distributed.json >/dev/null 2>&1
+$PY benchmarks/feedback.py -o benchmarks/results/feedback.json >/dev/null 2>&1
 $PY benchmarks/compare.py benchmarks/results

@@ -12,7 +12,9 @@ from rlhf_components.core.splits import SplitDataset
 
 
 class Config(StrictModel):
-    sources: list[str] = Field(min_length=1, description="files or prefixes, local or s3://; .jsonl / .csv")
+    sources: list[str] = Field(
+        min_length=1, description="files, prefixes or saved HF datasets, local or s3://"
+    )
     text_field: str = Field(default="prompt", description="column/key that holds the prompt text")
     min_chars: int = Field(default=1, ge=1)
     max_chars: int = Field(default=2000, ge=1)

@@ -1,4 +1,10 @@
-"""Prompts from JSONL/CSV files (local or s3://) into a versioned train/eval dataset with a manifest."""
+"""Prompts from files (JSONL, CSV, Parquet) and Hugging Face datasets saved to disk (`save_to_disk`), local or
+s3://, into a versioned train/eval dataset with a manifest.
+
+Text is normalised (Unicode NFKC, whitespace collapsed) before prompts are deduplicated, so the same prompt
+typed twice is one prompt. The counts say what each filter removed: invalid rows (quarantined with their
+reason), lengths out of range, duplicates, and prompts over `max_prompts`.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = (".jsonl", ".csv")
+SUPPORTED_SUFFIXES = (".jsonl", ".csv", ".parquet")
+HF_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 
 
 def normalize(text: str) -> str:
@@ -33,9 +40,18 @@ def prompt_id(text: str) -> str:
 
 
 def _rows(uri: str) -> list[tuple[str, Any]]:
-    """(location, raw row) for every row of one file; parse errors become rows the caller quarantines."""
+    """(location, raw row) for every row of one source; parse errors become rows the caller quarantines."""
+    if _is_hf_dataset(uri):
+        return _hf_dataset_rows(uri)
+    data = storage.read_bytes(uri)
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return [
+            (f"{uri}#row{n}", row) for n, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), 1)
+        ]
     # utf-8-sig: spreadsheet exports often start with a byte-order mark that would corrupt the header.
-    text = storage.read_bytes(uri).decode("utf-8-sig")
+    text = data.decode("utf-8-sig")
     if uri.endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
         return [(f"{uri}:{reader.line_num}", row) for row in reader]
@@ -50,12 +66,36 @@ def _rows(uri: str) -> list[tuple[str, Any]]:
     return rows
 
 
+def _is_hf_dataset(uri: str) -> bool:
+    return any(storage.exists(storage.join(uri, marker)) for marker in HF_DATASET_MARKERS)
+
+
+def _hf_dataset_rows(uri: str) -> list[tuple[str, Any]]:
+    """Every row of a `datasets` Dataset or DatasetDict saved with `save_to_disk`, every split."""
+    from datasets import DatasetDict, load_from_disk
+
+    local = storage.local_dir(uri) if storage.is_s3(uri) else uri
+    loaded = load_from_disk(str(local))
+    splits = loaded.items() if isinstance(loaded, DatasetDict) else [("", loaded)]
+    return [
+        (f"{uri}[{split}]#row{number}" if split else f"{uri}#row{number}", row)
+        for split, dataset in splits
+        for number, row in enumerate(dataset, 1)
+    ]
+
+
 def _source_files(sources: list[str]) -> list[str]:
     files: list[str] = []
     for source in sources:
+        if _is_hf_dataset(source):
+            files.append(source)
+            continue
         found = [f for f in storage.list_files(source) if f.endswith(SUPPORTED_SUFFIXES)]
         if not found:
-            raise UserError(f"{source}: no .jsonl or .csv prompt files found")
+            raise UserError(
+                f"{source}: no prompt files (.jsonl, .csv, .parquet), and not a dataset saved with "
+                "save_to_disk"
+            )
         files.extend(found)
     return files
 

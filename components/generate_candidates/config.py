@@ -50,5 +50,6 @@ class Outputs(StrictModel):
     candidates: str
     tasks: str
     label_studio_tasks: str
+    label_studio_config: str = Field(description="the labelling config the Label Studio tasks are made for")
     num_candidates: int
     num_tasks: int

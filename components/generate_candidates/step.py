@@ -54,6 +54,22 @@ def pairwise_tasks(candidates: list[Candidate]) -> list[AnnotationTask]:
     return tasks
 
 
+# The Label Studio labelling config for these tasks: its choices are what ingest_feedback reads back from an
+# export (A, B or Tie), and `task_id` in each task's data joins the judgement to its candidates.
+LABEL_STUDIO_CONFIG = """<View>
+  <Header value="Which response is better?"/>
+  <Text name="prompt" value="$prompt"/>
+  <Text name="response_a" value="$response_a"/>
+  <Text name="response_b" value="$response_b"/>
+  <Choices name="choice" toName="prompt" choice="single" required="true">
+    <Choice value="A"/>
+    <Choice value="B"/>
+    <Choice value="Tie"/>
+  </Choices>
+</View>
+"""
+
+
 def label_studio_json(tasks: list[AnnotationTask]) -> str:
     return json.dumps(
         [{"id": index, "data": task.model_dump()} for index, task in enumerate(tasks, 1)], indent=1
@@ -103,11 +119,13 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             candidates=step_output(context, "generate_candidates", "candidates.jsonl"),
             tasks=storage.join(inputs.inbox, "tasks", f"{run_key}.jsonl"),
             label_studio_tasks=storage.join(inputs.inbox, "tasks", f"{run_key}.labelstudio.json"),
+            label_studio_config=storage.join(inputs.inbox, "tasks", "labelstudio-config.xml"),
             num_candidates=len(candidates),
             num_tasks=len(tasks),
         )
         storage.write_jsonl(outputs.candidates, [c.model_dump() for c in candidates])
         storage.write_text(outputs.label_studio_tasks, label_studio_json(tasks))
+        storage.write_text(outputs.label_studio_config, LABEL_STUDIO_CONFIG)
         storage.write_jsonl(outputs.tasks, [t.model_dump() for t in tasks])
         log_metrics(
             {

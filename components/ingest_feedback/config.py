@@ -1,11 +1,13 @@
-"""ingest_feedback: configuration, inputs, outputs and records.
+"""ingest_feedback: configuration, inputs, outputs and the training-pair record.
 
 Pydantic only, so that configs load without importing torch.
 """
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from rlhf_components.core.config import StrictModel
 from rlhf_components.core.splits import SplitDataset
@@ -16,8 +18,29 @@ class Config(StrictModel):
         default=None,
         description="judge name that labels this run's tasks (demos/tests only), e.g. demo-gold-sentiment",
     )
+    sources: list[str] = Field(
+        default_factory=list,
+        description="more feedback files or prefixes (local or s3://) besides <feedback_inbox>/labels/",
+    )
+    dataset: str | None = Field(
+        default=None, description="the cumulative dataset and its ledger; default <feedback_inbox>/dataset"
+    )
     max_invalid_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    tie_policy: Literal["drop", "coin"] = Field(
+        default="drop", description="a pair whose votes tie: drop it, or pick a side by a fair coin"
+    )
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+    rating_min_difference: float = Field(
+        default=1.0, gt=0.0, description="Likert: the rating gap that makes a pair (equal ratings: a tie)"
+    )
+
+    @model_validator(mode="after")
+    def _rating_range(self) -> Config:
+        if self.rating_min >= self.rating_max:
+            raise ValueError(f"rating_min ({self.rating_min}) must be below rating_max ({self.rating_max})")
+        return self
 
 
 class Inputs(StrictModel):
@@ -28,14 +51,20 @@ class Inputs(StrictModel):
 
 
 class Preference(StrictModel):
+    """One training pair: the majority of its votes."""
+
     id: str
     prompt: str
     chosen: str
     rejected: str
-    annotator: str
+    votes: int
+    annotators: list[str]
     simulated: bool
-    source: str
+    sources: list[str]
 
 
 class Outputs(SplitDataset):
-    """The preference dataset: train/eval JSONL, quarantine, manifest, version hash."""
+    """This run's training pairs (train/eval JSONL), its quarantine, and the dataset version behind them."""
+
+    dataset_version: int
+    dataset_manifest: str

@@ -1,51 +1,44 @@
-"""Read annotator judgements from the inbox, validate each one, and write the preference dataset.
+"""Fold new feedback files into the cumulative preference dataset, once each, and write training pairs.
 
-Accepted pairwise shapes, one JSON object per line in `<inbox>/labels/*.jsonl`:
-- `{prompt, chosen, rejected, annotator?}`
-- `{task_id, choice: a|b|tie, annotator?}`, joined to the task it answers in `<inbox>/tasks/`
-Invalid records go to a quarantine file with the reason and their location; none is dropped silently.
+1. The simulated annotator (demos and tests only) labels this run's tasks into the inbox.
+2. Every feedback file under `<inbox>/labels/` and `sources` whose content hash the ledger has not seen is
+   read (formats.py lists the shapes). Each record becomes judgements or goes to the quarantine with a reason
+   code and its location. A judgement an annotator already made is merged (its location added); one that
+   contradicts that annotator's earlier judgement of the same pair or answer is quarantined.
+3. When more than `max_invalid_fraction` of the new records are invalid, the step fails, naming the worst
+   files, and writes no dataset version: fix the files and run again, nothing is lost.
+4. Otherwise the new judgements and ledger entries become the next dataset version (store.py).
+5. Training pairs are the majority votes over every judgement so far (quality.py), split train/eval by a
+   hash of the pair; agreement and per-annotator statistics go to MLflow.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
-from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from rlhf_components.core import storage
-from rlhf_components.core.config import StrictModel
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.splits import is_eval
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
-from rlhf_components.generate_candidates.step import AnnotationTask
-from rlhf_components.ingest_feedback import simulated
-from rlhf_components.ingest_feedback.config import Config, Inputs, Outputs, Preference
+from rlhf_components.generate_candidates.config import AnnotationTask
+from rlhf_components.ingest_feedback import quality, simulated, store
+from rlhf_components.ingest_feedback.config import Config, Inputs, Outputs
+from rlhf_components.ingest_feedback.formats import (
+    Invalid,
+    Judgement,
+    PairJudgement,
+    RatingJudgement,
+    judgements,
+    list_sources,
+    records,
+)
 
 log = logging.getLogger(__name__)
-
-
-class ChosenRejected(StrictModel):
-    prompt: str = Field(min_length=1)
-    chosen: str = Field(min_length=1)
-    rejected: str = Field(min_length=1)
-    annotator: str = "unknown"
-    simulated: bool = False
-
-
-class TaskChoice(StrictModel):
-    task_id: str = Field(min_length=1)
-    choice: Literal["a", "b", "tie"]
-    annotator: str = "unknown"
-    simulated: bool = False
-
-
-def preference_id(prompt: str, chosen: str, rejected: str) -> str:
-    return hashlib.sha256(f"{prompt}\x00{chosen}\x00{rejected}".encode()).hexdigest()[:16]
 
 
 def _load_tasks(inbox: str) -> dict[str, AnnotationTask]:
@@ -56,55 +49,85 @@ def _load_tasks(inbox: str) -> dict[str, AnnotationTask]:
                 try:
                     task = AnnotationTask.model_validate_json(line)
                 except ValidationError as error:
-                    raise UserError(f"{uri}:{number}: invalid annotation task: {_reason(error)}") from None
+                    raise UserError(
+                        f"{uri}:{number}: invalid annotation task: {error.errors()[0]['msg']}"
+                    ) from None
                 tasks[task.task_id] = task
     return tasks
 
 
-def _to_preference(
-    raw: object, location: str, tasks: dict[str, AnnotationTask]
-) -> Preference | Literal["tie"]:
-    """A validated preference, "tie", or ValueError with the reason."""
-    if not isinstance(raw, dict):
-        raise ValueError("record is not a JSON object")
-    if "task_id" in raw:
-        judged = TaskChoice.model_validate(raw)
-        task = tasks.get(judged.task_id)
-        if task is None:
-            raise ValueError(f"unknown task_id {judged.task_id!r}")
-        if judged.choice == "tie":
-            return "tie"
-        chosen, rejected = (
-            (task.response_a, task.response_b) if judged.choice == "a" else (task.response_b, task.response_a)
+def _identity(judgement: Judgement) -> tuple[str, ...]:
+    """What one annotator can judge only once: a pair of answers, or one answer's rating."""
+    if isinstance(judgement, PairJudgement):
+        return "pair", judgement.annotator, judgement.prompt, judgement.response_a, judgement.response_b
+    return "rating", judgement.annotator, judgement.prompt, judgement.response
+
+
+def _verdict(judgement: Judgement) -> str | float:
+    return judgement.choice if isinstance(judgement, PairJudgement) else judgement.rating
+
+
+class Ingestion:
+    """The judgements so far, indexed by identity, and what this run added or refused."""
+
+    def __init__(self, existing: list[Judgement]) -> None:
+        self.judgements: dict[tuple[str, ...], Judgement] = {_identity(j): j for j in existing}
+        self.quarantine: list[dict[str, str]] = []
+        self.counts: Counter[str] = Counter(
+            dict.fromkeys(
+                ("read", "accepted", "quarantined", "duplicates", "files_ingested", "files_already_ingested"),
+                0,
+            )
         )
-        prompt, annotator, is_simulated = task.prompt, judged.annotator, judged.simulated
-    else:
-        pair = ChosenRejected.model_validate(raw)
-        prompt, chosen, rejected = pair.prompt, pair.chosen, pair.rejected
-        annotator, is_simulated = pair.annotator, pair.simulated
-    if chosen.strip() == rejected.strip():
-        raise ValueError("chosen and rejected are the same text")
-    if not chosen.strip() or not rejected.strip():
-        raise ValueError("empty response text")
-    return Preference(
-        id=preference_id(prompt, chosen, rejected),
-        prompt=prompt,
-        chosen=chosen,
-        rejected=rejected,
-        annotator=annotator,
-        simulated=is_simulated or annotator.startswith("simulated:"),
-        source=location,
-    )
+        self.reasons: Counter[str] = Counter()
+        self.invalid_by_source: Counter[str] = Counter()
 
+    def add(self, uri: str, location: str, raw: object, found: list[Judgement]) -> None:
+        """Merge a record's judgements, or quarantine the whole record if any contradicts an earlier one."""
+        for judgement in found:
+            earlier = self.judgements.get(_identity(judgement))
+            if earlier is not None and _verdict(earlier) != _verdict(judgement):
+                self.refuse(
+                    uri,
+                    location,
+                    raw,
+                    Invalid(
+                        "conflicting_duplicate",
+                        f"contradicts {judgement.annotator}'s earlier "
+                        + (
+                            f"rating {earlier.rating} of this answer"
+                            if isinstance(earlier, RatingJudgement)
+                            else "judgement of this pair"
+                        )
+                        + f" at {earlier.sources[0]}",
+                    ),
+                )
+                return
+        for judgement in found:
+            earlier = self.judgements.get(_identity(judgement))
+            if earlier is None:
+                self.judgements[_identity(judgement)] = judgement
+            else:
+                earlier.sources.append(location)
+                self.counts["duplicates"] += 1
+        self.counts["accepted"] += 1
 
-def _reason(error: Exception) -> str:
-    if isinstance(error, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in error.errors())
-    return str(error)
+    def refuse(self, uri: str, location: str, raw: object, invalid: Invalid) -> None:
+        self.quarantine.append(
+            {
+                "location": location,
+                "code": invalid.code,
+                "reason": str(invalid),
+                "record": raw.text if isinstance(raw, Invalid) else json.dumps(raw, default=str),
+            }
+        )
+        self.counts["quarantined"] += 1
+        self.reasons[invalid.code] += 1
+        self.invalid_by_source[uri] += 1
 
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
-    with step_run(context, "ingest_feedback", config):
+    with step_run(context, "ingest_feedback", config) as mlflow_run:
         labels_dir = storage.join(inputs.inbox, "labels")
         if config.simulated_annotator:
             if inputs.tasks is None:
@@ -120,75 +143,152 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 labelled,
             )
         tasks = _load_tasks(inputs.inbox)
-        counts: Counter[str] = Counter()
-        invalid_by_source: Counter[str] = Counter()
-        quarantine: list[dict[str, str]] = []
-        preferences: dict[str, Preference] = {}
-        label_files = [uri for uri in storage.list_files(labels_dir) if uri.endswith(".jsonl")]
-        for uri in label_files:
-            for number, line in storage.read_jsonl(uri):
-                counts["read"] += 1
-                location = f"{uri}:{number}"
-                try:
-                    result = _to_preference(json.loads(line), location, tasks)
-                except (ValueError, ValidationError) as error:
-                    reason = "invalid JSON" if isinstance(error, json.JSONDecodeError) else _reason(error)
-                    quarantine.append({"location": location, "reason": reason, "record": line})
-                    counts["invalid"] += 1
-                    invalid_by_source[uri] += 1
+        dataset_root = config.dataset or storage.join(inputs.inbox, "dataset")
+        snapshot = store.load(dataset_root)
+        ingestion = Ingestion(snapshot.judgements)
+        seen = snapshot.ingested()
+        new_entries: list[store.LedgerEntry] = []
+        for uri in list_sources([labels_dir, *config.sources]):
+            data = storage.read_bytes(uri)
+            content_hash = storage.sha256_hex(data)
+            if content_hash in seen:
+                ingestion.counts["files_already_ingested"] += 1
+                continue
+            seen.add(content_hash)
+            before = Counter(ingestion.counts)
+            for location, raw in records(uri, data):
+                ingestion.counts["read"] += 1
+                if isinstance(raw, Invalid):
+                    ingestion.refuse(uri, location, raw, raw)
                     continue
-                if result == "tie":
-                    counts["ties"] += 1
-                elif result.id in preferences:
-                    counts["duplicates"] += 1
-                else:
-                    preferences[result.id] = result
+                try:
+                    found = judgements(raw, location, tasks, (config.rating_min, config.rating_max))
+                except Invalid as invalid:
+                    ingestion.refuse(uri, location, raw, invalid)
+                    continue
+                ingestion.add(uri, location, raw, found)
+            new_entries.append(
+                store.LedgerEntry(
+                    content_hash=content_hash,
+                    uri=uri,
+                    records=ingestion.counts["read"] - before["read"],
+                    accepted=ingestion.counts["accepted"] - before["accepted"],
+                    quarantined=ingestion.counts["quarantined"] - before["quarantined"],
+                    version=snapshot.version + 1,
+                )
+            )
+            ingestion.counts["files_ingested"] += 1
+
+        counts = ingestion.counts
         quarantine_uri = step_output(context, "ingest_feedback", "quarantine.jsonl")
-        storage.write_jsonl(quarantine_uri, quarantine)
-        invalid_fraction = counts["invalid"] / max(1, counts["read"])
+        storage.write_jsonl(quarantine_uri, ingestion.quarantine)
+        invalid_fraction = counts["quarantined"] / max(1, counts["read"])
         log_metrics(
             {f"feedback_{key}": value for key, value in counts.items()}
+            | {f"feedback_invalid_{code}": n for code, n in ingestion.reasons.items()}
             | {"feedback_invalid_fraction": invalid_fraction}
         )
         if invalid_fraction > config.max_invalid_fraction:
-            worst = ", ".join(f"{uri} ({n})" for uri, n in invalid_by_source.most_common(3))
+            worst = ", ".join(f"{uri} ({n})" for uri, n in ingestion.invalid_by_source.most_common(3))
             raise UserError(
-                f"ingest_feedback: {invalid_fraction:.1%} of {counts['read']} records are invalid "
-                f"(limit {config.max_invalid_fraction:.1%}); worst sources: {worst}; "
-                f"reasons in {quarantine_uri}"
+                f"ingest_feedback: {invalid_fraction:.1%} of {counts['read']} new records are invalid "
+                f"(limit {config.max_invalid_fraction:.1%}); worst sources: {worst}; reasons in "
+                f"{quarantine_uri}; no dataset version was written"
             )
-        records = sorted(preferences.values(), key=lambda p: p.id)
-        if len(records) < 2:
-            raise UserError(f"ingest_feedback: only {len(records)} usable preference pairs in {labels_dir}")
-        train = [p.model_dump() for p in records if not is_eval(p.id, config.eval_fraction)]
-        evaluation = [p.model_dump() for p in records if is_eval(p.id, config.eval_fraction)]
+
+        all_judgements = list(ingestion.judgements.values())
+        pair_judgements = [j for j in all_judgements if isinstance(j, PairJudgement)]
+        ratings = [j for j in all_judgements if isinstance(j, RatingJudgement)]
+        votes = pair_judgements + quality.pairs_from_ratings(ratings, config.rating_min_difference)
+        pairs, dropped_ties = quality.preferences(votes, config.tie_policy)
+        agreement = quality.agreement(votes)
+        dataset_hash = storage.content_hash(
+            [j.model_dump(mode="json", exclude={"sources"}) for j in all_judgements]
+        )
+        if new_entries:
+            snapshot = store.Snapshot(
+                version=snapshot.version + 1,
+                judgements=all_judgements,
+                ledger=[*snapshot.ledger, *new_entries],
+            )
+            dataset_manifest = store.save(
+                dataset_root,
+                snapshot,
+                {
+                    "version": snapshot.version,
+                    "content_hash": dataset_hash,
+                    "judgements": len(all_judgements),
+                    "pair_judgements": len(pair_judgements),
+                    "ratings": len(ratings),
+                    "files": len(snapshot.ledger),
+                    "new_files": [entry.uri for entry in new_entries],
+                    "contains_simulated_labels": any(j.simulated for j in all_judgements),
+                },
+            )
+        else:
+            dataset_manifest = storage.join(dataset_root, f"v{snapshot.version:06d}", "manifest.json")
+        if len(pairs) < 2:
+            raise UserError(
+                f"ingest_feedback: only {len(pairs)} usable preference pairs in dataset version "
+                f"{snapshot.version} ({labels_dir})"
+            )
+
+        train = [p.model_dump() for p in pairs if not is_eval(p.id, config.eval_fraction)]
+        evaluation = [p.model_dump() for p in pairs if is_eval(p.id, config.eval_fraction)]
         counts.update(
-            pairs=len(records),
+            judgements=len(all_judgements),
+            pairs=len(pairs),
+            ties_dropped=dropped_ties,
             train=len(train),
             eval=len(evaluation),
-            simulated=sum(p.simulated for p in records),
+            simulated=sum(p.simulated for p in pairs),
         )
-        content_hash = storage.content_hash([p.model_dump(exclude={"source"}) for p in records])
+        pairs_hash = storage.content_hash([p.model_dump(exclude={"sources"}) for p in pairs])
         outputs = Outputs(
             train=step_output(context, "ingest_feedback", "train.jsonl"),
             eval=step_output(context, "ingest_feedback", "eval.jsonl"),
             quarantine=quarantine_uri,
             manifest=step_output(context, "ingest_feedback", "manifest.json"),
-            content_hash=content_hash,
+            content_hash=pairs_hash,
             counts=dict(counts),
+            dataset_version=snapshot.version,
+            dataset_manifest=dataset_manifest,
         )
         storage.write_jsonl(outputs.train, train)
         storage.write_jsonl(outputs.eval, evaluation)
         storage.write_json(
             outputs.manifest,
             {
-                "row_count": len(records),
-                "content_hash": content_hash,
-                "sources": label_files,
+                "row_count": len(pairs),
+                "content_hash": pairs_hash,
+                "dataset_version": snapshot.version,
+                "dataset_content_hash": dataset_hash,
                 "counts": dict(counts),
+                "invalid_reasons": dict(ingestion.reasons),
+                "agreement": agreement.model_dump(),
                 "contains_simulated_labels": counts["simulated"] > 0,
             },
         )
-        log_metrics({"feedback_pairs": len(records), "feedback_simulated_pairs": counts["simulated"]})
+        agreement_metrics = {
+            "feedback_shared_pairs": agreement.shared_pairs,
+            "feedback_raw_agreement": agreement.raw_agreement,
+            "feedback_krippendorff_alpha": agreement.krippendorff_alpha,
+        }
+        log_metrics(
+            {k: v for k, v in agreement_metrics.items() if v is not None}
+            | {
+                "feedback_pairs": len(pairs),
+                "feedback_simulated_pairs": counts["simulated"],
+                "feedback_dataset_version": snapshot.version,
+                "feedback_annotators": len(agreement.annotators),
+            }
+        )
+        if mlflow_run is not None:
+            import mlflow
+
+            mlflow.log_dict(
+                {name: stats.model_dump() for name, stats in agreement.annotators.items()},
+                "feedback/annotators.json",
+            )
         log.info("ingest_feedback: %s", dict(counts))
         return outputs

@@ -5,6 +5,7 @@ Kept out of a conftest.py on purpose: other test files own that namespace.
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 from collections.abc import Iterable
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from mlflow.entities import Run
 
@@ -103,3 +106,32 @@ def tiny_reward_model(tmp_path_factory: pytest.TempPathFactory, sft_model_dir: s
     )
     done.write_text(outputs.reward_model, encoding="utf-8")
     return outputs.reward_model
+
+
+P = "Review of the diner downtown:"
+
+
+def write_feedback_in_every_format(folder: Path) -> int:
+    """One feedback file of each type (JSONL, CSV, Parquet, a Label Studio export), 2 records each;
+    returns the number of records."""
+    write_jsonl(folder / "pairs.jsonl", [{"prompt": P, "chosen": "yes", "rejected": "no", "annotator": "j"},
+                                         {"prompt": P, "response": "fine", "rating": 4, "annotator": "j"}])
+    with (folder / "ratings.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, ["prompt", "response", "rating", "annotator", "responses", "ranking"])
+        writer.writeheader()
+        writer.writerow({"prompt": P, "response": "meh", "rating": "2", "annotator": "j"})
+        writer.writerow({"prompt": "Q", "responses": json.dumps(["a", "b", "c"]), "ranking": "[1, 0, 2]"})
+    pq.write_table(pa.Table.from_pylist([
+        {"prompt": "R", "response_a": "x", "response_b": "y", "choice": "a", "annotator": "k"},
+        {"prompt": "R", "response_a": "x", "response_b": "y", "choice": "tie", "annotator": "l"},
+    ]), folder / "choices.parquet")
+    (folder / "export.json").write_text(json.dumps([
+        {"id": 1, "data": {"prompt": "S", "response_a": "u", "response_b": "v"},
+         "annotations": [{"completed_by": {"email": "m@x.org"}, "result": [
+             {"from_name": "choice", "to_name": "prompt", "type": "choices", "value": {"choices": ["B"]}}]},
+             {"was_cancelled": True, "result": []}]},
+        {"id": 2, "data": {"prompt": "S", "response_a": "u", "response_b": "v"}, "annotations": [
+            {"completed_by": 3, "result": [{"type": "choices", "value": {"choices": ["Tie"]}}]}]},
+        {"id": 3, "data": {"prompt": "S", "response_a": "u", "response_b": "w"}, "annotations": []},
+    ]))
+    return 8

@@ -216,13 +216,40 @@ def test_max_prompts_is_counted(tmp_path: Path, run_context: RunContext) -> None
 def test_source_without_files_is_a_user_error(tmp_path: Path, run_context: RunContext) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(UserError, match=r"no \.jsonl or \.csv prompt files"):
+    with pytest.raises(UserError, match=r"no prompt files \(\.jsonl, \.csv, \.parquet\)"):
         _run([str(empty)], run_context)
     (empty / "readme.txt").write_text("prompts go elsewhere\n", encoding="utf-8")
     with pytest.raises(UserError, match=re.escape(str(empty))):
         _run([str(empty)], run_context)
     with pytest.raises(UserError):
         _run([str(tmp_path / "does-not-exist")], run_context)
+
+
+def test_parquet_and_saved_hf_datasets_are_sources(tmp_path: Path, run_context: RunContext) -> None:
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "Review of the ramen:", "n": 1}, {"prompt": None, "n": 2}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    single = tmp_path / "single"
+    lamp_and_ramen = {"prompt": ["Review  of\tthe lamp:", "Review of the ramen:"]}
+    datasets.Dataset.from_dict(lamp_and_ramen).save_to_disk(single)
+    splits = tmp_path / "splits"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"prompt": ["Ｒｅｖｉｅｗ of the lamp:"]}),  # full-width letters
+        "test": datasets.Dataset.from_dict({"prompt": ["Review of the blender:"]}),
+    }).save_to_disk(splits)
+    outputs = _run([str(tmp_path / "p.parquet"), str(single), str(splits)], run_context, eval_fraction=0.0)
+    prompts = {row["prompt"]: row["source"] for row in read_jsonl(outputs.train)}
+    # NFKC and whitespace folding make the lamp prompts one prompt, whatever their width and spacing.
+    assert set(prompts) == {"Review of the ramen:", "Review of the lamp:", "Review of the blender:"}
+    assert prompts["Review of the ramen:"] == f"{tmp_path / 'p.parquet'}#row1"
+    assert prompts["Review of the blender:"] == f"{splits}[test]#row1"
+    counts = outputs.counts
+    assert counts["read"] == 6 and counts["invalid"] == 1 and counts["duplicates"] == 2
+    [quarantined] = read_jsonl(outputs.quarantine)
+    assert quarantined["location"] == f"{tmp_path / 'p.parquet'}#row2"
 
 
 def test_only_invalid_rows_is_a_user_error(tmp_path: Path, run_context: RunContext) -> None:

@@ -92,6 +92,7 @@ def test_candidates_tasks_and_label_studio_export(
     assert len({item["id"] for item in label_studio}) == len(label_studio)
     assert [item["data"] for item in label_studio] == tasks
     assert Path(outputs.label_studio_tasks).parent == Path(outputs.tasks).parent
+    assert Path(outputs.label_studio_config).read_text(encoding="utf-8").startswith("<View>")
 
     [run] = child_runs(run_context, "generate_candidates")
     assert run.data.metrics["candidates"] == K * NUM_PROMPTS

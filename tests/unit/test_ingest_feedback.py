@@ -1,4 +1,5 @@
-"""ingest_feedback: the simulated annotator, validation with quarantine, ties, dedupe, the invalid limit."""
+"""ingest_feedback: the simulated annotator, validation with quarantine, votes and ties, the invalid limit,
+the exactly-once ledger and the versioned dataset."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from rlhf_components.core.errors import UserError
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.demo import GOLD_JUDGE_NAME, gold_score
 from rlhf_components.generate_candidates.step import AnnotationTask
-from rlhf_components.ingest_feedback.step import preference_id
+from rlhf_components.ingest_feedback.quality import preference_id
 
 from ._helpers import child_runs, read_jsonl, write_jsonl
 
@@ -74,16 +75,16 @@ def test_simulated_annotator_labels_every_task_with_the_gold_judge(
         assert label["choice"] == expected
     assert [label["choice"] for label in labels] == ["a", "b", "tie", "a", "b"]
 
-    # The one pair whose chosen answer is empty is quarantined, not lost.
+    # The one pair whose chosen answer is empty is quarantined, not lost; the tie is kept but trains nothing.
     assert outputs.counts["read"] == 5
-    assert outputs.counts["ties"] == 1
-    assert outputs.counts["invalid"] == 1
+    assert outputs.counts["ties_dropped"] == 1
+    assert outputs.counts["quarantined"] == 1
     assert outputs.counts["pairs"] == 3
     preferences = _all_preferences(outputs)
     assert len(preferences) == 3
     for preference in preferences:
         assert preference["simulated"] is True
-        assert preference["annotator"] == f"simulated:{GOLD_JUDGE_NAME}"
+        assert preference["annotators"] == [f"simulated:{GOLD_JUDGE_NAME}"]
         assert gold_score(preference["prompt"], preference["chosen"]) > gold_score(
             preference["prompt"], preference["rejected"])
     assert outputs.counts["simulated"] == 3
@@ -105,8 +106,8 @@ def test_unknown_judge_is_a_user_error(tmp_path: Path, run_context: RunContext) 
         _ingest(inbox, run_context, tasks=tasks, simulated_annotator="no-such-judge")
 
 
-def _hand_written_inbox(inbox: Path) -> tuple[Path, dict[int, str]]:
-    """Label lines with a known fate each; returns the file and {line: expected reason fragment}."""
+def _hand_written_inbox(inbox: Path) -> tuple[Path, dict[int, tuple[str, str]]]:
+    """Label lines with a known fate each; returns the file and {line: (reason code, message fragment)}."""
     write_jsonl(inbox / "tasks" / "batch.jsonl", [
         _task("t1", GOOD, BAD),
         _task("t2", MEH, GOOD),
@@ -116,10 +117,10 @@ def _hand_written_inbox(inbox: Path) -> tuple[Path, dict[int, str]]:
     lines = [
         json.dumps({"prompt": PROMPT, "chosen": GOOD, "rejected": BAD, "annotator": "alice"}),  # 1 valid
         json.dumps({"prompt": "My review of the keyboard:", "chosen": MEH, "rejected": BAD}),  # 2 valid
-        json.dumps({"prompt": PROMPT, "chosen": GOOD, "rejected": BAD, "annotator": "bob"}),  # 3 dup of 1
-        json.dumps({"task_id": "t1", "choice": "a", "annotator": "carol"}),  # 4 dup of 1
+        json.dumps({"prompt": PROMPT, "chosen": GOOD, "rejected": BAD, "annotator": "bob"}),  # 3 vote as 1
+        json.dumps({"task_id": "t1", "choice": "a", "annotator": "carol"}),  # 4 vote as 1
         json.dumps({"task_id": "t2", "choice": "b", "annotator": "carol"}),  # 5 valid
-        json.dumps({"task_id": "t3", "choice": "tie"}),  # 6 tie
+        json.dumps({"task_id": "t3", "choice": "tie"}),  # 6 a tie vote
         json.dumps({"task_id": "t-unknown", "choice": "a"}),  # 7 invalid
         json.dumps({"prompt": PROMPT, "chosen": "", "rejected": BAD}),  # 8 invalid
         json.dumps({"prompt": PROMPT, "chosen": "   ", "rejected": BAD}),  # 9 invalid
@@ -130,21 +131,24 @@ def _hand_written_inbox(inbox: Path) -> tuple[Path, dict[int, str]]:
         json.dumps(["chosen", "rejected"]),  # 14 invalid
         json.dumps({"task_id": "t4", "choice": "a"}),  # 15 invalid
         json.dumps({"prompt": PROMPT, "rejected": BAD}),  # 16 invalid
-        json.dumps({"task_id": "t2", "choice": "a", "annotator": "dave"}),  # 17 valid
+        json.dumps({"task_id": "t2", "choice": "a", "annotator": "dave"}),  # 17 valid, against carol's 5
+        json.dumps({"prompt": PROMPT, "chosen": GOOD, "rejected": BAD, "annotator": "alice"}),  # 18 = 1 again
+        json.dumps({"prompt": PROMPT, "chosen": BAD, "rejected": GOOD, "annotator": "alice"}),  # 19 ≠ 1
     ]
     labels = inbox / "labels" / "humans.jsonl"
     labels.parent.mkdir(parents=True, exist_ok=True)
     labels.write_text("\n".join(lines) + "\n", encoding="utf-8")
     reasons = {
-        7: "unknown task_id 't-unknown'",
-        8: "chosen",
-        9: "empty response text",
-        10: "same text",
-        11: "invalid JSON",
-        13: "choice",
-        14: "not a JSON object",
-        15: "empty response text",
-        16: "chosen",
+        7: ("unknown_task", "unknown task_id 't-unknown'"),
+        8: ("empty_text", "response is empty"),
+        9: ("empty_text", "response is empty"),
+        10: ("self_pair", "same text"),
+        11: ("invalid_json", "invalid JSON"),
+        13: ("bad_value", "choice"),
+        14: ("not_an_object", "not an object"),
+        15: ("empty_text", "response is empty"),
+        16: ("missing_field", "chosen"),
+        19: ("conflicting_duplicate", "contradicts alice's earlier judgement of this pair at"),
     }
     return labels, reasons
 
@@ -155,48 +159,81 @@ def test_every_record_is_accounted_for_once(tmp_path: Path, run_context: RunCont
     outputs = _ingest(inbox, run_context, max_invalid_fraction=1.0, eval_fraction=0.5)
     counts = outputs.counts
 
-    assert counts["read"] == 16
-    assert counts["pairs"] == 4
-    assert counts["duplicates"] == 2
-    assert counts["ties"] == 1
-    assert counts["invalid"] == len(reasons) == 9
-    assert counts["pairs"] + counts["duplicates"] + counts["ties"] + counts["invalid"] == counts["read"]
+    assert counts["read"] == 18
+    assert counts["accepted"] == 8 and counts["duplicates"] == 1  # line 18 repeats line 1
+    assert counts["quarantined"] == len(reasons) == 10
+    assert counts["accepted"] + counts["quarantined"] == counts["read"]
+    # Votes: GOOD > BAD three times; keyboard once; t2 1:1 and t3 a tie vote: two ties, dropped.
+    assert counts["pairs"] == 2 and counts["ties_dropped"] == 2
 
     preferences = _all_preferences(outputs)
     assert counts["train"] + counts["eval"] == len(preferences) == counts["pairs"]
-    assert len({p["id"] for p in preferences}) == len(preferences)
-    by_source = {p["source"]: p for p in preferences}
-    assert set(by_source) == {f"{labels}:{n}" for n in (1, 2, 5, 17)}
-    first = by_source[f"{labels}:1"]
-    assert (first["prompt"], first["chosen"], first["rejected"]) == (PROMPT, GOOD, BAD)
-    assert first["annotator"] == "alice"
+    by_prompt = {p["prompt"]: p for p in preferences}
+    first = by_prompt[PROMPT]
+    assert (first["chosen"], first["rejected"]) == (GOOD, BAD)
     assert first["id"] == preference_id(PROMPT, GOOD, BAD)
-    # task_id/choice records are joined to their task: "b" on t2 prefers response_b.
-    assert (by_source[f"{labels}:5"]["chosen"], by_source[f"{labels}:5"]["rejected"]) == (GOOD, MEH)
-    assert (by_source[f"{labels}:17"]["chosen"], by_source[f"{labels}:17"]["rejected"]) == (MEH, GOOD)
+    assert first["votes"] == 3 and first["annotators"] == ["alice", "bob", "carol"]
+    assert first["sources"] == sorted(f"{labels}:{n}" for n in (1, 3, 4, 18))
     assert all(p["simulated"] is False for p in preferences)
-    assert counts["simulated"] == 0
 
     quarantine = read_jsonl(outputs.quarantine)
-    assert len(quarantine) == counts["invalid"]
     by_location = {row["location"]: row for row in quarantine}
     assert set(by_location) == {f"{labels}:{n}" for n in reasons}
-    for line, fragment in reasons.items():
-        assert fragment in by_location[f"{labels}:{line}"]["reason"], (line, by_location[f"{labels}:{line}"])
     raw_lines = labels.read_text(encoding="utf-8").splitlines()
-    for line in reasons:
-        assert by_location[f"{labels}:{line}"]["record"] == raw_lines[line - 1]
+    for line, (code, fragment) in reasons.items():
+        row = by_location[f"{labels}:{line}"]
+        assert row["code"] == code and fragment in row["reason"], (line, row)
+        if code == "invalid_json":
+            assert row["record"] == raw_lines[line - 1]
+        else:
+            assert json.loads(row["record"]) == json.loads(raw_lines[line - 1])
 
     manifest = json.loads(Path(outputs.manifest).read_text(encoding="utf-8"))
-    assert manifest["row_count"] == 4
+    assert manifest["row_count"] == 2 and manifest["dataset_version"] == 1
     assert manifest["content_hash"] == outputs.content_hash
-    assert manifest["sources"] == [str(labels)]
-    assert manifest["contains_simulated_labels"] is False
+    assert manifest["invalid_reasons"] == {"unknown_task": 1, "empty_text": 3, "self_pair": 1,
+                                           "invalid_json": 1, "bad_value": 1, "not_an_object": 1,
+                                           "missing_field": 1, "conflicting_duplicate": 1}
+    # Alice, Bob and Carol agree on one pair (3 agreeing couples); Carol and Dave disagree on another.
+    assert manifest["agreement"]["shared_pairs"] == 2
+    assert manifest["agreement"]["raw_agreement"] == pytest.approx(3 / 4)
+    assert manifest["agreement"]["annotators"]["dave"]["agrees_with_others"] == 0.0
 
     [run] = child_runs(run_context, "ingest_feedback")
-    assert run.data.metrics["feedback_invalid"] == 9
-    assert run.data.metrics["feedback_pairs"] == 4
-    assert run.data.metrics["feedback_invalid_fraction"] == pytest.approx(9 / 16)
+    assert run.data.metrics["feedback_quarantined"] == 10
+    assert run.data.metrics["feedback_invalid_empty_text"] == 3
+    assert run.data.metrics["feedback_pairs"] == 2
+    assert run.data.metrics["feedback_raw_agreement"] == pytest.approx(0.75)
+    assert run.data.metrics["feedback_invalid_fraction"] == pytest.approx(10 / 18)
+
+
+def test_each_file_is_folded_in_once_into_a_versioned_dataset(
+    tmp_path: Path, run_context: RunContext
+) -> None:
+    inbox = tmp_path / "inbox"
+    write_jsonl(inbox / "labels" / "week-1.jsonl",
+                [{"prompt": f"{PROMPT} {i}", "chosen": GOOD, "rejected": BAD} for i in range(4)])
+    first = _ingest(inbox, run_context)
+    again = _ingest(inbox, run_context)
+    assert (first.dataset_version, again.dataset_version) == (1, 1)
+    assert again.counts["read"] == 0 and again.counts["files_already_ingested"] == 1
+    assert _all_preferences(again) == _all_preferences(first)
+
+    # A copy under another name is the same content: still once. New content is a new version.
+    (inbox / "labels" / "copy.jsonl").write_bytes((inbox / "labels" / "week-1.jsonl").read_bytes())
+    write_jsonl(inbox / "labels" / "week-2.jsonl",
+                [{"prompt": f"{PROMPT} {i}", "chosen": MEH, "rejected": BAD} for i in range(3)])
+    later = _ingest(inbox, run_context)
+    assert later.dataset_version == 2
+    assert later.counts["read"] == 3 and later.counts["files_already_ingested"] == 2
+    assert later.counts["pairs"] == 7
+    ledger = read_jsonl(inbox / "dataset" / "v000002" / "ledger.jsonl")
+    assert [(Path(e["uri"]).name, e["version"], e["records"]) for e in ledger] == [
+        ("week-1.jsonl", 1, 4), ("week-2.jsonl", 2, 3)]
+    manifest = json.loads((inbox / "dataset" / "v000002" / "manifest.json").read_text())
+    assert manifest["judgements"] == 7 and manifest["new_files"] == [str(inbox / "labels" / "week-2.jsonl")]
+    assert json.loads((inbox / "dataset" / "latest.json").read_text()) == {"version": 2}
+    assert later.dataset_manifest == str(inbox / "dataset" / "v000002" / "manifest.json")
 
 
 def test_too_many_invalid_records_fails_naming_the_worst_file(
@@ -211,7 +248,8 @@ def test_too_many_invalid_records_fails_naming_the_worst_file(
     with pytest.raises(UserError) as raised:
         _ingest(inbox, run_context, max_invalid_fraction=0.2)
     message = str(raised.value)
-    assert "33.3% of 12 records are invalid" in message
+    assert "33.3% of 12 new records are invalid" in message
+    assert "no dataset version was written" in message
     sources = message.split("worst sources: ")[1]
     assert sources.startswith(f"{worst} (3)")
     assert f"{mostly_good} (1)" in sources
@@ -220,14 +258,15 @@ def test_too_many_invalid_records_fails_naming_the_worst_file(
     assert str(quarantine) in message
     assert len(read_jsonl(quarantine)) == 4
 
-    # At the limit it passes: 4 invalid of 12 is 33.3%.
+    # Nothing was folded in, so the same files are read again; at the limit it passes: 4 of 12 is 33.3%.
+    assert not (inbox / "dataset").exists()
     outputs = _ingest(inbox, run_context, max_invalid_fraction=0.34)
-    assert outputs.counts["pairs"] == 8
+    assert outputs.counts["pairs"] == 8 and outputs.dataset_version == 1
 
 
 def test_simulated_marking_follows_the_annotator(tmp_path: Path, run_context: RunContext) -> None:
     inbox = tmp_path / "inbox"
-    write_jsonl(inbox / "tasks" / "t.jsonl", [_task("t1", GOOD, BAD)])
+    write_jsonl(inbox / "tasks" / "t.jsonl", [_task("t1", ALSO_MEH, BAD)])
     write_jsonl(inbox / "labels" / "mixed.jsonl", [
         {"prompt": PROMPT, "chosen": GOOD, "rejected": BAD, "annotator": "human-1"},
         {"prompt": PROMPT, "chosen": MEH, "rejected": BAD, "annotator": f"simulated:{GOLD_JUDGE_NAME}"},
@@ -236,7 +275,7 @@ def test_simulated_marking_follows_the_annotator(tmp_path: Path, run_context: Ru
     ])
     outputs = _ingest(inbox, run_context, eval_fraction=0.0)
     flags = {(p["chosen"], p["rejected"]): p["simulated"] for p in _all_preferences(outputs)}
-    assert flags == {(GOOD, BAD): False, (MEH, BAD): True, (GOOD, MEH): True, (BAD, GOOD): True}
+    assert flags == {(GOOD, BAD): False, (MEH, BAD): True, (GOOD, MEH): True, (BAD, ALSO_MEH): True}
     assert outputs.counts["simulated"] == 3
     assert json.loads(Path(outputs.manifest).read_text(encoding="utf-8"))["contains_simulated_labels"] is True
 

@@ -1,0 +1,338 @@
+"""Every shape of human feedback we accept, read into one of two judgements.
+
+A source file holds records; each record becomes judgements or is refused with a reason code:
+
+| record | fields | becomes |
+|---|---|---|
+| chosen/rejected | `prompt, chosen, rejected` | one pair judgement |
+| a/b choice | `prompt, response_a, response_b, choice ∈ {a, b, tie}` | one pair judgement |
+| task choice | `task_id, choice` (a task `generate_candidates` wrote) | one pair judgement |
+| Likert rating | `prompt, response, rating, annotator` | one rating; pairs come from ratings later |
+| ranking | `prompt, responses[], ranking[]` (indices, best first) | K·(K−1)/2 pair judgements |
+| HH-RLHF | `chosen, rejected` conversations, no `prompt` | one pair judgement (prompt: the shared turns) |
+| Label Studio | an exported task with `data` (a task) and `annotations` | one record per annotation |
+
+Files: `.jsonl`, `.csv` (list fields as JSON text), `.parquet`, and `.json` (a Label Studio export: a list of
+tasks). An `annotator` field is optional everywhere but Likert, where ratings only compare within one
+annotator's scale.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rlhf_components.core import storage
+from rlhf_components.core.config import StrictModel
+from rlhf_components.generate_candidates.config import AnnotationTask
+
+SUFFIXES = (".jsonl", ".csv", ".parquet", ".json")
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+class Invalid(ValueError):
+    """A record we cannot use: `code` is the reason counted in MLflow, the message says what is wrong."""
+
+    def __init__(self, code: str, message: str, text: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.text = text
+        """the record as it was read, where it could not be parsed at all"""
+
+
+class PairJudgement(StrictModel):
+    """One annotator's choice between two answers to a prompt, stored with the answers in text order."""
+
+    kind: Literal["pair"] = "pair"
+    prompt: str
+    response_a: str
+    response_b: str
+    choice: Literal["a", "b", "tie"]
+    annotator: str
+    simulated: bool = False
+    sources: list[str]
+
+
+class RatingJudgement(StrictModel):
+    kind: Literal["rating"] = "rating"
+    prompt: str
+    response: str
+    rating: float
+    annotator: str
+    simulated: bool = False
+    sources: list[str]
+
+
+Judgement = PairJudgement | RatingJudgement
+
+
+class _Common(BaseModel):
+    """Fields other tools add (ids, timestamps, metadata) are ignored, not refused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    annotator: str = Field(default="unknown", min_length=1)
+    simulated: bool = False
+
+
+class ChosenRejected(_Common):
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+class ChoiceOfTwo(_Common):
+    prompt: str
+    response_a: str
+    response_b: str
+    choice: Literal["a", "b", "tie"]
+
+
+class TaskChoice(_Common):
+    task_id: str = Field(min_length=1)
+    choice: Literal["a", "b", "tie"]
+
+
+class Rating(_Common):
+    prompt: str
+    response: str
+    rating: float
+    annotator: str = Field(min_length=1)
+
+
+class Ranking(_Common):
+    prompt: str
+    responses: list[str] = Field(min_length=2)
+    ranking: list[int] = Field(description="indices into responses, best first")
+
+
+class Conversations(_Common):
+    chosen: str
+    rejected: str
+
+
+def pair(
+    prompt: str,
+    first: str,
+    second: str,
+    preferred: Literal["first", "second", "tie"],
+    common: _Common,
+    source: str,
+) -> PairJudgement:
+    """A pair judgement with the answers in text order, so one pair has one key whoever wrote it how."""
+    for text, field in ((prompt, "prompt"), (first, "response"), (second, "response")):
+        if not text.strip():
+            raise Invalid("empty_text", f"{field} is empty")
+    if first.strip() == second.strip():
+        raise Invalid("self_pair", "the two responses are the same text")
+    swap = second < first
+    choice: Literal["a", "b", "tie"] = (
+        "tie" if preferred == "tie" else "a" if (preferred == "first") != swap else "b"
+    )
+    a, b = (second, first) if swap else (first, second)
+    return PairJudgement(
+        prompt=prompt,
+        response_a=a,
+        response_b=b,
+        choice=choice,
+        annotator=common.annotator,
+        simulated=common.simulated or common.annotator.startswith("simulated:"),
+        sources=[source],
+    )
+
+
+def _choice(choice: Literal["a", "b", "tie"]) -> Literal["first", "second", "tie"]:
+    return "tie" if choice == "tie" else "first" if choice == "a" else "second"
+
+
+def judgements(
+    raw: object, source: str, tasks: dict[str, AnnotationTask], rating_range: tuple[float, float]
+) -> list[Judgement]:
+    """The judgements in one record, or Invalid."""
+    if not isinstance(raw, dict):
+        raise Invalid("not_an_object", "record is not an object")
+    try:
+        if "task_id" in raw:
+            judged = TaskChoice.model_validate(raw)
+            task = tasks.get(judged.task_id)
+            if task is None:
+                raise Invalid("unknown_task", f"unknown task_id {judged.task_id!r}")
+            return [
+                pair(task.prompt, task.response_a, task.response_b, _choice(judged.choice), judged, source)
+            ]
+        if "response_a" in raw or "response_b" in raw:
+            two = ChoiceOfTwo.model_validate(raw)
+            return [pair(two.prompt, two.response_a, two.response_b, _choice(two.choice), two, source)]
+        if "ranking" in raw or "responses" in raw:
+            return _ranking(Ranking.model_validate(raw), source)
+        if "rating" in raw:
+            return [_rating(Rating.model_validate(raw), source, rating_range)]
+        if "prompt" in raw:
+            cr = ChosenRejected.model_validate(raw)
+            return [pair(cr.prompt, cr.chosen, cr.rejected, "first", cr, source)]
+        if "chosen" in raw or "rejected" in raw:
+            return [_conversations(Conversations.model_validate(raw), source)]
+    except ValidationError as error:
+        raise Invalid(_validation_code(error), _validation_message(error)) from None
+    raise Invalid("unknown_format", f"no known feedback shape has the fields {sorted(raw)}")
+
+
+def _rating(rating: Rating, source: str, rating_range: tuple[float, float]) -> RatingJudgement:
+    low, high = rating_range
+    if not low <= rating.rating <= high:
+        raise Invalid("rating_out_of_range", f"rating {rating.rating} is outside [{low}, {high}]")
+    if not rating.prompt.strip() or not rating.response.strip():
+        raise Invalid("empty_text", "prompt or response is empty")
+    return RatingJudgement(
+        prompt=rating.prompt,
+        response=rating.response,
+        rating=rating.rating,
+        annotator=rating.annotator,
+        simulated=rating.simulated or rating.annotator.startswith("simulated:"),
+        sources=[source],
+    )
+
+
+def _ranking(ranking: Ranking, source: str) -> list[Judgement]:
+    if sorted(ranking.ranking) != list(range(len(ranking.responses))):
+        raise Invalid(
+            "bad_ranking",
+            f"ranking {ranking.ranking} is not an order of the {len(ranking.responses)} responses",
+        )
+    order = [ranking.responses[i] for i in ranking.ranking]
+    if len({r.strip() for r in order}) < len(order):
+        raise Invalid("self_pair", "the ranking lists the same response twice")
+    return [
+        pair(ranking.prompt, better, worse, "first", ranking, source)
+        for position, better in enumerate(order)
+        for worse in order[position + 1 :]
+    ]
+
+
+def _conversations(record: Conversations, source: str) -> PairJudgement:
+    """HH-RLHF: both texts are the same conversation up to the last assistant turn, which differs."""
+    cut_chosen, cut_rejected = record.chosen.rfind(HH_ASSISTANT), record.rejected.rfind(HH_ASSISTANT)
+    if cut_chosen < 0 or cut_rejected < 0:
+        raise Invalid("bad_conversation", f"a conversation has no {HH_ASSISTANT.strip()!r} turn")
+    prompt = record.chosen[: cut_chosen + len(HH_ASSISTANT)]
+    if record.rejected[: cut_rejected + len(HH_ASSISTANT)] != prompt:
+        raise Invalid("bad_conversation", "chosen and rejected differ before the last assistant turn")
+    chosen = record.chosen[len(prompt) :].strip()
+    rejected = record.rejected[cut_rejected + len(HH_ASSISTANT) :].strip()
+    return pair(prompt, chosen, rejected, "first", record, source)
+
+
+def _validation_code(error: ValidationError) -> str:
+    kinds = {e["type"] for e in error.errors()}
+    if "missing" in kinds:
+        return "missing_field"
+    if "extra_forbidden" in kinds:
+        return "unknown_field"
+    return "bad_value"
+
+
+def _validation_message(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in error.errors())
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def records(uri: str, data: bytes) -> Iterator[tuple[str, object]]:
+    """(location, record) for each record of a feedback file; a record that is not even parseable is an
+    Invalid instance in place of the record."""
+    if uri.endswith(".jsonl"):
+        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            if line.strip():
+                yield f"{uri}:{number}", _json_or_invalid(line)
+    elif uri.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig", "replace")))
+        for number, row in enumerate(reader, 2):
+            yield f"{uri}:{number}", _from_csv(row)
+    elif uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for number, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), 1):
+            yield f"{uri}#row{number}", {k: v for k, v in row.items() if v is not None}
+    elif uri.endswith(".json"):
+        yield from _label_studio(uri, data)
+
+
+def _json_or_invalid(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        return Invalid("invalid_json", f"invalid JSON: {error.msg}", text)
+
+
+def _from_csv(row: dict[str, Any]) -> object:
+    if None in row:
+        return Invalid("bad_csv_row", "more values than columns", json.dumps(row, default=str))
+    record: dict[str, Any] = {k: v for k, v in row.items() if v not in ("", None)}
+    for field in ("responses", "ranking"):
+        if isinstance(record.get(field), str):
+            record[field] = _json_or_invalid(record[field])
+            if isinstance(record[field], Invalid):
+                return Invalid("bad_value", f"{field}: {record[field]}", json.dumps(row))
+    if "rating" in record:
+        try:
+            record["rating"] = float(record["rating"])
+        except ValueError:
+            return Invalid("bad_value", f"rating {record['rating']!r} is not a number", json.dumps(row))
+    if "simulated" in record:
+        record["simulated"] = str(record["simulated"]).lower() in {"1", "true", "yes"}
+    return record
+
+
+LABEL_STUDIO_CHOICES = {"a": "a", "b": "b", "tie": "tie", "response a": "a", "response b": "b"}
+
+
+def _label_studio(uri: str, data: bytes) -> Iterator[tuple[str, object]]:
+    """A Label Studio export of our pairwise-choice config: one record per (non-cancelled) annotation."""
+    export = _json_or_invalid(data.decode("utf-8", "replace"))
+    if not isinstance(export, list):
+        yield uri, export if isinstance(export, Invalid) else Invalid("not_an_export", "not a list of tasks")
+        return
+    for index, task in enumerate(export):
+        location = f"{uri}#task{index}"
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            yield location, Invalid("not_an_export", "task has no data object")
+            continue
+        for number, annotation in enumerate(task.get("annotations") or []):
+            if isinstance(annotation, dict) and annotation.get("was_cancelled"):
+                continue
+            yield f"{location}/annotation{number}", _label_studio_record(task["data"], annotation)
+
+
+def _label_studio_record(data: dict[str, Any], annotation: object) -> object:
+    if not isinstance(annotation, dict):
+        return Invalid("not_an_export", "annotation is not an object")
+    choices = [
+        choice
+        for result in annotation.get("result") or []
+        if isinstance(result, dict) and result.get("type") == "choices"
+        for choice in (result.get("value") or {}).get("choices") or []
+    ]
+    if len(choices) != 1 or str(choices[0]).lower() not in LABEL_STUDIO_CHOICES:
+        return Invalid("bad_value", f"expected one choice of A, B or Tie, got {choices}")
+    completed_by = annotation.get("completed_by")
+    if isinstance(completed_by, dict):
+        completed_by = completed_by.get("email") or completed_by.get("id")
+    record = {
+        "choice": LABEL_STUDIO_CHOICES[str(choices[0]).lower()],
+        "annotator": f"label-studio:{completed_by}" if completed_by is not None else "label-studio",
+    }
+    if "task_id" in data:
+        return {**record, "task_id": data["task_id"]}
+    return {**record, **{k: data.get(k) for k in ("prompt", "response_a", "response_b")}}
+
+
+def list_sources(prefixes: list[str]) -> list[str]:
+    """The feedback files under each prefix (a file, a directory or an s3:// prefix), sorted, deduplicated."""
+    found = {uri for prefix in prefixes for uri in storage.list_files(prefix) if uri.endswith(SUFFIXES)}
+    return sorted(found)

@@ -1,0 +1,58 @@
+"""Feedback read from an S3 prefix (a real moto server over HTTP) and from a local folder gives the same
+dataset, and the S3 ledger folds each object in once."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from unit._helpers import read_jsonl, write_feedback_in_every_format  # tests/ is on sys.path
+
+from rlhf_components import ingest_feedback
+from rlhf_components.core import storage
+from rlhf_components.core.tracking import RunContext
+
+from .conftest import S3Server
+
+
+def pairs(outputs: ingest_feedback.Outputs) -> list[dict[str, Any]]:
+    splits = (outputs.train, outputs.eval)
+    rows = [json.loads(line) for split in splits for _, line in storage.read_jsonl(split)]
+    return sorted(({k: v for k, v in row.items() if k != "sources"} for row in rows), key=lambda r: r["id"])
+
+
+def test_s3_and_local_sources_give_identical_datasets(
+    s3_server: S3Server, tmp_path: Path, run_context: RunContext
+) -> None:
+    local_inbox = tmp_path / "inbox"
+    labels = local_inbox / "labels"
+    labels.mkdir(parents=True)
+    records = write_feedback_in_every_format(labels)
+    s3_inbox = s3_server.uri(f"feedback-{uuid.uuid4().hex[:10]}", "inbox")
+    for path in labels.iterdir():
+        storage.write_bytes(storage.join(s3_inbox, "labels", path.name), path.read_bytes())
+
+    config = ingest_feedback.Config(eval_fraction=0.3)
+    local = ingest_feedback.run(config, ingest_feedback.Inputs(inbox=str(local_inbox)), run_context)
+    remote = ingest_feedback.run(config, ingest_feedback.Inputs(inbox=s3_inbox), run_context)
+    assert local.counts == remote.counts and local.counts["read"] == records
+    assert pairs(local) == pairs(remote)
+    assert local.content_hash == remote.content_hash
+    assert remote.dataset_manifest.startswith(s3_inbox) and remote.dataset_version == 1
+
+    def relative(judgements: list[dict[str, Any]], root: str) -> list[dict[str, Any]]:
+        return sorted(
+            ({**j, "sources": sorted(s.removeprefix(root) for s in j["sources"])} for j in judgements),
+            key=json.dumps,
+        )
+
+    local_judgements = read_jsonl(local_inbox / "dataset" / "v000001" / "judgements.jsonl")
+    remote_file = storage.join(s3_inbox, "dataset/v000001/judgements.jsonl")
+    remote_judgements = [json.loads(line) for _, line in storage.read_jsonl(remote_file)]
+    assert relative(local_judgements, str(local_inbox)) == relative(remote_judgements, s3_inbox)
+
+    again = ingest_feedback.run(config, ingest_feedback.Inputs(inbox=s3_inbox), run_context)
+    assert again.dataset_version == 1 and again.counts["read"] == 0
+    assert again.counts["files_already_ingested"] == 4
