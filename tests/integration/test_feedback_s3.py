@@ -1,17 +1,23 @@
 """Feedback read from an S3 prefix (a real moto server over HTTP) and from a local folder gives the same
-dataset, and the S3 ledger folds each object in once."""
+dataset, for every format and for random and malformed records (hypothesis), and the S3 ledger folds each
+object in once."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from unit._helpers import read_jsonl, write_feedback_in_every_format  # tests/ is on sys.path
+from unit.test_feedback_properties import LINE
 
 from rlhf_components import ingest_feedback
 from rlhf_components.core import storage
+from rlhf_components.core.errors import UserError
 from rlhf_components.core.tracking import RunContext
 
 from .conftest import S3Server
@@ -56,3 +62,31 @@ def test_s3_and_local_sources_give_identical_datasets(
     again = ingest_feedback.run(config, ingest_feedback.Inputs(inbox=s3_inbox), run_context)
     assert again.dataset_version == 1 and again.counts["read"] == 0
     assert again.counts["files_already_ingested"] == 4
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(LINE, min_size=1, max_size=15))
+def test_random_records_give_the_same_outcome_from_s3_and_from_disk(
+    lines: list[str], s3_server: S3Server, run_context: RunContext
+) -> None:
+    text = ("\n".join(lines) + "\n").encode()
+    with tempfile.TemporaryDirectory() as temp:
+        local_inbox = Path(temp, "inbox")
+        (local_inbox / "labels").mkdir(parents=True)
+        (local_inbox / "labels" / "random.jsonl").write_bytes(text)
+        s3_inbox = s3_server.uri(f"random-{uuid.uuid4().hex[:10]}", "inbox")
+        storage.write_bytes(storage.join(s3_inbox, "labels", "random.jsonl"), text)
+
+        def outcome(inbox: str) -> tuple[str, Any, list[Any]]:
+            config = ingest_feedback.Config(max_invalid_fraction=1.0)
+            try:
+                outputs = ingest_feedback.run(config, ingest_feedback.Inputs(inbox=inbox), run_context)
+            except UserError as error:
+                return "failed", str(error).split(" in dataset version")[0], []
+            quarantine = [
+                {**row, "location": row["location"].removeprefix(inbox)}
+                for row in (json.loads(line) for _, line in storage.read_jsonl(outputs.quarantine))
+            ]
+            return "ok", (outputs.counts, pairs(outputs)), quarantine
+
+        assert outcome(str(local_inbox)) == outcome(s3_inbox)
