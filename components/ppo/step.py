@@ -1,7 +1,9 @@
 """PPO for RLHF, top to bottom in one file.
 
 Four models: the policy (trained), a frozen reference (the KL anchor), the frozen reward model, and a value
-model initialised from the reward model (trained). Dropout is off in all four. Each iteration:
+model initialised from the reward model with its normalisation folded in (trained). Dropout is off in all
+four. With several workers (rlhf_components.distributed), each answers its share of the global prompt batch
+with its own sampling seed, whitening uses every worker's rollout, and gradients are averaged. Each iteration:
 
 1. rollout   — sample responses from the policy with the KV cache; keep the generation pass's log-probs;
 2. score     — reference log-probs, values, and the reward model's score at the last real token, minus a
