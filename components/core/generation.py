@@ -75,6 +75,29 @@ def encode_prompts(
     return encoded["input_ids"], encoded["attention_mask"]
 
 
+def encode_prompt_response(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prompt + response + EOS, tokenised in two parts as generation sees them, right-padded, keeping the last
+    `max_length` tokens (prompts are cut first). Returns (ids, attention mask, response mask): the response
+    mask marks the response's tokens and its EOS, never prompt or pad."""
+    rows, response_lengths = [], []
+    for prompt, response in zip(prompts, responses, strict=True):
+        answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (tokenizer(prompt, add_special_tokens=False)["input_ids"] + answer)[-max_length:]
+        rows.append(ids)
+        response_lengths.append(min(len(answer), len(ids)))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, (ids, answer_length) in enumerate(zip(rows, response_lengths, strict=True)):
+        input_ids[index, : len(ids)] = torch.tensor(ids)
+        mask[index, : len(ids)] = 1
+        response_mask[index, len(ids) - answer_length : len(ids)] = 1
+    return input_ids, mask, response_mask
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]

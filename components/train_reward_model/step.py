@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
+from rlhf_components.core.generation import encode_prompt_response
 from rlhf_components.core.models import (
     REWARD_MEAN_KEY,
     REWARD_STD_KEY,
@@ -49,22 +50,9 @@ def bradley_terry_loss(
 def encode_answers(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """prompt + response + EOS, tokenised in two parts as PPO sees them, right-padded.
-
-    Returns (ids, mask, index of the last real token).
-    """
-    rows = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = ids + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(ids[-max_length:])
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, ids in enumerate(rows):
-        input_ids[index, : len(ids)] = torch.tensor(ids)
-        mask[index, : len(ids)] = 1
-    return input_ids, mask, mask.sum(-1) - 1
+    """(ids, mask, index of the last real token) of prompt + response + EOS; see encode_prompt_response."""
+    ids, mask, _ = encode_prompt_response(tokenizer, prompts, responses, max_length)
+    return ids, mask, mask.sum(-1) - 1
 
 
 def score_texts(
