@@ -74,6 +74,13 @@ def ppo(config: str, run: str, prompts: str, reward: str) -> str:
 
 
 @_component
+def dpo(config: str, run: str, feedback: str) -> str:
+    from rlhf_pipelines.steps import run_dpo
+
+    return run_dpo(config, run, feedback)
+
+
+@_component
 def evaluate(config: str, run: str, prompts: str, reward: str, policy: str) -> str:
     from rlhf_pipelines.steps import run_evaluate
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -13,6 +14,7 @@ from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel, load_yaml_config, parse_yaml_text, validate_mapping
 from rlhf_components.core.tracking import TrackingConfig
 from rlhf_components.demo import DemoAssetsSpec
+from rlhf_components.dpo import Config as DPOConfig
 from rlhf_components.evaluate import Config as EvaluateConfig
 from rlhf_components.generate_candidates import Config as GenerateCandidatesConfig
 from rlhf_components.ingest_feedback import Config as IngestFeedbackConfig
@@ -30,6 +32,9 @@ class DemoAssetsConfig(StrictModel):
 
 class PipelineConfig(StrictModel):
     name: str = Field(default="rlhf", pattern=r"^[a-z0-9][a-z0-9-]*$")
+    pipeline: Literal["rlhf", "dpo"] = Field(
+        default="rlhf", description="rlhf: reward model + PPO; dpo: Direct Preference Optimization"
+    )
     seed: int = 0
     policy: str = Field(description="the SFT policy: checkpoint dir, s3:// prefix or models:/name@alias")
     storage_root: str = Field(description="step outputs go to <storage_root>/<pipeline run id>/<step>/")
@@ -43,17 +48,28 @@ class PipelineConfig(StrictModel):
     ingest_feedback: IngestFeedbackConfig = Field(default_factory=IngestFeedbackConfig)
     train_reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register_and_promote: RegisterConfig = Field(default_factory=RegisterConfig)
 
     @model_validator(mode="after")
     def _pytorchjob_pods_can_reach_storage(self) -> PipelineConfig:
-        for step in ("train_reward_model", "ppo"):
+        for step in ("train_reward_model", "ppo", "dpo"):
             if getattr(self, step).launcher == "pytorchjob" and not storage.is_s3(self.storage_root):
                 raise ValueError(
                     f"{step}.launcher: pytorchjob pods read and write through storage_root, "
                     f"which must be s3:// (it is {self.storage_root!r})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_gates_on_what_it_measures(self) -> PipelineConfig:
+        metric = self.register_and_promote.gate.metric
+        if self.pipeline == "dpo" and metric.startswith("rm_"):
+            raise ValueError(
+                f"register_and_promote.gate.metric: the dpo pipeline trains no reward model, so there is no "
+                f"{metric}; gate on the gold judge's win rate (gold_win_rate) instead"
+            )
         return self
 
     def config_hash(self) -> str:

@@ -26,13 +26,13 @@ log = logging.getLogger(__name__)
 def compile_pipeline(pipeline: str, output: str | Path) -> Path:
     from kfp import compiler
 
-    from rlhf_pipelines.dag import PIPELINES, rlhf_pipeline
+    from rlhf_pipelines.dag import PIPELINES
 
     if pipeline not in PIPELINES:
         raise UserError(f"unknown pipeline {pipeline!r}; available: {', '.join(sorted(PIPELINES))}")
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(rlhf_pipeline, str(path))
+    compiler.Compiler().compile(PIPELINES[pipeline], str(path))
     return path
 
 
@@ -61,7 +61,7 @@ def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
     """The whole DAG through kfp.local's SubprocessRunner in this Python environment; returns the summary."""
     import kfp.local
 
-    from rlhf_pipelines.dag import rlhf_pipeline
+    from rlhf_pipelines.dag import PIPELINES
 
     config = with_absolute_paths(config)
     if config.tracking.uri is None:
@@ -85,7 +85,7 @@ def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
     error_file.unlink(missing_ok=True)
     os.environ[ERROR_FILE_ENV] = str(error_file)  # the task subprocesses inherit it
     try:
-        task = rlhf_pipeline(config=config.to_json())
+        task = PIPELINES[config.pipeline](config=config.to_json())
     except RuntimeError as error:
         reason = error_file.read_text(encoding="utf-8").strip() if error_file.is_file() else ""
         detail = reason or re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()[0]
@@ -149,7 +149,7 @@ def submit(config: PipelineConfig, host: str, experiment: str) -> str:
     _check_for_kubernetes(config)
     with tempfile.TemporaryDirectory() as temp, _kfp_client(host) as client:
         run = client.create_run_from_pipeline_package(
-            str(compile_pipeline("rlhf", Path(temp) / "rlhf.yaml")),
+            str(compile_pipeline(config.pipeline, Path(temp) / "pipeline.yaml")),
             arguments={"config": config.to_json()},
             run_name=f"{config.name}-{config.config_hash()}",
             experiment_name=experiment,
@@ -183,7 +183,9 @@ def schedule(config: PipelineConfig, host: str, cron: str, experiment: str, max_
             max_concurrency=max_concurrency,
             no_catchup=True,
             params={"config": config.to_json()},
-            pipeline_package_path=str(compile_pipeline("rlhf", Path(temp) / "rlhf.yaml")),
+            pipeline_package_path=str(
+                compile_pipeline(config.pipeline, Path(temp) / f"{config.pipeline}.yaml")
+            ),
             enable_caching=False,
         )
         return str(recurring.recurring_run_id)
@@ -193,7 +195,8 @@ def summary_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     for key in ("gold_win_rate", "rm_win_rate", "kl", "reward_model_accuracy", "promoted"):
         value = summary.get(key)
-        rows.append((key, f"{value:.3f}" if isinstance(value, float) else str(value)))
+        if value is not None:  # a DPO run has no reward model, so no rm_win_rate or its accuracy
+            rows.append((key, f"{value:.3f}" if isinstance(value, float) else str(value)))
     for role, entry in summary.get("registered", {}).items():
         rows.append(
             (f"registered {role}", f"{entry['name']} v{entry['version']} [{', '.join(entry['aliases'])}]")

@@ -17,6 +17,7 @@ from typing import Any
 
 from rlhf_components import (
     collect_prompts,
+    dpo,
     evaluate,
     generate_candidates,
     ingest_feedback,
@@ -146,6 +147,14 @@ def run_ppo(
 
 
 @_step
+def run_dpo(
+    config: PipelineConfig, started: dict[str, Any], context: RunContext, feedback: dict[str, Any]
+) -> str:
+    inputs = dpo.Inputs(policy=config.policy, train=feedback["train"], eval=feedback["eval"])
+    return str(launch("dpo", config.dpo, inputs, context).model_dump_json())
+
+
+@_step
 def run_evaluate(
     config: PipelineConfig,
     started: dict[str, Any],
@@ -159,7 +168,7 @@ def run_evaluate(
         candidate=policy["policy"],
         reference=config.policy,
         champion=champion if champion != config.policy else None,
-        reward_model=reward["reward_model"],
+        reward_model=reward["reward_model"] if reward else None,
         prompts=prompts["eval"],
     )
     return evaluate_run(config.evaluate, inputs, context).model_dump_json()
@@ -172,15 +181,15 @@ def run_register_and_promote(
     context: RunContext,
     prompts: dict[str, Any],
     feedback: dict[str, Any],
-    reward: dict[str, Any],
+    reward: dict[str, Any] | None,
     policy: dict[str, Any],
     evaluation: dict[str, Any],
 ) -> str:
     inputs = register_and_promote.Inputs(
         policy=policy["policy"],
-        reward_model=reward["reward_model"],
+        reward_model=reward["reward_model"] if reward else None,
         evaluation=evaluation["metrics"],
-        reward_model_accuracy=reward["eval_accuracy"],
+        reward_model_accuracy=reward["eval_accuracy"] if reward else None,
         lineage={
             "prompts_hash": prompts["content_hash"],
             "feedback_hash": feedback["content_hash"],

@@ -33,7 +33,7 @@ class Inputs(StrictModel):
     candidate: str
     reference: str
     champion: str | None = Field(default=None, description="the current production policy, if any")
-    reward_model: str
+    reward_model: str | None = Field(default=None, description="none in the DPO pipeline: no rm_* metrics")
     prompts: str = Field(description="held-out prompts (collect_prompts' eval split)")
 
 

@@ -144,13 +144,18 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         prompts = prompts[: config.max_prompts]
         if not prompts:
             raise UserError(f"{inputs.prompts}: no held-out prompts to evaluate on")
-        reward_model, reward_tokenizer = load_scalar_model(inputs.reward_model, config.trust_remote_code)
-        reward_model.eval()
+        reward = (
+            load_scalar_model(inputs.reward_model, config.trust_remote_code) if inputs.reward_model else None
+        )
         judge = resolve_judge(config.gold_judge) if config.gold_judge else None
         reference, tokenizer = load_policy(inputs.reference, config.trust_remote_code)
         reference.eval()
 
         def rm_scores(texts: list[str]) -> list[float]:
+            if reward is None:
+                return []
+            reward_model, reward_tokenizer = reward
+            reward_model.eval()
             with torch.no_grad():
                 raw = torch.cat(
                     [
@@ -187,15 +192,16 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             "eos_rate": _mean([float(e) for e in candidate.ended]),
             "distinct_1": distinct_n(candidate.texts, 1),
             "distinct_2": distinct_n(candidate.texts, 2),
-            "rm_score": _mean(candidate_rm),
         }
+        if candidate_rm:
+            metrics["rm_score"] = _mean(candidate_rm)
         if candidate_gold:
             metrics["gold_score"] = _mean(candidate_gold)
         baselines = {"reference": inputs.reference}
         if inputs.champion and inputs.champion != inputs.reference:
             baselines["champion"] = inputs.champion
         examples: list[dict[str, str | float]] = []
-        reference_rm: list[float] = []
+        reference_scores: list[float] = []
         for name, uri in baselines.items():
             baseline, baseline_rm, baseline_gold = judged_answers(load(uri))
             comparisons = {"rm": (candidate_rm, baseline_rm), "gold": (candidate_gold, baseline_gold)}
@@ -213,17 +219,18 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 length_gap = [float(c - b) for c, b in zip(candidate.lengths, baseline.lengths, strict=True)]
                 metrics[f"{prefix}_length_controlled"] = length_controlled_win_rate(outcomes, length_gap)
             metrics[f"{name}_response_length"] = _mean([float(n) for n in baseline.lengths])
-            metrics[f"{name}_rm_score"] = _mean(baseline_rm)
+            if baseline_rm:
+                metrics[f"{name}_rm_score"] = _mean(baseline_rm)
             if baseline_gold:
                 metrics[f"{name}_gold_score"] = _mean(baseline_gold)
             if name == "reference":
                 examples = [
-                    {"prompt": p, "candidate": c, "reference": r, "candidate_rm": cs, "reference_rm": rs}
-                    for p, c, r, cs, rs in zip(
-                        prompts[:8], candidate.texts, baseline.texts, candidate_rm, baseline_rm, strict=False
-                    )
+                    {"prompt": p, "candidate": c, "reference": r}
+                    for p, c, r in zip(prompts[:8], candidate.texts, baseline.texts, strict=False)
                 ]
-                reference_rm = baseline_rm
+                for example, cs, rs in zip(examples, candidate_rm, baseline_rm, strict=False):
+                    example.update(candidate_rm=cs, reference_rm=rs)
+                reference_scores = baseline_rm or baseline_gold
         log_metrics(metrics)
         report_uri = step_output(context, "evaluate", "report.json")
         storage.write_json(
@@ -235,7 +242,8 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 "gold_judge": config.gold_judge,
             },
         )
-        _log_report(metrics, examples, candidate_rm, reference_rm)
+        score_name = "reward-model score (normalised)" if candidate_rm else "gold judge score"
+        _log_report(metrics, examples, candidate_rm or candidate_gold, reference_scores, score_name)
         log.info("evaluate: %s", {k: round(v, 4) for k, v in metrics.items()})
         return Outputs(report=report_uri, metrics=metrics)
 
@@ -243,8 +251,9 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
 def _log_report(
     metrics: dict[str, float],
     examples: list[dict[str, str | float]],
-    candidate_rm: list[float],
-    reference_rm: list[float],
+    candidate_scores: list[float],
+    reference_scores: list[float],
+    score_name: str,
 ) -> None:
     import matplotlib
 
@@ -254,9 +263,9 @@ def _log_report(
 
     with tempfile.TemporaryDirectory() as temp:
         figure, axis = plt.subplots(figsize=(6, 4))
-        axis.hist(reference_rm, bins=20, alpha=0.6, label="reference (SFT)")
-        axis.hist(candidate_rm, bins=20, alpha=0.6, label="candidate")
-        axis.set_xlabel("reward-model score (normalised)")
+        axis.hist(reference_scores, bins=20, alpha=0.6, label="reference (SFT)")
+        axis.hist(candidate_scores, bins=20, alpha=0.6, label="candidate")
+        axis.set_xlabel(score_name)
         axis.set_ylabel("responses")
         axis.legend()
         figure.tight_layout()

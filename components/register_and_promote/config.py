@@ -28,9 +28,9 @@ class Config(StrictModel):
 
 class Inputs(StrictModel):
     policy: str
-    reward_model: str
+    reward_model: str | None = Field(default=None, description="none in the DPO pipeline")
     evaluation: dict[str, float] = Field(description="evaluate's metrics")
-    reward_model_accuracy: float
+    reward_model_accuracy: float | None = None
     lineage: dict[str, str] = Field(default_factory=dict, description="dataset hashes, config hash, …")
     parent_version: str | None = Field(
         default=None, description="the production version this run started from"

@@ -79,21 +79,35 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             "rlhf.git_sha": os.environ.get("RLHF_GIT_SHA", "unknown"),
             **{f"rlhf.{key}": value for key, value in inputs.lineage.items()},
         }
-        reward_model, reward_tokenizer = load_scalar_model(inputs.reward_model, config.trust_remote_code)
-        reward_version = _log_and_register(
-            reward_model, reward_tokenizer, config.reward_model_name, "text-classification", "reward_model"
-        )
         policy, tokenizer = load_policy(inputs.policy, config.trust_remote_code)
-        policy_version = _log_and_register(policy, tokenizer, config.policy_name, "text-generation", "policy")
-        for name, version in (
-            (config.reward_model_name, reward_version),
-            (config.policy_name, policy_version),
-        ):
+        versions = {
+            "policy": (
+                config.policy_name,
+                _log_and_register(policy, tokenizer, config.policy_name, "text-generation", "policy"),
+            )
+        }
+        if inputs.reward_model is not None:
+            reward_model, reward_tokenizer = load_scalar_model(inputs.reward_model, config.trust_remote_code)
+            versions["reward_model"] = (
+                config.reward_model_name,
+                _log_and_register(
+                    reward_model,
+                    reward_tokenizer,
+                    config.reward_model_name,
+                    "text-classification",
+                    "reward_model",
+                ),
+            )
+            client.set_model_version_tag(
+                config.policy_name,
+                versions["policy"][1],
+                "rlhf.reward_model_version",
+                versions["reward_model"][1],
+            )
+        policy_version = versions["policy"][1]
+        for name, version in versions.values():
             for key, value in lineage.items():
                 client.set_model_version_tag(name, version, key, value)
-        client.set_model_version_tag(
-            config.policy_name, policy_version, "rlhf.reward_model_version", reward_version
-        )
         for key, value in inputs.evaluation.items():
             client.set_model_version_tag(
                 config.policy_name, policy_version, f"rlhf.eval.{key}", f"{value:.6g}"
@@ -107,25 +121,20 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         client.set_model_version_tag(
             config.policy_name, policy_version, "rlhf.gate.reasons", "; ".join(reasons)
         )
-        registry.set_alias(config.policy_name, policy_version, "staging", "new candidate from the pipeline")
-        registry.set_alias(config.reward_model_name, reward_version, "staging", "trained with the candidate")
-        if promoted:
-            registry.set_alias(config.policy_name, policy_version, "production", verdict)
-            registry.set_alias(config.reward_model_name, reward_version, "production", verdict)
+        staging_reason = {
+            "policy": "new candidate from the pipeline",
+            "reward_model": "trained with the candidate",
+        }
+        for role, (name, version) in versions.items():
+            registry.set_alias(name, version, "staging", staging_reason[role])
+            if promoted:
+                registry.set_alias(name, version, "production", verdict)
         mlflow.set_tag("rlhf.gate", verdict)
         log.info("gate: %s", verdict)
 
         registered = {
-            "policy": RegisteredVersion(
-                name=config.policy_name,
-                version=policy_version,
-                aliases=_aliases(config.policy_name, policy_version),
-            ),
-            "reward_model": RegisteredVersion(
-                name=config.reward_model_name,
-                version=reward_version,
-                aliases=_aliases(config.reward_model_name, reward_version),
-            ),
+            role: RegisteredVersion(name=name, version=version, aliases=_aliases(name, version))
+            for role, (name, version) in versions.items()
         }
         summary = {
             "pipeline_run_id": context.parent_run_id,

@@ -117,6 +117,42 @@ def test_rlhf_run_executes_the_dag_and_registers_models(tiny_assets: DemoAssets,
     assert len(labels) == 1 and '"simulated": true' in labels[0].read_text()
 
 
+def test_rlhf_run_of_the_dpo_pipeline_registers_the_dpo_policy(
+    tiny_assets: DemoAssets, tmp_path: Path
+) -> None:
+    config = tiny_pipeline_config(tiny_assets, tmp_path)
+    del config["train_reward_model"], config["ppo"]
+    config |= {"name": "tiny-dpo", "pipeline": "dpo",
+               "dpo": {"epochs": 2, "batch_size": 16, "learning_rate": 0.0005, "max_length": 64}}
+    config["register_and_promote"] = {
+        "policy_name": "tiny-dpo-policy",
+        "gate": {"metric": "gold_win_rate", "min_ci_low": 0.0, "max_kl": 100.0},
+    }
+    config_path = tmp_path / "dpo.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    done = rlhf_run(config_path, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Task 'dpo' finished with status" in _plain(done.stdout + done.stderr)
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0.0 <= summary["gold_win_rate"] <= 1.0 and summary["rm_win_rate"] is None
+    assert summary["promoted"] is True and set(summary["registered"]) == {"policy"}
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("tiny-dpo-policy", "production")
+    assert str(version.version) == summary["registered"]["policy"]["version"]
+    assert version.tags["rlhf.gate.decision"] == "promote"
+    assert "rlhf.reward_model_version" not in version.tags
+    assert [m.name for m in client.search_registered_models()] == ["tiny-dpo-policy"]
+    parent = client.get_run(summary["pipeline_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    dpo_steps = [*(s for s in STEPS if s not in {"train_reward_model", "ppo"}), "dpo"]
+    assert sorted(run.data.tags["rlhf.step"] for run in children) == sorted(dpo_steps)
+    dpo_run = next(run for run in children if run.data.tags["rlhf.step"] == "dpo")
+    assert {"dpo_loss", "dpo_reward_accuracy", "dpo_eval_reward_accuracy"} <= set(dpo_run.data.metrics)
+
+
 def _plain(text: str) -> str:
     """kfp.local colours task names with ANSI escapes."""
     import re

@@ -52,10 +52,12 @@ def run_cli(args: list[str], cwd: Path) -> CliResult:
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CliResult]:
-    """`rlhf compile` of the rlhf DAG and of an unknown pipeline, each in its own directory."""
+    """`rlhf compile` of the rlhf and dpo DAGs and of an unknown pipeline, each in its own directory."""
     return {
         "rlhf": run_cli(["compile", "--pipeline", "rlhf", "-o", "out/rlhf.yaml"],
                         tmp_path_factory.mktemp("compile-rlhf")),
+        "dpo": run_cli(["compile", "--pipeline", "dpo", "-o", "dpo.yaml"],
+                       tmp_path_factory.mktemp("compile-dpo")),
         "unknown": run_cli(["compile", "--pipeline", "no-such-dag", "-o", "unknown.yaml"],
                            tmp_path_factory.mktemp("compile-unknown")),
     }
@@ -155,5 +157,21 @@ def test_compile_unknown_pipeline_is_a_one_line_error(cli: dict[str, CliResult])
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["error: unknown pipeline 'no-such-dag'; available: rlhf"]
+    assert lines == ["error: unknown pipeline 'no-such-dag'; available: dpo, rlhf"]
     assert not (result.cwd / "unknown.yaml").exists()
+
+
+def test_the_dpo_dag_trains_from_the_feedback_without_a_reward_model(cli: dict[str, CliResult]) -> None:
+    result = cli["dpo"]
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all((result.cwd / "dpo.yaml").read_text(encoding="utf-8")) if doc]
+    spec = docs[0]
+    assert spec["pipelineInfo"]["name"] == "dpo"
+    depends = {name: set(task.get("dependentTasks", [])) for name, task in _tasks(spec).items()}
+    assert set(depends) == {"start-run", "collect-prompts", "generate-candidates", "ingest-feedback", "dpo",
+                            "evaluate", "register-and-promote"}
+    assert "ingest-feedback" in depends["dpo"]
+    assert {"dpo", "collect-prompts"} <= depends["evaluate"]
+    assert {"evaluate", "dpo", "ingest-feedback"} <= depends["register-and-promote"]
+    reward = _tasks(spec)["evaluate"]["inputs"]["parameters"]["reward"]
+    assert reward["runtimeValue"]["constant"] == "null"

@@ -163,6 +163,17 @@ def test_pytorchjob_without_s3_storage_names_the_step_and_the_file(tmp_path: Pat
     assert "ppo.launcher: pytorchjob pods read and write through storage_root, which must be s3://" in message
 
 
+def test_a_dpo_pipeline_cannot_gate_on_a_reward_model_it_does_not_train(tmp_path: Path) -> None:
+    data = demo_mapping()
+    data["pipeline"] = "dpo"
+    data["register_and_promote"]["gate"]["metric"] = "rm_win_rate"
+    path = write_yaml(tmp_path / "dpo.yaml", data)
+    with pytest.raises(ConfigError, match="dpo pipeline trains no reward model, so there is no rm_win_rate"):
+        load_pipeline_config(path)
+    data["register_and_promote"]["gate"]["metric"] = "gold_win_rate"
+    assert load_pipeline_config(write_yaml(tmp_path / "ok.yaml", data)).pipeline == "dpo"
+
+
 def test_missing_required_section_names_it(tmp_path: Path) -> None:
     data = demo_mapping()
     del data["collect_prompts"]
