@@ -31,6 +31,15 @@ PPO_SETTINGS: dict[str, Any] = {
     "kl_coef": 0.05,
 }
 
+# One DPO setting for both implementations.
+DPO_SETTINGS: dict[str, Any] = {
+    "pairs": 512,
+    "batch_size": 16,
+    "learning_rate": 5e-7,
+    "beta": 0.1,
+    "max_length": 64,
+}
+
 MODELS = {
     "demo": {"n_layer": 2, "n_embd": 128, "n_head": 4},
     "gpt2-6x512": {"n_layer": 6, "n_embd": 512, "n_head": 8},
@@ -66,6 +75,30 @@ def prepare(model: str) -> dict[str, str]:
         reward.save_pretrained(reward_dir, safe_serialization=True)
         AutoTokenizer.from_pretrained(policy_dir).save_pretrained(reward_dir)
     return {"policy": str(policy_dir), "reward_model": str(reward_dir), "prompts": assets.prompts_file}
+
+
+def prepare_pairs(count: int) -> str:
+    """A JSONL file of `count` preference pairs from the demo grammar: a positive review over a negative."""
+    import random
+
+    from rlhf_components.demo.grammar import sample_kind, sample_prompt, sample_review
+
+    path = CACHE / f"pairs-{count}.jsonl"
+    if not path.is_file():
+        rng = random.Random(0)
+        rows = []
+        for _ in range(count):
+            kind = sample_kind(rng)
+            rows.append(
+                {
+                    "prompt": sample_prompt(rng, kind),
+                    "chosen": sample_review(rng, 1.0, kind),
+                    "rejected": sample_review(rng, -1.0, kind),
+                }
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
 
 
 def our_ppo_config(settings: dict[str, Any], episodes: int) -> Any:

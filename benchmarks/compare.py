@@ -20,6 +20,7 @@ def main() -> None:
         rows.append(
             {
                 "model": model,
+                "trainer": "ppo",
                 "device": ours["device"],
                 "ours_episodes_per_second": round(ours["episodes_per_second"], 1),
                 "trl_episodes_per_second": round(trl["episodes_per_second"], 1),
@@ -33,6 +34,23 @@ def main() -> None:
                 "trl_rloo_peak_rss_mb": round(rloo["peak_rss_mb"]) if rloo else None,
             }
         )
+    for model in ("demo", "gpt2-6x512"):
+        ours_path, trl_path = folder / f"dpo-{model}.json", folder / f"trl-dpo-{model}.json"
+        if ours_path.is_file() and trl_path.is_file():
+            ours, trl = json.loads(ours_path.read_text()), json.loads(trl_path.read_text())
+            rows.append(
+                {
+                    "model": model,
+                    "trainer": "dpo",
+                    "ours_pairs_per_second": round(ours["pairs_per_second"], 1),
+                    "trl_pairs_per_second": round(trl["pairs_per_second"], 1),
+                    "speedup": round(ours["pairs_per_second"] / trl["pairs_per_second"], 2),
+                    "ours_steady_pairs_per_second": round(ours["steady_pairs_per_second"], 1),
+                    "trl_steady_pairs_per_second": round(trl["steady_pairs_per_second"], 1),
+                    "ours_peak_rss_mb": round(ours["peak_rss_mb"]),
+                    "trl_peak_rss_mb": round(trl["peak_rss_mb"]),
+                }
+            )
     summary = folder / "summary.json"
     summary.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(rows, indent=2))

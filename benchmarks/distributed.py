@@ -11,7 +11,6 @@ The first PPO iteration is a warm-up and is left out of the averages.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import tempfile
@@ -21,36 +20,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PPO_SETTINGS, machine, our_ppo_config, prepare, write_result
+from common import PPO_SETTINGS, machine, our_ppo_config, prepare, prepare_pairs, write_result
 
 PAIRS = 512
 ITERATIONS = 6
 PHASES = ("generation", "scoring", "training", "communication")
 
 
-def preference_pairs(count: int) -> list[dict[str, str]]:
-    """Clear preferences from the demo grammar: a positive review over a negative one."""
-    from rlhf_components.demo.grammar import sample_kind, sample_prompt, sample_review
-
-    rng = random.Random(0)
-    pairs = []
-    for _ in range(count):
-        kind = sample_kind(rng)
-        pairs.append(
-            {
-                "prompt": sample_prompt(rng, kind),
-                "chosen": sample_review(rng, 1.0, kind),
-                "rejected": sample_review(rng, -1.0, kind),
-            }
-        )
-    return pairs
-
-
 def measure(workers: int, paths: dict[str, str], root: Path) -> dict[str, Any]:
     import mlflow
 
     from rlhf_components import ppo, train_reward_model
-    from rlhf_components.core import storage
     from rlhf_components.core.tracking import RunContext, TrackingConfig, start_pipeline_run
     from rlhf_components.distributed import launch
 
@@ -68,8 +48,7 @@ def measure(workers: int, paths: dict[str, str], root: Path) -> dict[str, Any]:
         history = client.get_metric_history(run.info.run_id, metric)
         return [m.value for m in sorted(history, key=lambda m: m.step)]
 
-    pairs_file = str(root / "pairs.jsonl")
-    storage.write_jsonl(pairs_file, preference_pairs(PAIRS))
+    pairs_file = prepare_pairs(PAIRS)
     rm_config = train_reward_model.Config(
         epochs=1, batch_size=32, learning_rate=5e-4, max_length=64, launcher="torchrun", workers=workers
     )

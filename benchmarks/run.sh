@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # RLHF throughput on the same models and rollout shape: our PPO, TRL 1.12's PPO (the last TRL with PPO) and
-# TRL 1.16's RLOO (critic-free); learning of both PPOs over three seeds; 1 vs 2 workers; feedback
-# ingestion of 100k records. JSON lands in benchmarks/results/, the throughput side by side in summary.json.
+# TRL 1.16's RLOO (critic-free); our DPO and TRL 1.16's; learning of both PPOs over three seeds; 1 vs 2
+# workers; feedback ingestion of 100k records. JSON lands in benchmarks/results/, the throughput side by side
+# in summary.json.
 #   benchmarks/run.sh [ITERATIONS]        (make bench)
 # Each TRL gets its own virtual environment with the same torch build as .venv.
 set -euo pipefail
@@ -21,14 +22,18 @@ make_venv benchmarks/.venv-trl-rloo 1.16.0
 mkdir -p benchmarks/results
 export RLHF_NO_PROGRESS=1
 for model in demo gpt2-6x512; do
-  $PY -c "import json, sys; sys.path.insert(0, 'benchmarks'); from common import prepare; \
-json.dump(prepare('$model'), open('benchmarks/results/paths-$model.json', 'w'))"
+  $PY -c "import json, sys; sys.path.insert(0, 'benchmarks'); from common import DPO_SETTINGS, prepare, \
+prepare_pairs; json.dump({**prepare('$model'), 'pairs': prepare_pairs(DPO_SETTINGS['pairs'])}, \
+open('benchmarks/results/paths-$model.json', 'w'))"
   $PY benchmarks/ppo.py --model "$model" --iterations "$ITERATIONS" -o "benchmarks/results/ppo-$model.json" >/dev/null
   for runner in ppo rloo; do
     venv=benchmarks/.venv-trl; [ "$runner" = rloo ] && venv=benchmarks/.venv-trl-rloo
     "$venv/bin/python" "benchmarks/trl_$runner.py" --paths "benchmarks/results/paths-$model.json" --model "$model" \
       --iterations "$ITERATIONS" -o "benchmarks/results/trl-$runner-$model.json" >/dev/null 2>&1
   done
+  $PY benchmarks/dpo.py --model "$model" -o "benchmarks/results/dpo-$model.json" >/dev/null
+  benchmarks/.venv-trl-rloo/bin/python benchmarks/trl_dpo.py --paths "benchmarks/results/paths-$model.json" \
+    --model "$model" -o "benchmarks/results/trl-dpo-$model.json" >/dev/null 2>&1
 done
 $PY benchmarks/learning.py --seeds 0 1 2 -o benchmarks/results/learning.json >/dev/null 2>&1
 $PY benchmarks/distributed.py -o benchmarks/results/distributed.json >/dev/null 2>&1

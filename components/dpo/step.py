@@ -173,6 +173,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         reference_train = reference_logps(reference, tokenizer, train_pairs, config)
         reference_eval = reference_logps(reference, tokenizer, eval_pairs, config)
         del reference  # the reference's work is done: training holds one model
+        log_metrics({"dpo_reference_seconds": time.perf_counter() - started})
         log.info(
             "dpo: reference log-probs of %d pairs in %.1f s",
             len(train_pairs) + len(eval_pairs),
