@@ -2,31 +2,48 @@
 tasks' outputs. Both start alike: candidates come from the champion (the last promoted policy), so each
 run's annotation tasks are answered by the newest policy; DPO then trains on the preferences directly."""
 
+from typing import Any
+
 from kfp import dsl
+from kfp.dsl import PipelineTask as Task
 
 from rlhf_pipelines import components as c
 
 
-@dsl.pipeline(name="rlhf", description="RLHF: prompts → candidates → feedback → reward model → PPO → gate")
-def rlhf_pipeline(config: str) -> str:
+def _preferences(config: str) -> tuple[Task, Task, Task, Task]:
+    """start_run → collect_prompts → generate_candidates (from the champion) → ingest_feedback."""
     run = c.start_run(config=config).set_retry(2)
     prompts = c.collect_prompts(config=config, run=run.output)
     candidates = c.generate_candidates(config=config, run=run.output, prompts=prompts.output)
     feedback = c.ingest_feedback(config=config, run=run.output, candidates=candidates.output)
-    reward = c.train_reward_model(config=config, run=run.output, feedback=feedback.output)
-    policy = c.ppo(config=config, run=run.output, prompts=prompts.output, reward=reward.output)
+    return run, prompts, candidates, feedback
+
+
+def _evaluate_and_gate(
+    config: str, run: Task, prompts: Task, feedback: Task, reward: Any, policy: Task
+) -> tuple[Task, Task]:
+    """evaluate (vs SFT and champion) → register_and_promote (lineage, aliases, evidence gate)."""
     evaluation = c.evaluate(
-        config=config, run=run.output, prompts=prompts.output, reward=reward.output, policy=policy.output
+        config=config, run=run.output, prompts=prompts.output, reward=reward, policy=policy.output
     )
     registered = c.register_and_promote(
         config=config,
         run=run.output,
         prompts=prompts.output,
         feedback=feedback.output,
-        reward=reward.output,
+        reward=reward,
         policy=policy.output,
         evaluation=evaluation.output,
     ).set_retry(2)
+    return evaluation, registered
+
+
+@dsl.pipeline(name="rlhf", description="RLHF: prompts → candidates → feedback → reward model → PPO → gate")
+def rlhf_pipeline(config: str) -> str:
+    run, prompts, candidates, feedback = _preferences(config)
+    reward = c.train_reward_model(config=config, run=run.output, feedback=feedback.output)
+    policy = c.ppo(config=config, run=run.output, prompts=prompts.output, reward=reward.output)
+    evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback, reward.output, policy)
     for task in (run, prompts, candidates, feedback, reward, policy, evaluation, registered):
         c.use_cluster_credentials(task)
     return registered.output
@@ -34,24 +51,10 @@ def rlhf_pipeline(config: str) -> str:
 
 @dsl.pipeline(name="dpo", description="DPO: prompts → candidates → feedback → DPO → gate")
 def dpo_pipeline(config: str) -> str:
-    run = c.start_run(config=config).set_retry(2)
-    prompts = c.collect_prompts(config=config, run=run.output)
-    candidates = c.generate_candidates(config=config, run=run.output, prompts=prompts.output)
-    feedback = c.ingest_feedback(config=config, run=run.output, candidates=candidates.output)
+    run, prompts, candidates, feedback = _preferences(config)
     policy = c.dpo(config=config, run=run.output, feedback=feedback.output)
     no_reward_model = "null"
-    evaluation = c.evaluate(
-        config=config, run=run.output, prompts=prompts.output, reward=no_reward_model, policy=policy.output
-    )
-    registered = c.register_and_promote(
-        config=config,
-        run=run.output,
-        prompts=prompts.output,
-        feedback=feedback.output,
-        reward=no_reward_model,
-        policy=policy.output,
-        evaluation=evaluation.output,
-    ).set_retry(2)
+    evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback, no_reward_model, policy)
     for task in (run, prompts, candidates, feedback, policy, evaluation, registered):
         c.use_cluster_credentials(task)
     return registered.output

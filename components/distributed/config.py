@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhf_components.core.config import StrictModel
 
@@ -52,3 +52,15 @@ class Distributed(StrictModel):
         default=600, ge=1, description="a collective that waits longer than this fails the job"
     )
     pytorchjob: PyTorchJobConfig = Field(default_factory=PyTorchJobConfig)
+
+
+class GlobalBatches(Distributed):
+    """Trainers that walk global batches of preference pairs, each worker scoring its own part of each."""
+
+    batch_size: int = Field(default=16, ge=1, description="pairs per optimizer step, over all workers")
+
+    @model_validator(mode="after")
+    def _every_worker_has_pairs(self) -> GlobalBatches:
+        if self.batch_size < self.workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be at least workers ({self.workers})")
+        return self

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from rlhf_components.core.config import StrictModel
-from rlhf_components.distributed.config import Distributed
+from rlhf_components.distributed.config import GlobalBatches
 
 
-class Config(Distributed):
+class Config(GlobalBatches):
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
         default="sigmoid",
         description="sigmoid: DPO (with label_smoothing: conservative DPO); ipo: IPO; hinge: SLiC; "
@@ -25,7 +25,6 @@ class Config(Distributed):
     )
     sft_coef: float = Field(default=0.0, ge=0.0, description="weight of an NLL term on the chosen responses")
     epochs: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=16, ge=1, description="pairs per optimizer step, over all workers")
     learning_rate: float = Field(default=5e-7, gt=0.0)
     lr_schedule: Literal["linear", "constant"] = "linear"
     weight_decay: float = Field(default=0.0, ge=0.0)
@@ -36,12 +35,6 @@ class Config(Distributed):
     )
     resume: bool = Field(default=True, description="continue from this run's checkpoint when there is one")
     trust_remote_code: bool = False
-
-    @model_validator(mode="after")
-    def _every_worker_has_pairs(self) -> Config:
-        if self.batch_size < self.workers:
-            raise ValueError(f"batch_size ({self.batch_size}) must be at least workers ({self.workers})")
-        return self
 
 
 class Inputs(StrictModel):

@@ -5,30 +5,21 @@ Pydantic only, so that configs load without importing torch.
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from rlhf_components.core.config import StrictModel
-from rlhf_components.distributed.config import Distributed
+from rlhf_components.distributed.config import GlobalBatches
 
 
-class Config(Distributed):
+class Config(GlobalBatches):
     epochs: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=5e-5, gt=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
-    batch_size: int = Field(
-        default=16, ge=1, description="pairs per optimizer step, over all workers together"
-    )
     max_length: int = Field(default=256, ge=8)
     margin: float = Field(default=0.0, ge=0.0, description="required score gap in the Bradley–Terry loss")
     center_rewards_coef: float = Field(default=0.0, ge=0.0, description="penalty on (r_chosen + r_rejected)²")
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     trust_remote_code: bool = False
-
-    @model_validator(mode="after")
-    def _every_worker_has_pairs(self) -> Config:
-        if self.batch_size < self.workers:
-            raise ValueError(f"batch_size ({self.batch_size}) must be at least workers ({self.workers})")
-        return self
 
 
 class Inputs(StrictModel):
