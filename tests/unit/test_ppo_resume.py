@@ -1,11 +1,15 @@
 """PPO checkpoint/resume: a run killed with SIGKILL, then resumed, ends with the weights of an unbroken run.
 
-Both runs are real `python -m rlhf_components.ppo` processes on the CPU, which is deterministic here.
+Both runs are real `python -m rlhf_components.ppo` processes on the CPU, one thread each: the two run side by
+side, and a BLAS that adapts its thread count to the load would change float rounding between them. Bit
+equality then holds even for attention's key bias, whose gradient is pure rounding noise (see
+test_distributed.visible_to_bradley_terry) that Adam scales up.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -74,6 +78,7 @@ def start(job: Path) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
     )
 
 
