@@ -40,8 +40,9 @@ def prompt_id(text: str) -> str:
 
 
 def _rows(uri: str) -> list[tuple[str, Any]]:
-    """(location, raw row) for every row of one source; parse errors become rows the caller quarantines."""
-    if _is_hf_dataset(uri):
+    """(location, raw row) for every row of one source; parse errors become rows the caller quarantines.
+    A source without a file suffix is a saved dataset (`_source_files` checked)."""
+    if not uri.endswith(SUPPORTED_SUFFIXES):
         return _hf_dataset_rows(uri)
     data = storage.read_bytes(uri)
     if uri.endswith(".parquet"):

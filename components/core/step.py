@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel, load_yaml_config
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.runtime import setup_logging
+from rlhf_components.core.runtime import process_rank, setup_logging
 from rlhf_components.core.tracking import (
     RunContext,
     TrackingConfig,
@@ -58,7 +58,7 @@ def recorded_errors() -> Iterator[None]:
         directory = os.environ.get(WORKER_ERROR_DIR_ENV)
         if directory:
             reason = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-            rank = os.environ.get("RANK", "0")
+            rank = process_rank()
             # The time tells the launcher which failure came first: the cause, not its echoes on other ranks.
             storage.write_json(
                 storage.join(directory, f"rank-{rank}.json"), {"time": time.time(), "reason": reason}
@@ -130,7 +130,7 @@ def run_standalone(
     if owns_parent_run:
         finish_pipeline_run(context)
     result = outputs.model_dump(mode="json")
-    if args.outputs and os.environ.get("RANK", "0") == "0":
+    if args.outputs and process_rank() == 0:
         storage.write_json(args.outputs, result)
     print(json.dumps(result, indent=2))
     return 0

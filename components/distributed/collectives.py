@@ -23,6 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from rlhf_components.core.runtime import process_rank
 from rlhf_components.distributed.config import Distributed
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class Workers:
 def join(config: Distributed) -> Workers:
     """Join the process group that torchrun or PyTorchJob set up, or run alone without one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = process_rank()
     if world_size > 1 and not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=config.collective_timeout_seconds))

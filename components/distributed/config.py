@@ -53,6 +53,10 @@ class Distributed(StrictModel):
     )
     pytorchjob: PyTorchJobConfig = Field(default_factory=PyTorchJobConfig)
 
+    def checkpoint_fingerprint(self) -> dict[str, object]:
+        """The config a checkpoint must match to be resumed: how many workers ran it does not matter."""
+        return self.model_dump(mode="json", exclude=set(Distributed.model_fields))
+
 
 class GlobalBatches(Distributed):
     """Trainers that walk global batches of preference pairs, each worker scoring its own part of each."""

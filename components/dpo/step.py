@@ -37,7 +37,6 @@ from rlhf_components.core.runtime import progress_disabled, seed_everything
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 from rlhf_components.distributed.collectives import join
-from rlhf_components.distributed.config import Distributed
 from rlhf_components.dpo.config import Config, Inputs, Outputs
 
 log = logging.getLogger(__name__)
@@ -152,10 +151,6 @@ def _batch_loss(
     }
 
 
-def _fingerprint(config: Config) -> dict[str, object]:
-    return config.model_dump(mode="json", exclude=set(Distributed.model_fields))
-
-
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, "dpo", config):
         workers = join(config)
@@ -196,12 +191,13 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         policy.train()
         progress = tqdm(total=total_steps, initial=done, desc="dpo", disable=progress_disabled())
         with checkpoint.StopRequest() as stop:
+            order, order_epoch = torch.empty(0, dtype=torch.long), -1
             for step in range(done, total_steps):
                 epoch, position = divmod(step, steps_per_epoch)
-                # Each epoch's order comes from (seed, epoch) alone: a resumed run needs no saved RNG state.
-                order = torch.randperm(
-                    len(train_pairs), generator=torch.Generator().manual_seed(context.seed * 1000 + epoch)
-                )
+                if epoch != order_epoch:
+                    # From (seed, epoch) alone: a resumed run needs no saved RNG state.
+                    seeded = torch.Generator().manual_seed(context.seed * 1000 + epoch)
+                    order, order_epoch = torch.randperm(len(train_pairs), generator=seeded), epoch
                 global_batch = order[position * config.batch_size : (position + 1) * config.batch_size]
                 rows = global_batch[workers.shard(len(global_batch))]
                 started = time.perf_counter()
@@ -297,7 +293,11 @@ def _save(
 ) -> None:
     optimizer_tensors, optimizer_rest = checkpoint.flatten_optimizer("optimizer", optimizer)
     tensors = {**checkpoint.prefixed("policy", policy.state_dict()), **optimizer_tensors}
-    state = {"config": _fingerprint(config), "optimizer": optimizer_rest, "schedule": schedule.state_dict()}
+    state = {
+        "config": config.checkpoint_fingerprint(),
+        "optimizer": optimizer_rest,
+        "schedule": schedule.state_dict(),
+    }
     checkpoint.save(uri, step, tensors, state)
 
 
@@ -309,7 +309,7 @@ def _restore(
     schedule: torch.optim.lr_scheduler.LambdaLR,
 ) -> int:
     tensors, state = checkpoint.load(uri)
-    if state["config"] != _fingerprint(config):
+    if state["config"] != config.checkpoint_fingerprint():
         raise UserError(f"{uri}: checkpoint was written with a different dpo config; set resume: false")
     policy.load_state_dict(checkpoint.unprefixed("policy", tensors))
     checkpoint.restore_optimizer("optimizer", optimizer, tensors, state["optimizer"])

@@ -13,15 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_components.core import storage
-from rlhf_components.core.config import StrictModel
+from rlhf_components.core.config import SamplingConfig, StrictModel
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import (
+    Batch,
     decode_responses,
     response_logprobs,
     sample_prompts,
@@ -92,6 +94,19 @@ def bootstrap_interval(
     return float(torch.quantile(means, tail)), float(torch.quantile(means, 1.0 - tail))
 
 
+def _sampled_batches(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    config: Config,
+    generator: torch.Generator,
+) -> Iterator[Batch]:
+    for start in range(0, len(prompts), config.batch_size):
+        chunk = prompts[start : start + config.batch_size]
+        yield sample_prompts(policy, tokenizer, chunk, sampling, config.max_prompt_tokens, generator)
+
+
 @torch.no_grad()
 def answer(
     policy: PreTrainedModel,
@@ -101,9 +116,7 @@ def answer(
     generator: torch.Generator,
 ) -> Answers:
     answers = Answers(texts=[], lengths=[], ended=[])
-    for start in range(0, len(prompts), config.batch_size):
-        chunk = prompts[start : start + config.batch_size]
-        batch = sample_prompts(policy, tokenizer, chunk, config.sampling, config.max_prompt_tokens, generator)
+    for batch in _sampled_batches(policy, tokenizer, prompts, config.sampling, config, generator):
         answers.texts.extend(decode_responses(tokenizer, batch))
         answers.lengths.extend(int(n) for n in batch.response_mask.sum(-1))
         answers.ended.extend(bool(e) for e in batch.ended_with_eos)
@@ -121,13 +134,8 @@ def kl_to_reference(
 ) -> list[float]:
     """Σ_t log π(y_t)/π_ref(y_t) over responses sampled from π at `kl_sampling`: a k1 estimate per prompt."""
     estimates: list[float] = []
-    temperature = config.kl_sampling.temperature
-    for start in range(0, len(prompts), config.batch_size):
-        chunk = prompts[start : start + config.batch_size]
-        batch = sample_prompts(
-            policy, tokenizer, chunk, config.kl_sampling, config.max_prompt_tokens, generator
-        )
-        ref_logprobs = response_logprobs(reference, batch, temperature)
+    for batch in _sampled_batches(policy, tokenizer, prompts, config.kl_sampling, config, generator):
+        ref_logprobs = response_logprobs(reference, batch, config.kl_sampling.temperature)
         estimates.extend(float(k) for k in (batch.logprobs - ref_logprobs).sum(-1))
     return estimates
 
@@ -147,6 +155,8 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         reward = (
             load_scalar_model(inputs.reward_model, config.trust_remote_code) if inputs.reward_model else None
         )
+        if reward is not None:
+            reward[0].eval()
         judge = resolve_judge(config.gold_judge) if config.gold_judge else None
         reference, tokenizer = load_policy(inputs.reference, config.trust_remote_code)
         reference.eval()
@@ -155,7 +165,6 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             if reward is None:
                 return []
             reward_model, reward_tokenizer = reward
-            reward_model.eval()
             with torch.no_grad():
                 raw = torch.cat(
                     [

@@ -111,29 +111,31 @@ def agreement(judgements: list[PairJudgement]) -> Agreement:
     for judgement in judgements:
         units[pair_key(judgement)].setdefault(judgement.annotator, judgement.choice)
     shared = [labels for labels in units.values() if len(labels) > 1]
+    judged, ties = (
+        Counter(j.annotator for j in judgements),
+        Counter(j.annotator for j in judgements if j.choice == "tie"),
+    )
+    shared_count: Counter[str] = Counter()
+    pairings: Counter[str] = Counter()  # (this annotator, another) label pairs on shared pairs
+    matches: Counter[str] = Counter()
     agreeing = total = 0
     for labels in shared:
-        for first, second in combinations(labels.values(), 2):
+        for (first, first_label), (second, second_label) in combinations(labels.items(), 2):
             total += 1
-            agreeing += first == second
-    stats: dict[str, AnnotatorStats] = {}
-    for annotator in sorted({j.annotator for j in judgements}):
-        own = [j for j in judgements if j.annotator == annotator]
-        matches = others = 0
-        shared_count = 0
-        for labels in shared:
-            if annotator in labels:
-                shared_count += 1
-                for other, label in labels.items():
-                    if other != annotator:
-                        others += 1
-                        matches += label == labels[annotator]
-        stats[annotator] = AnnotatorStats(
-            judgements=len(own),
-            ties=sum(j.choice == "tie" for j in own),
-            shared_judgements=shared_count,
-            agrees_with_others=matches / others if others else None,
+            agreeing += first_label == second_label
+            for annotator in (first, second):
+                pairings[annotator] += 1
+                matches[annotator] += first_label == second_label
+        shared_count.update(labels.keys())
+    stats = {
+        annotator: AnnotatorStats(
+            judgements=judged[annotator],
+            ties=ties[annotator],
+            shared_judgements=shared_count[annotator],
+            agrees_with_others=matches[annotator] / pairings[annotator] if pairings[annotator] else None,
         )
+        for annotator in sorted(judged)
+    }
     return Agreement(
         shared_pairs=len(shared),
         raw_agreement=agreeing / total if total else None,

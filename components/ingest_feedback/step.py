@@ -226,7 +226,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 },
             )
         else:
-            dataset_manifest = storage.join(dataset_root, f"v{snapshot.version:06d}", "manifest.json")
+            dataset_manifest = store.manifest_uri(dataset_root, snapshot.version)
         if len(pairs) < 2:
             raise UserError(
                 f"ingest_feedback: only {len(pairs)} usable preference pairs in dataset version "

@@ -47,6 +47,10 @@ def _version_dir(root: str, version: int) -> str:
     return storage.join(root, f"v{version:06d}")
 
 
+def manifest_uri(root: str, version: int) -> str:
+    return storage.join(_version_dir(root, version), "manifest.json")
+
+
 def load(root: str) -> Snapshot:
     """The latest version, or an empty version 0."""
     pointer = storage.join(root, "latest.json")
@@ -72,7 +76,7 @@ def save(root: str, snapshot: Snapshot, manifest: dict[str, Any]) -> str:
         storage.join(folder, "judgements.jsonl"), [j.model_dump(mode="json") for j in snapshot.judgements]
     )
     storage.write_jsonl(storage.join(folder, "ledger.jsonl"), [e.model_dump() for e in snapshot.ledger])
-    manifest_uri = storage.join(folder, "manifest.json")
-    storage.write_text(manifest_uri, json.dumps(manifest, indent=2, sort_keys=True))
+    written = manifest_uri(root, snapshot.version)
+    storage.write_text(written, json.dumps(manifest, indent=2, sort_keys=True))
     storage.write_json(storage.join(root, "latest.json"), {"version": snapshot.version})
-    return manifest_uri
+    return written

@@ -23,7 +23,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -52,7 +51,6 @@ from rlhf_components.core.runtime import progress_disabled, sampling_generator, 
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 from rlhf_components.distributed.collectives import Workers, join
-from rlhf_components.distributed.config import Distributed
 from rlhf_components.ppo.config import Config, Inputs, Outputs
 
 log = logging.getLogger(__name__)
@@ -354,10 +352,6 @@ class Trainer:
     data_order: torch.Generator
     """prompt order and minibatch shuffles: the same on every worker (sampling is seeded per iteration)"""
 
-    def fingerprint(self) -> dict[str, Any]:
-        """The config a checkpoint must match to be resumed: how many workers ran it does not matter."""
-        return self.config.model_dump(mode="json", exclude=set(Distributed.model_fields))
-
     def save(self, uri: str, iteration: int) -> None:
         optimizer_tensors, optimizer_rest = checkpoint.flatten_optimizer("optimizer", self.optimizer)
         tensors = {
@@ -368,7 +362,7 @@ class Trainer:
             "rng.torch": torch.get_rng_state(),
         }
         state = {
-            "config": self.fingerprint(),
+            "config": self.config.checkpoint_fingerprint(),
             "optimizer": optimizer_rest,
             "schedule": self.schedule.state_dict(),
             "kl_coef": self.kl_controller.value,
@@ -380,7 +374,7 @@ class Trainer:
     def restore(self, uri: str) -> int:
         """Load the checkpoint at `uri`; returns the iteration it was taken after."""
         tensors, state = checkpoint.load(uri)
-        if state["config"] != self.fingerprint():
+        if state["config"] != self.config.checkpoint_fingerprint():
             raise UserError(f"{uri}: checkpoint was written with a different ppo config; set resume: false")
         self.policy.load_state_dict(checkpoint.unprefixed("policy", tensors))
         self.value_model.load_state_dict(checkpoint.unprefixed("value", tensors))
