@@ -8,6 +8,7 @@ Conventions every step shares (they are what makes PPO's importance ratio start 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,14 @@ class Batch:
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def keep_last_logits(model: PreTrainedModel, count: int) -> dict[str, int]:
+    """Forward arguments that run the LM head over the last `count` positions only, not over prompt positions
+    whose logits nobody reads. A model whose forward lacks `logits_to_keep` (some remote code) computes them
+    all, so callers slice the last `count` themselves."""
+    supported = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return {"logits_to_keep": count} if supported else {}
 
 
 def encode_prompts(
@@ -125,7 +134,13 @@ def sample(
     batch_size = query_ids.shape[0]
     attention = query_mask.clone()
     position = positions(attention)
-    output = model(input_ids=query_ids, attention_mask=attention, position_ids=position, use_cache=True)
+    output = model(
+        input_ids=query_ids,
+        attention_mask=attention,
+        position_ids=position,
+        use_cache=True,
+        **keep_last_logits(model, 1),
+    )
     position = position[:, -1:]
     finished = torch.zeros(batch_size, dtype=torch.bool)
     tokens: list[torch.Tensor] = []
@@ -170,9 +185,11 @@ def sample(
 def response_logits(model: PreTrainedModel, batch: Batch, temperature: float) -> torch.Tensor:
     """Temperature-scaled logits that predicted each response token, [batch, response_len, vocab]."""
     ids, mask, position = batch.sequence()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position).logits
-    start = batch.query_ids.shape[1] - 1
-    return logits[:, start : start + batch.response_ids.shape[1], :].float() / temperature
+    width = batch.response_ids.shape[1]
+    kept = keep_last_logits(model, width + 1)
+    output = model(input_ids=ids, attention_mask=mask, position_ids=position, **kept)
+    # From the last prompt token to the second-to-last response token: the positions predicting the response.
+    return output.logits[:, -(width + 1) : -1].float() / temperature
 
 
 def response_logprobs(model: PreTrainedModel, batch: Batch, temperature: float) -> torch.Tensor:

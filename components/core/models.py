@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
 
 from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
@@ -87,6 +88,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+# Python compositions of tanh-GELU (GPT-2's `gelu_new`, `gelu_fast`): seven elementwise ops forward and as
+# many backward, 15–20% of a PPO update on CPU. PyTorch's tanh GELU is the same function in one kernel.
+_PYTHON_TANH_GELUS = (NewGELUActivation, FastGELUActivation)
+
+
+def fuse_activations(model: torch.nn.Module) -> None:
+    """Replace Python tanh-GELU modules with the fused kernel. The config is untouched, so a saved checkpoint
+    is the same model; outputs change only by float rounding."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) in _PYTHON_TANH_GELUS:
+                setattr(module, name, GELUTanh())
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -120,6 +135,7 @@ def _load(
     )
     fit_embeddings(model, tokenizer)
     disable_dropout(model)
+    fuse_activations(model)
     return model, tokenizer
 
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+from transformers.activations import NewGELUActivation
 
 from rlhf_components import ppo
 from rlhf_components.core.config import SamplingConfig
 from rlhf_components.core.generation import encode_prompts, response_logprobs, sample
-from rlhf_components.core.models import load_policy, load_scalar_model, sequence_scores
+from rlhf_components.core.models import load_policy, load_scalar_model, save_checkpoint, sequence_scores
 from rlhf_components.core.runtime import process_rank, sampling_generator, seed_everything
 from rlhf_components.demo import DemoAssets
 from rlhf_components.ppo.step import Rollout, collect_rollout, ppo_update
@@ -136,6 +141,51 @@ def test_dropout_is_disabled_in_every_loaded_model(tiny_assets: DemoAssets) -> N
         with torch.no_grad():
             first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
         assert torch.equal(first, second)
+
+
+def test_loaded_models_compute_gpt2_gelu_with_the_fused_kernel(
+    tiny_assets: DemoAssets, tmp_path: Path
+) -> None:
+    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    as_saved = AutoModelForCausalLM.from_pretrained(tiny_assets.sft_model_dir, dtype=torch.float64)
+    as_saved.resize_token_embeddings(len(tokenizer))
+    assert policy.config.activation_function == "gelu_new"
+    assert not any(isinstance(m, NewGELUActivation) for m in policy.modules())
+    assert any(isinstance(m, NewGELUActivation) for m in as_saved.modules())
+    ids = torch.tensor([tokenizer("Review of the ramen: great soup", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        fused, reference = policy(input_ids=ids).logits, as_saved(input_ids=ids).logits
+    assert torch.allclose(fused.double(), reference, atol=1e-5)
+    save_checkpoint(policy, tokenizer, str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["activation_function"] == "gelu_new"
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no `logits_to_keep`, as some remote-code models."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: Any) -> object:
+        assert "logits_to_keep" not in inputs
+        return self.model(**inputs)
+
+
+def test_response_log_probs_agree_with_and_without_logits_to_keep(tiny_assets: DemoAssets) -> None:
+    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
+    config = SamplingConfig(temperature=0.7, max_new_tokens=6)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    kept = sample(model, ids, mask, config, eos, pad, torch.Generator().manual_seed(0))
+    wrapped = _NoLogitsToKeep(model)
+    full = sample(wrapped, ids, mask, config, eos, pad, torch.Generator().manual_seed(0))  # type: ignore[arg-type]
+    assert torch.equal(kept.response_ids, full.response_ids)
+    with torch.no_grad():
+        with_kept = response_logprobs(model, kept, 0.7)
+        with_all = response_logprobs(wrapped, kept, 0.7)  # type: ignore[arg-type]
+    assert torch.allclose(with_kept, with_all, atol=1e-6)
+    assert torch.allclose(with_kept, kept.logprobs, atol=1e-5)
 
 
 def test_greedy_evaluation_sampling_is_deterministic(tiny_assets: DemoAssets) -> None:
