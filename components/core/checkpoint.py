@@ -63,8 +63,9 @@ def exists(uri: str) -> bool:
 def save(uri: str, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     name = f"step-{step:08d}"
     with tempfile.TemporaryDirectory() as temp:
-        # safetensors refuses tensors that share memory (tied embeddings): store private copies.
-        save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, str(Path(temp, TENSORS)))
+        # safetensors refuses tensors that share memory (tied embeddings): store private CPU copies.
+        copies = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+        save_file(copies, str(Path(temp, TENSORS)))
         storage.write_bytes(storage.join(uri, name, TENSORS), Path(temp, TENSORS).read_bytes())
     storage.write_json(storage.join(uri, name, STATE), {**state, "step": step})
     storage.write_json(storage.join(uri, LATEST), {"step": step, "directory": name})

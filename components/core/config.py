@@ -19,6 +19,17 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+class OnDevice(StrictModel):
+    """The field of every step that runs a model."""
+
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto: this worker's GPU (cuda:LOCAL_RANK) when CUDA is visible, else the CPU; "
+        "or cpu, cuda, cuda:N",
+    )
+
+
 class SamplingConfig(StrictModel):
     max_new_tokens: int = Field(default=32, ge=1)
     temperature: float = Field(default=0.7, gt=0.0)

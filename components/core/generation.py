@@ -142,7 +142,7 @@ def sample(
         **keep_last_logits(model, 1),
     )
     position = position[:, -1:]
-    finished = torch.zeros(batch_size, dtype=torch.bool)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=query_ids.device)
     tokens: list[torch.Tensor] = []
     logprobs: list[torch.Tensor] = []
     for _ in range(config.max_new_tokens):
@@ -159,7 +159,7 @@ def sample(
         finished = finished | (token == eos_token_id)
         if bool(finished.all()):
             break
-        attention = torch.cat([attention, torch.ones(batch_size, 1, dtype=attention.dtype)], dim=1)
+        attention = torch.cat([attention, attention.new_ones(batch_size, 1)], dim=1)
         position = position + 1
         output = model(
             input_ids=token[:, None],
@@ -219,8 +219,9 @@ def sample_prompts(
     max_prompt_tokens: int,
     generator: torch.Generator | None = None,
 ) -> Batch:
-    """Tokenise (left-padded) and sample one batch of prompts."""
-    query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_tokens)
+    """Tokenise (left-padded) and sample one batch of prompts on the model's device."""
+    encoded = encode_prompts(tokenizer, prompts, max_prompt_tokens)
+    query_ids, query_mask = (t.to(model.device) for t in encoded)
     return sample(
         model, query_ids, query_mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id, generator
     )

@@ -126,7 +126,7 @@ def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 
 
 def _load(
-    auto_class: Any, uri: str, trust_remote_code: bool, **kwargs: Any
+    auto_class: Any, uri: str, trust_remote_code: bool, device: torch.device | str, **kwargs: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     checkpoint = resolve_checkpoint(uri)
     tokenizer = load_tokenizer(checkpoint, trust_remote_code)
@@ -136,18 +136,20 @@ def _load(
     fit_embeddings(model, tokenizer)
     disable_dropout(model)
     fuse_activations(model)
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
-def load_policy(uri: str, trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    return _load(AutoModelForCausalLM, uri, trust_remote_code)
+def load_policy(
+    uri: str, trust_remote_code: bool = False, device: torch.device | str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return _load(AutoModelForCausalLM, uri, trust_remote_code, device)
 
 
 def load_scalar_model(
-    uri: str, trust_remote_code: bool = False
+    uri: str, trust_remote_code: bool = False, device: torch.device | str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A sequence classifier with one output: a reward model, or a value model initialised from one."""
-    return _load(AutoModelForSequenceClassification, uri, trust_remote_code, num_labels=1)
+    return _load(AutoModelForSequenceClassification, uri, trust_remote_code, device, num_labels=1)
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, uri: str) -> None:

@@ -29,9 +29,36 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    generator = torch.Generator()
+    return seeded_generator(seed)
+
+
+def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device`: sampling on a GPU needs a generator that lives there."""
+    import torch
+
+    generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
+
+
+def select_device(setting: str, section: str) -> torch.device:
+    """The device a step's models run on. `auto` is this worker's GPU (cuda:LOCAL_RANK: torchrun and
+    PyTorchJob set it) when CUDA is visible, else the CPU; `cuda` without an index means the same GPU."""
+    import torch
+
+    from rlhf_components.core.errors import UserError
+
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"{section}.device: {setting} was asked for, but this process sees no CUDA device")
+    device = torch.device(setting if ":" in setting else f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{section}.device: {device} does not exist ({torch.cuda.device_count()} visible)")
+    torch.cuda.set_device(device)
+    return device
 
 
 def process_rank() -> int:
@@ -39,16 +66,14 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def sampling_generator(seed: int, rank: int, iteration: int = 0) -> torch.Generator:
+def sampling_generator(
+    seed: int, rank: int, iteration: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """A generator for sampling responses, different on every rank and every iteration: workers that share
     weights and see the same prompts must still explore different responses, or N workers collect one
     worker's data N times. Derived from (seed, rank, iteration) alone, a resumed run needs no saved state
     for it, whatever its worker count."""
-    import torch
-
-    generator = torch.Generator()
-    generator.manual_seed(((seed * 65_537 + rank + 1) * 1_000_003 + iteration) % 2**63)
-    return generator
+    return seeded_generator(((seed * 65_537 + rank + 1) * 1_000_003 + iteration) % 2**63, device)
 
 
 def progress_disabled() -> bool:

@@ -106,12 +106,13 @@ class Workers:
             dist.barrier()
 
 
-def join(config: Distributed) -> Workers:
-    """Join the process group that torchrun or PyTorchJob set up, or run alone without one."""
+def join(config: Distributed, device: torch.device) -> Workers:
+    """Join the process group that torchrun or PyTorchJob set up, or run alone without one. Workers on GPUs
+    reduce GPU tensors with NCCL and the CPU ones (metrics) with gloo; CPU workers use gloo alone."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = process_rank()
     if world_size > 1 and not dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=config.collective_timeout_seconds))
         log.info("worker %d of %d joined (%s, sync %s)", rank, world_size, backend, config.sync)
     return Workers(rank, world_size, config.sync, config.average_every)

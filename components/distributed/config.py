@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_components.core.config import StrictModel
+from rlhf_components.core.config import OnDevice, StrictModel
 
 
 class PyTorchJobConfig(StrictModel):
@@ -36,7 +36,7 @@ class PyTorchJobConfig(StrictModel):
     poll_seconds: float = Field(default=5.0, gt=0.0)
 
 
-class Distributed(StrictModel):
+class Distributed(OnDevice):
     """The fields every distributed trainer's config carries."""
 
     launcher: Literal["local", "torchrun", "pytorchjob"] = Field(
@@ -54,7 +54,8 @@ class Distributed(StrictModel):
     pytorchjob: PyTorchJobConfig = Field(default_factory=PyTorchJobConfig)
 
     def checkpoint_fingerprint(self) -> dict[str, object]:
-        """The config a checkpoint must match to be resumed: how many workers ran it does not matter."""
+        """The config a checkpoint must match to be resumed: how many workers ran it, and on which device,
+        does not matter."""
         return self.model_dump(mode="json", exclude=set(Distributed.model_fields))
 
 

@@ -33,7 +33,7 @@ from rlhf_components.core import checkpoint, storage
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import encode_prompt_response, positions
 from rlhf_components.core.models import load_policy, save_checkpoint
-from rlhf_components.core.runtime import progress_disabled, seed_everything
+from rlhf_components.core.runtime import progress_disabled, seed_everything, select_device
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 from rlhf_components.distributed.collectives import join
@@ -77,7 +77,9 @@ def response_logps(
     config: Config,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ log π over each response's tokens and EOS, that token count) at temperature 1."""
-    ids, mask, response_mask = encode_prompt_response(tokenizer, prompts, responses, config.max_length)
+    ids, mask, response_mask = (
+        t.to(model.device) for t in encode_prompt_response(tokenizer, prompts, responses, config.max_length)
+    )
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, :-1].float()
     token_logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     predicted = response_mask[:, 1:].float()  # position t predicts token t + 1
@@ -110,7 +112,7 @@ def reference_logps(
             reference, tokenizer, pairs[start : start + config.batch_size], config
         )
         rows.append(torch.stack([chosen, rejected], dim=1))
-    return torch.cat(rows) if rows else torch.zeros(0, 2)
+    return torch.cat(rows) if rows else torch.zeros(0, 2, device=reference.device)
 
 
 def _load_pairs(uri: str) -> list[Pair]:
@@ -153,7 +155,8 @@ def _batch_loss(
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, "dpo", config):
-        workers = join(config)
+        device = select_device(config.device, "dpo")
+        workers = join(config, device)
         seed_everything(context.seed)
         train_pairs, eval_pairs = _load_pairs(inputs.train), _load_pairs(inputs.eval)
         if len(train_pairs) < max(1, workers.world_size):
@@ -161,8 +164,8 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 f"{inputs.train}: {len(train_pairs)} training pairs cannot feed "
                 f"{workers.world_size} worker(s)"
             )
-        policy, tokenizer = load_policy(inputs.policy, config.trust_remote_code)
-        reference, _ = load_policy(inputs.reference or inputs.policy, config.trust_remote_code)
+        policy, tokenizer = load_policy(inputs.policy, config.trust_remote_code, device)
+        reference, _ = load_policy(inputs.reference or inputs.policy, config.trust_remote_code, device)
         reference.eval()
         started = time.perf_counter()
         reference_train = reference_logps(reference, tokenizer, train_pairs, config)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from rlhf_components.core.config import SamplingConfig, StrictModel
+from rlhf_components.core.config import OnDevice, SamplingConfig, StrictModel
 
 
-class Config(StrictModel):
+class Config(OnDevice):
     max_prompts: int = Field(default=128, ge=1)
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.01),

@@ -29,7 +29,7 @@ from rlhf_components.core.generation import (
     sample_prompts,
 )
 from rlhf_components.core.models import load_policy, load_scalar_model, normalized_rewards
-from rlhf_components.core.runtime import seed_everything
+from rlhf_components.core.runtime import seed_everything, seeded_generator, select_device
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 from rlhf_components.evaluate.config import Config, Inputs, Outputs
@@ -146,19 +146,23 @@ def _mean(values: list[float]) -> float:
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, "evaluate", config):
-        generator = seed_everything(context.seed + 1)
-        kl_generator = torch.Generator().manual_seed(context.seed + 2)  # the KL pass leaves the answers alone
+        device = select_device(config.device, "evaluate")
+        generator = seed_everything(context.seed + 1)  # bootstrap resampling, on the CPU
+        answer_generator = seeded_generator(context.seed + 1, device)
+        kl_generator = seeded_generator(context.seed + 2, device)  # the KL pass leaves the answers alone
         prompts = [json.loads(line)["prompt"] for _, line in storage.read_jsonl(inputs.prompts)]
         prompts = prompts[: config.max_prompts]
         if not prompts:
             raise UserError(f"{inputs.prompts}: no held-out prompts to evaluate on")
         reward = (
-            load_scalar_model(inputs.reward_model, config.trust_remote_code) if inputs.reward_model else None
+            load_scalar_model(inputs.reward_model, config.trust_remote_code, device)
+            if inputs.reward_model
+            else None
         )
         if reward is not None:
             reward[0].eval()
         judge = resolve_judge(config.gold_judge) if config.gold_judge else None
-        reference, tokenizer = load_policy(inputs.reference, config.trust_remote_code)
+        reference, tokenizer = load_policy(inputs.reference, config.trust_remote_code, device)
         reference.eval()
 
         def rm_scores(texts: list[str]) -> list[float]:
@@ -182,12 +186,12 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
 
         def load(uri: str) -> PreTrainedModel:
             # The reference is already loaded for the KL: no second copy.
-            return (
-                reference if uri == inputs.reference else load_policy(uri, config.trust_remote_code)[0].eval()
-            )
+            if uri == inputs.reference:
+                return reference
+            return load_policy(uri, config.trust_remote_code, device)[0].eval()
 
         def judged_answers(model: PreTrainedModel) -> tuple[Answers, list[float], list[float]]:
-            answers = answer(model, tokenizer, prompts, config, generator)
+            answers = answer(model, tokenizer, prompts, config, answer_generator)
             gold = [judge(p, t) for p, t in zip(prompts, answers.texts, strict=True)] if judge else []
             return answers, rm_scores(answers.texts), gold
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from rlhf_components.core.config import SamplingConfig, StrictModel
+from rlhf_components.core.config import OnDevice, SamplingConfig, StrictModel
 
 
-class Config(StrictModel):
+class Config(OnDevice):
     samples_per_prompt: int = Field(default=2, ge=2, description="K candidates per prompt")
     max_prompts: int | None = Field(default=None, ge=1)
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=1.0))

@@ -18,7 +18,7 @@ from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import decode_responses, sample_prompts
 from rlhf_components.core.models import load_policy
-from rlhf_components.core.runtime import progress_disabled, seed_everything
+from rlhf_components.core.runtime import progress_disabled, seed_everything, seeded_generator, select_device
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 from rlhf_components.generate_candidates.config import AnnotationTask, Candidate, Config, Inputs, Outputs
@@ -78,13 +78,15 @@ def label_studio_json(tasks: list[AnnotationTask]) -> str:
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, "generate_candidates", config):
-        generator = seed_everything(context.seed)
+        device = select_device(config.device, "generate_candidates")
+        seed_everything(context.seed)
+        generator = seeded_generator(context.seed, device)
         prompts = [json.loads(line) for _, line in storage.read_jsonl(inputs.prompts)]
         if config.max_prompts is not None:
             prompts = prompts[: config.max_prompts]
         if not prompts:
             raise UserError(f"{inputs.prompts}: no prompts to generate from")
-        model, tokenizer = load_policy(inputs.policy, config.trust_remote_code)
+        model, tokenizer = load_policy(inputs.policy, config.trust_remote_code, device)
         model.eval()
         candidates: list[Candidate] = []
         repeated = [p for p in prompts for _ in range(config.samples_per_prompt)]

@@ -47,7 +47,12 @@ from rlhf_components.core.models import (
     sequence_scores,
     token_scores,
 )
-from rlhf_components.core.runtime import progress_disabled, sampling_generator, seed_everything
+from rlhf_components.core.runtime import (
+    progress_disabled,
+    sampling_generator,
+    seed_everything,
+    select_device,
+)
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 from rlhf_components.distributed.collectives import Workers, join
@@ -92,7 +97,7 @@ def gae(
     """Generalised advantage estimation over response tokens; the value after the last real token is 0."""
     values = values * mask
     advantages = torch.zeros_like(rewards)
-    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    running = rewards.new_zeros(rewards.shape[0])
     for t in reversed(range(rewards.shape[1])):
         next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
@@ -201,7 +206,7 @@ def collect_rollout(
     kl = kl_per_token(batch.logprobs, ref_logprobs, config.kl_estimator) * mask
     rewards = -kl_coef * kl
     last = (batch.response_mask.sum(-1) - 1).clamp(min=0)
-    rewards[torch.arange(rewards.shape[0]), last] += scores
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores
     if config.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False, workers=workers)
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
@@ -390,13 +395,15 @@ class Trainer:
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, "ppo", config):
-        workers = join(config)
+        device = select_device(config.device, "ppo")
+        workers = join(config, device)
         data_order = seed_everything(context.seed)
         prompts = _load_prompts(inputs.prompts)
-        policy, tokenizer = load_policy(inputs.policy, config.trust_remote_code)
-        reference, _ = load_policy(inputs.reference or inputs.policy, config.trust_remote_code)
-        reward_model, reward_tokenizer = load_scalar_model(inputs.reward_model, config.trust_remote_code)
-        value_model, _ = load_scalar_model(inputs.reward_model, config.trust_remote_code)
+        remote = config.trust_remote_code
+        policy, tokenizer = load_policy(inputs.policy, remote, device)
+        reference, _ = load_policy(inputs.reference or inputs.policy, remote, device)
+        reward_model, reward_tokenizer = load_scalar_model(inputs.reward_model, remote, device)
+        value_model, _ = load_scalar_model(inputs.reward_model, remote, device)
         fold_reward_normalization(value_model)  # values start on the scale of the rewards PPO sees
         if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"{inputs.reward_model}: the reward model's tokenizer differs from the policy's")
@@ -442,7 +449,9 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 prompt_batch = trainer.stream.take(config.rollout_batch_size)[
                     workers.shard(config.rollout_batch_size)
                 ]
-                query_ids, query_mask = encode_prompts(tokenizer, prompt_batch, config.max_prompt_tokens)
+                query_ids, query_mask = (
+                    t.to(device) for t in encode_prompts(tokenizer, prompt_batch, config.max_prompt_tokens)
+                )
                 rollout = collect_rollout(
                     policy,
                     reference,
@@ -454,7 +463,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                     trainer.kl_controller.value,
                     tokenizer.eos_token_id,
                     tokenizer.pad_token_id,
-                    sampling_generator(context.seed, workers.rank, iteration),
+                    sampling_generator(context.seed, workers.rank, iteration, device),
                     workers,
                 )
                 rollout_seconds = time.perf_counter() - started

@@ -28,7 +28,7 @@ from rlhf_components.core.models import (
     scalar_head,
     sequence_scores,
 )
-from rlhf_components.core.runtime import progress_disabled, seed_everything
+from rlhf_components.core.runtime import progress_disabled, seed_everything, select_device
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 from rlhf_components.distributed.collectives import join
@@ -62,7 +62,7 @@ def score_texts(
     responses: list[str],
     max_length: int,
 ) -> torch.Tensor:
-    ids, mask, last = encode_answers(tokenizer, prompts, responses, max_length)
+    ids, mask, last = (t.to(model.device) for t in encode_answers(tokenizer, prompts, responses, max_length))
     return sequence_scores(model, ids, mask, last)
 
 
@@ -98,7 +98,8 @@ def _load_pairs(uri: str) -> list[dict[str, str]]:
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, "train_reward_model", config):
-        workers = join(config)
+        device = select_device(config.device, "train_reward_model")
+        workers = join(config, device)
         generator = seed_everything(context.seed)
         train_pairs, eval_pairs = _load_pairs(inputs.train), _load_pairs(inputs.eval)
         if not train_pairs:
@@ -110,10 +111,11 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             )
         model, tokenizer = load_scalar_model(inputs.base_model, config.trust_remote_code)
         head = scalar_head(model)
-        with torch.no_grad():
+        with torch.no_grad():  # on the CPU, so the initial head is the same whatever the device
             head.weight.normal_(0.0, 1.0 / math.sqrt(model.config.hidden_size + 1))
             if getattr(head, "bias", None) is not None:
                 head.bias.zero_()
+        model.to(device)
 
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay

@@ -25,6 +25,8 @@ from rlhf_components.distributed.collectives import Workers, join
 from rlhf_components.distributed.config import Distributed
 from rlhf_components.ppo.step import collect_rollout, ppo_update
 
+CPU = torch.device("cpu")
+
 PPO_PROMPTS = [
     "Review of the ramen:",
     "Review of a small cafe near the station:",
@@ -98,10 +100,10 @@ def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     with recorded_errors():
         if mode == "ppo":
-            workers = join(Distributed(workers=2))
+            workers = join(Distributed(workers=2), CPU)
             result = ppo_step(sys.argv[3], sys.argv[4], ppo_config(workers=2, accumulation=1), workers)
         elif mode == "average":
-            workers = join(Distributed(workers=2, sync="average_every_k", average_every=2))
+            workers = join(Distributed(workers=2, sync="average_every_k", average_every=2), CPU)
             model = linear_model()
             optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
             for step in range(4):
@@ -109,7 +111,7 @@ def main() -> None:
                 workers.after_step(model.parameters())
             result = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         elif mode in {"crash", "hang"}:
-            workers = join(Distributed(workers=2, collective_timeout_seconds=3))
+            workers = join(Distributed(workers=2, collective_timeout_seconds=3), CPU)
             if workers.rank == 1:
                 if mode == "crash":
                     raise ValueError("rank 1 broke on purpose")

@@ -129,6 +129,8 @@ def test_unknown_key_two_levels_deep_names_the_full_path(tmp_path: Path) -> None
         ("ppo", "cliprange", -1, "ppo.cliprange"),
         ("ppo", "learning_rate", 0, "ppo.learning_rate"),
         ("ppo", "kl_estimator", "k2", "ppo.kl_estimator"),
+        ("ppo", "device", "gpu", "ppo.device"),
+        ("evaluate", "device", "cuda:x", "evaluate.device"),
         ("collect_prompts", "eval_fraction", 1.5, "collect_prompts.eval_fraction"),
         (None, "name", "Has Spaces", "name"),
     ],

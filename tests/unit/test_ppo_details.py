@@ -179,11 +179,11 @@ def test_response_log_probs_agree_with_and_without_logits_to_keep(tiny_assets: D
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     kept = sample(model, ids, mask, config, eos, pad, torch.Generator().manual_seed(0))
     wrapped = _NoLogitsToKeep(model)
-    full = sample(wrapped, ids, mask, config, eos, pad, torch.Generator().manual_seed(0))  # type: ignore[arg-type]
+    full = sample(wrapped, ids, mask, config, eos, pad, torch.Generator().manual_seed(0))
     assert torch.equal(kept.response_ids, full.response_ids)
     with torch.no_grad():
         with_kept = response_logprobs(model, kept, 0.7)
-        with_all = response_logprobs(wrapped, kept, 0.7)  # type: ignore[arg-type]
+        with_all = response_logprobs(wrapped, kept, 0.7)
     assert torch.allclose(with_kept, with_all, atol=1e-6)
     assert torch.allclose(with_kept, kept.logprobs, atol=1e-5)
 
