@@ -1,20 +1,35 @@
-"""Side-by-side table of the JSON results in a folder (benchmarks/run.sh writes them), also as JSON."""
+"""Side-by-side table of the JSON results in a folder (benchmarks/run.sh writes them), also as JSON.
+
+PPO throughput comes from repeated runs (`runs/ppo-MODEL-N.json`, `runs/trl-ppo-MODEL-N.json`): each side is
+its median run, whose time split and memory are reported with it, and every run's episodes/s is listed.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+
+def median_run(folder: Path, pattern: str) -> tuple[dict[str, Any], list[float]] | None:
+    """(the run with the median episodes/s, the lower one of the middle two for an even count; all runs')."""
+    runs = [json.loads(path.read_text()) for path in folder.glob(pattern)]
+    runs.sort(key=lambda r: r["episodes_per_second"])
+    if not runs:
+        return None
+    return runs[(len(runs) - 1) // 2], [round(r["episodes_per_second"], 2) for r in runs]
 
 
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
     rows = []
     for model in ("demo", "gpt2-6x512"):
-        ours_path, trl_path = folder / f"ppo-{model}.json", folder / f"trl-ppo-{model}.json"
-        if not ours_path.is_file() or not trl_path.is_file():
+        ours_runs = median_run(folder / "runs", f"ppo-{model}-*.json")
+        trl_runs = median_run(folder / "runs", f"trl-ppo-{model}-*.json")
+        if ours_runs is None or trl_runs is None:
             continue
-        ours, trl = json.loads(ours_path.read_text()), json.loads(trl_path.read_text())
+        (ours, ours_all), (trl, trl_all) = ours_runs, trl_runs
         rloo_path = folder / f"trl-rloo-{model}.json"
         rloo = json.loads(rloo_path.read_text()) if rloo_path.is_file() else None
         rows.append(
@@ -25,6 +40,8 @@ def main() -> None:
                 "ours_episodes_per_second": round(ours["episodes_per_second"], 1),
                 "trl_episodes_per_second": round(trl["episodes_per_second"], 1),
                 "speedup": round(ours["episodes_per_second"] / trl["episodes_per_second"], 2),
+                "ours_runs_episodes_per_second": ours_all,
+                "trl_runs_episodes_per_second": trl_all,
                 "trl_rloo_episodes_per_second": round(rloo["episodes_per_second"], 1) if rloo else None,
                 "ours_seconds_per_iteration": {
                     k: round(v, 3) for k, v in ours["seconds_per_iteration"].items()

@@ -3,11 +3,12 @@
 # TRL 1.16's RLOO (critic-free); our DPO and TRL 1.16's; learning of both PPOs over three seeds; 1 vs 2
 # workers; feedback ingestion of 100k records. JSON lands in benchmarks/results/, the throughput side by side
 # in summary.json.
-#   benchmarks/run.sh [ITERATIONS]        (make bench)
+#   benchmarks/run.sh [ITERATIONS]        (make bench; REPEATS=3 alternating runs of our PPO and TRL's)
 # Each TRL gets its own virtual environment with the same torch build as .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ITERATIONS="${1:-6}"
+REPEATS="${REPEATS:-3}"
 PY=.venv/bin/python
 TORCH_SPEC="torch==$($PY -c 'import torch; print(torch.__version__.split("+")[0])')"
 make_venv() {  # make_venv DIR TRL_VERSION
@@ -19,18 +20,21 @@ make_venv() {  # make_venv DIR TRL_VERSION
 }
 make_venv benchmarks/.venv-trl 1.12.0
 make_venv benchmarks/.venv-trl-rloo 1.16.0
-mkdir -p benchmarks/results
+mkdir -p benchmarks/results/runs
 export RLHF_NO_PROGRESS=1
 for model in demo gpt2-6x512; do
   $PY -c "import json, sys; sys.path.insert(0, 'benchmarks'); from common import DPO_SETTINGS, prepare, \
 prepare_pairs; json.dump({**prepare('$model'), 'pairs': prepare_pairs(DPO_SETTINGS['pairs'])}, \
 open('benchmarks/results/paths-$model.json', 'w'))"
-  $PY benchmarks/ppo.py --model "$model" --iterations "$ITERATIONS" -o "benchmarks/results/ppo-$model.json" >/dev/null
-  for runner in ppo rloo; do
-    venv=benchmarks/.venv-trl; [ "$runner" = rloo ] && venv=benchmarks/.venv-trl-rloo
-    "$venv/bin/python" "benchmarks/trl_$runner.py" --paths "benchmarks/results/paths-$model.json" --model "$model" \
-      --iterations "$ITERATIONS" -o "benchmarks/results/trl-$runner-$model.json" >/dev/null 2>&1
+  # Ours and TRL's PPO alternate, so a drift in the shared machine's speed hits both; compare.py takes medians.
+  for run in $(seq "$REPEATS"); do
+    $PY benchmarks/ppo.py --model "$model" --iterations "$ITERATIONS" \
+      -o "benchmarks/results/runs/ppo-$model-$run.json" >/dev/null
+    benchmarks/.venv-trl/bin/python benchmarks/trl_ppo.py --paths "benchmarks/results/paths-$model.json" \
+      --model "$model" --iterations "$ITERATIONS" -o "benchmarks/results/runs/trl-ppo-$model-$run.json" >/dev/null 2>&1
   done
+  benchmarks/.venv-trl-rloo/bin/python benchmarks/trl_rloo.py --paths "benchmarks/results/paths-$model.json" \
+    --model "$model" --iterations "$ITERATIONS" -o "benchmarks/results/trl-rloo-$model.json" >/dev/null 2>&1
   $PY benchmarks/dpo.py --model "$model" -o "benchmarks/results/dpo-$model.json" >/dev/null
   benchmarks/.venv-trl-rloo/bin/python benchmarks/trl_dpo.py --paths "benchmarks/results/paths-$model.json" \
     --model "$model" -o "benchmarks/results/trl-dpo-$model.json" >/dev/null 2>&1
