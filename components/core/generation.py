@@ -205,8 +205,9 @@ def entropy(log_probs: torch.Tensor) -> torch.Tensor:
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, batch: Batch) -> list[str]:
     texts = []
-    for ids, mask in zip(batch.response_ids, batch.response_mask, strict=True):
-        kept = [int(t) for t, m in zip(ids, mask, strict=True) if m and int(t) != tokenizer.eos_token_id]
+    # Python lists first: reading a GPU tensor element by element waits for the device once per token.
+    for ids, mask in zip(batch.response_ids.tolist(), batch.response_mask.tolist(), strict=True):
+        kept = [t for t, m in zip(ids, mask, strict=True) if m and t != tokenizer.eos_token_id]
         texts.append(str(tokenizer.decode(kept, skip_special_tokens=True)))
     return texts
 

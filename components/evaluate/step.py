@@ -118,8 +118,8 @@ def answer(
     answers = Answers(texts=[], lengths=[], ended=[])
     for batch in _sampled_batches(policy, tokenizer, prompts, config.sampling, config, generator):
         answers.texts.extend(decode_responses(tokenizer, batch))
-        answers.lengths.extend(int(n) for n in batch.response_mask.sum(-1))
-        answers.ended.extend(bool(e) for e in batch.ended_with_eos)
+        answers.lengths.extend(batch.response_mask.sum(-1).tolist())
+        answers.ended.extend(batch.ended_with_eos.tolist())
     return answers
 
 
@@ -136,7 +136,7 @@ def kl_to_reference(
     estimates: list[float] = []
     for batch in _sampled_batches(policy, tokenizer, prompts, config.kl_sampling, config, generator):
         ref_logprobs = response_logprobs(reference, batch, config.kl_sampling.temperature)
-        estimates.extend(float(k) for k in (batch.logprobs - ref_logprobs).sum(-1))
+        estimates.extend((batch.logprobs - ref_logprobs).sum(-1).tolist())
     return estimates
 
 

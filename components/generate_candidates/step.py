@@ -102,6 +102,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                     model, tokenizer, texts_in, config.sampling, config.max_prompt_tokens, generator
                 )
             texts = decode_responses(tokenizer, batch)
+            ended, lengths = batch.ended_with_eos.tolist(), batch.response_mask.sum(-1).tolist()
             for offset, (prompt, text) in enumerate(zip(chunk, texts, strict=True)):
                 candidates.append(
                     Candidate(
@@ -109,8 +110,8 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                         prompt_id=prompt["id"],
                         prompt=prompt["prompt"],
                         response=text,
-                        ended_with_eos=bool(batch.ended_with_eos[offset]),
-                        num_tokens=int(batch.response_mask[offset].sum()),
+                        ended_with_eos=ended[offset],
+                        num_tokens=lengths[offset],
                         policy=inputs.policy,
                         sample_index=(start + offset) % config.samples_per_prompt,
                     )
