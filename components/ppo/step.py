@@ -267,7 +267,7 @@ def ppo_update(
     policy.train()
     value_model.train()
     for _ in range(config.ppo_epochs):
-        order = torch.randperm(block_size, generator=data_order)
+        order = torch.randperm(block_size, generator=data_order, device=data_order.device)
         for mb_start in range(0, block_size, micro_size):
             optimizer.zero_grad(set_to_none=True)
             for block in range(blocks):
