@@ -10,10 +10,15 @@ from typing import Any
 
 from kfp import dsl
 
+from rlhf_components.core.errors import UserError
+
 IMAGE = os.environ.get("RLHF_IMAGE", "ghcr.io/rlhf-pipelines/rlhf-pipelines:0.1.0-cpu")
 # Credentials reach the pods from Kubernetes secrets, never from the config or the compiled YAML.
 S3_SECRET = os.environ.get("RLHF_S3_SECRET", "rlhf-s3-credentials")
 MLFLOW_SECRET = os.environ.get("RLHF_MLFLOW_SECRET", "rlhf-mlflow-credentials")
+# GPUs each model step's pod requests (generate_candidates, train_reward_model, ppo, dpo, evaluate); their
+# `device: auto` then runs there. 0: CPU pods. Needs an image with CUDA PyTorch (containers/Dockerfile).
+TASK_GPUS = os.environ.get("RLHF_TASK_GPUS", "0")
 
 
 def use_cluster_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -24,6 +29,15 @@ def use_cluster_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
     kubernetes.use_secret_as_env(task, S3_SECRET, {key: key for key in s3_keys}, optional=True)
     mlflow_keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
     kubernetes.use_secret_as_env(task, MLFLOW_SECRET, {key: key for key in mlflow_keys}, optional=True)
+    return task
+
+
+def request_gpus(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """`nvidia.com/gpu: RLHF_TASK_GPUS` for a model step's pod, when that is more than 0."""
+    if not TASK_GPUS.isdigit():
+        raise UserError(f"RLHF_TASK_GPUS: {TASK_GPUS!r} is not a whole number of GPUs")
+    if int(TASK_GPUS) > 0:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(int(TASK_GPUS))
     return task
 
 

@@ -46,6 +46,8 @@ def rlhf_pipeline(config: str) -> str:
     evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback, reward.output, policy)
     for task in (run, prompts, candidates, feedback, reward, policy, evaluation, registered):
         c.use_cluster_credentials(task)
+    for task in (candidates, reward, policy, evaluation):
+        c.request_gpus(task)
     return registered.output
 
 
@@ -57,6 +59,8 @@ def dpo_pipeline(config: str) -> str:
     evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback, no_reward_model, policy)
     for task in (run, prompts, candidates, feedback, policy, evaluation, registered):
         c.use_cluster_credentials(task)
+    for task in (candidates, policy, evaluation):
+        c.request_gpus(task)
     return registered.output
 
 

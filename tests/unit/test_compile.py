@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -175,3 +177,43 @@ def test_the_dpo_dag_trains_from_the_feedback_without_a_reward_model(cli: dict[s
     assert {"evaluate", "dpo", "ingest-feedback"} <= depends["register-and-promote"]
     reward = _tasks(spec)["evaluate"]["inputs"]["parameters"]["reward"]
     assert reward["runtimeValue"]["constant"] == "null"
+
+
+MODEL_EXECUTORS = {"exec-generate-candidates", "exec-train-reward-model", "exec-ppo", "exec-evaluate"}
+
+
+def test_model_steps_request_the_gpus_given_at_compile_time(tmp_path: Path) -> None:
+    """RLHF_TASK_GPUS is read when the DAG is built, so this compiles in a fresh process."""
+    rlhf = Path(sys.executable).parent / "rlhf"
+    environment = {**os.environ, "RLHF_TASK_GPUS": "2"}
+    done = subprocess.run(
+        [str(rlhf), "compile", "-o", "gpu.yaml"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    compiled = next(yaml.safe_load_all((tmp_path / "gpu.yaml").read_text(encoding="utf-8")))
+    executors = compiled["deploymentSpec"]["executors"]
+    requested = {
+        name: executor["container"]["resources"]["accelerator"]
+        for name, executor in executors.items()
+        if "resources" in executor["container"]
+    }
+    assert set(requested) == MODEL_EXECUTORS
+    for accelerator in requested.values():
+        assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("nvidia.com/gpu", "2")
+    bad = subprocess.run(
+        [str(rlhf), "compile", "-o", "bad.yaml"],
+        cwd=tmp_path,
+        env={**environment, "RLHF_TASK_GPUS": "two"},
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: RLHF_TASK_GPUS: 'two' is not a whole number of GPUs"
+
+
+def test_without_rlhf_task_gpus_no_pod_requests_a_gpu(spec: dict[str, Any]) -> None:
+    assert all("resources" not in e["container"] for e in spec["deploymentSpec"]["executors"].values())
