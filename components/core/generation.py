@@ -8,7 +8,9 @@ Conventions every step shares (they are what makes PPO's importance ratio start 
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +66,13 @@ def keep_last_logits(model: PreTrainedModel, count: int) -> dict[str, int]:
     """Forward arguments that run the LM head over the last `count` positions only, not over prompt positions
     whose logits nobody reads. A model whose forward lacks `logits_to_keep` (some remote code) computes them
     all, so callers slice the last `count` themselves."""
-    supported = "logits_to_keep" in inspect.signature(model.forward).parameters
-    return {"logits_to_keep": count} if supported else {}
+    return {"logits_to_keep": count} if _takes_logits_to_keep(type(model).forward) else {}
+
+
+@functools.cache
+def _takes_logits_to_keep(forward: Callable[..., object]) -> bool:
+    """Once per model class: this is asked on every forward pass of generation and training."""
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def encode_prompts(

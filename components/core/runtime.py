@@ -7,6 +7,8 @@ import os
 import random
 from typing import TYPE_CHECKING
 
+from rlhf_components.core.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -45,8 +47,6 @@ def select_device(setting: str, section: str) -> torch.device:
     """The device a step's models run on. `auto` is this worker's GPU (cuda:LOCAL_RANK: torchrun and
     PyTorchJob set it) when CUDA is visible, else the CPU; `cuda` without an index means the same GPU."""
     import torch
-
-    from rlhf_components.core.errors import UserError
 
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"

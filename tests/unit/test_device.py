@@ -1,29 +1,15 @@
-"""Which device a step runs on, and that PPO keeps its tensors on the device of its models and inputs. This
-machine has no GPU: the CUDA branches are checked with torch.cuda's answers replaced (what is visible, how
-many), never by running a kernel, and device discipline with the default device set to `meta`."""
+"""Which device a step runs on. This machine has no GPU: the CUDA branches are checked with torch.cuda's
+answers replaced (what is visible, how many), never by running a kernel. That PPO keeps its tensors on its
+models' device is checked in test_ppo_details.py, with the default device set to `meta`."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 from rlhf_components import ppo
-from rlhf_components.core.config import SamplingConfig
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.generation import encode_prompts
-from rlhf_components.core.models import load_policy, load_scalar_model
 from rlhf_components.core.runtime import sampling_generator, seeded_generator, select_device
-from rlhf_components.demo import DemoAssets
-from rlhf_components.ppo.step import collect_rollout, ppo_update
-
-PROMPTS = [
-    "Review of the ramen:",
-    "Review of a small cafe near the station:",
-    "My review of the lamp:",
-    "A lamp:",
-]
 
 
 def test_auto_is_the_cpu_when_no_gpu_is_visible(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,38 +67,3 @@ def test_a_checkpoint_resumes_on_another_device() -> None:
     on_gpu, on_cpu = ppo.Config(device="cuda"), ppo.Config(device="cpu")
     assert on_gpu.checkpoint_fingerprint() == on_cpu.checkpoint_fingerprint()
     assert ppo.Config(kl_coef=0.1).checkpoint_fingerprint() != ppo.Config().checkpoint_fingerprint()
-
-
-def test_a_ppo_iteration_creates_every_tensor_on_its_inputs_device(tiny_assets: DemoAssets) -> None:
-    """With the default device set to `meta`, any tensor made without naming its device lands on `meta` and
-    cannot mix with the CPU tensors of the models and the batch: the mistake that breaks a GPU run, caught
-    without a GPU. Models and data are on the CPU here, as a GPU run has them on its GPU."""
-    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
-    value, _ = load_scalar_model(tiny_assets.sft_model_dir)
-    reference, _ = load_policy(tiny_assets.sft_model_dir)
-    reference.requires_grad_(False)
-    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
-    config = ppo.Config(rollout_batch_size=4, num_minibatches=2, sampling=SamplingConfig(max_new_tokens=6))
-    optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
-    sampler, data_order = sampling_generator(0, 0, 1), seeded_generator(1)
-    torch.set_default_device("meta")
-    try:
-        rollout = collect_rollout(
-            policy,
-            reference,
-            value,
-            value,
-            ids,
-            mask,
-            config,
-            0.1,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-            sampler,
-        )
-        stats = ppo_update(policy, value, optimizer, rollout, config, data_order)
-    finally:
-        torch.set_default_device(None)
-    assert rollout.advantages.device == torch.device("cpu")
-    assert math.isfinite(stats["pg_loss"]) and math.isclose(stats["first_minibatch_ratio"], 1.0, abs_tol=1e-5)
-    assert all(p.device == torch.device("cpu") for p in policy.parameters())

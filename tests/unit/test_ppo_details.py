@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import NewGELUActivation
 
 from rlhf_components import ppo
 from rlhf_components.core.config import SamplingConfig
 from rlhf_components.core.generation import encode_prompts, response_logprobs, sample
 from rlhf_components.core.models import load_policy, load_scalar_model, save_checkpoint, sequence_scores
-from rlhf_components.core.runtime import process_rank, sampling_generator, seed_everything
+from rlhf_components.core.runtime import process_rank, sampling_generator, seed_everything, seeded_generator
 from rlhf_components.demo import DemoAssets
 from rlhf_components.ppo.step import Rollout, collect_rollout, ppo_update
 
@@ -74,6 +74,22 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tiny_assets:
     assert torch.allclose(padded, torch.cat(alone), atol=1e-5)
 
 
+def rollout_with(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    scorer: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    query: tuple[torch.Tensor, torch.Tensor],
+    config: ppo.Config,
+    kl_coef: float,
+    generator: torch.Generator,
+) -> Rollout:
+    """A rollout of the encoded prompts `query` (ids, mask); the scalar model `scorer` serves as both the
+    reward model and the value model."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return collect_rollout(policy, reference, scorer, scorer, *query, config, kl_coef, eos, pad, generator)
+
+
 def rollout_of_policy_against_itself(
     assets: DemoAssets, config: ppo.Config, kl_coef: float, seed: int
 ) -> Rollout:
@@ -81,21 +97,9 @@ def rollout_of_policy_against_itself(
     policy, tokenizer = load_policy(assets.sft_model_dir)
     torch.manual_seed(0)  # the scalar head is new: the same seed gives the same reward model every call
     reward_model, _ = load_scalar_model(assets.sft_model_dir)
-    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
+    query = encode_prompts(tokenizer, PROMPTS, 64)
     generator = torch.Generator().manual_seed(seed)
-    return collect_rollout(
-        policy,
-        policy,
-        reward_model,
-        reward_model,
-        ids,
-        mask,
-        config,
-        kl_coef,
-        tokenizer.eos_token_id,
-        tokenizer.pad_token_id,
-        generator,
-    )
+    return rollout_with(policy, policy, reward_model, tokenizer, query, config, kl_coef, generator)
 
 
 def test_missing_eos_is_penalised_by_exactly_the_configured_amount(tiny_assets: DemoAssets) -> None:
@@ -213,7 +217,7 @@ def test_minibatch_and_accumulation_shape_of_an_update(tiny_assets: DemoAssets, 
     policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
     value, _ = load_scalar_model(tiny_assets.sft_model_dir)
     reference, _ = load_policy(tiny_assets.sft_model_dir)
-    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
+    query = encode_prompts(tokenizer, PROMPTS, 64)
     config = ppo.Config(
         rollout_batch_size=6,
         num_minibatches=2,
@@ -223,19 +227,7 @@ def test_minibatch_and_accumulation_shape_of_an_update(tiny_assets: DemoAssets, 
         sampling=SamplingConfig(max_new_tokens=8),
     )
     generator = torch.Generator().manual_seed(3)
-    rollout = collect_rollout(
-        policy,
-        reference,
-        value,
-        value,
-        ids,
-        mask,
-        config,
-        0.1,
-        tokenizer.eos_token_id,
-        tokenizer.pad_token_id,
-        generator,
-    )
+    rollout = rollout_with(policy, reference, value, tokenizer, query, config, 0.1, generator)
     optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
     stats = ppo_update(policy, value, optimizer, rollout, config, generator)
     assert len(stats) > 0 and math.isclose(stats["first_minibatch_ratio"], 1.0, abs_tol=1e-5)
@@ -243,6 +235,29 @@ def test_minibatch_and_accumulation_shape_of_an_update(tiny_assets: DemoAssets, 
         optimizer.state[next(iter(policy.parameters()))]["step"] == config.ppo_epochs * config.num_minibatches
     )
     assert stats["approx_kl"] > 0.0
+
+
+def test_a_ppo_iteration_creates_every_tensor_on_its_inputs_device(tiny_assets: DemoAssets) -> None:
+    """With the default device set to `meta`, any tensor made without naming its device lands on `meta` and
+    cannot mix with the CPU tensors of the models and the batch: the mistake that breaks a GPU run, caught
+    without a GPU. Models and data are on the CPU here, as a GPU run has them on its GPU."""
+    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    value, _ = load_scalar_model(tiny_assets.sft_model_dir)
+    reference, _ = load_policy(tiny_assets.sft_model_dir)
+    reference.requires_grad_(False)
+    query = encode_prompts(tokenizer, PROMPTS, 64)
+    config = ppo.Config(rollout_batch_size=6, num_minibatches=2, sampling=SamplingConfig(max_new_tokens=6))
+    optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
+    sampler, data_order = sampling_generator(0, 0, 1), seeded_generator(1)
+    torch.set_default_device("meta")
+    try:
+        rollout = rollout_with(policy, reference, value, tokenizer, query, config, 0.1, sampler)
+        stats = ppo_update(policy, value, optimizer, rollout, config, data_order)
+    finally:
+        torch.set_default_device(None)
+    assert rollout.advantages.device == torch.device("cpu")
+    assert math.isfinite(stats["pg_loss"]) and math.isclose(stats["first_minibatch_ratio"], 1.0, abs_tol=1e-5)
+    assert all(p.device == torch.device("cpu") for p in policy.parameters())
 
 
 def test_each_rank_samples_different_responses_to_the_same_prompts(
