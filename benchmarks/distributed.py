@@ -60,7 +60,7 @@ def measure(workers: int, paths: dict[str, str], root: Path) -> dict[str, Any]:
         context,
     )
     rm_seconds = time.perf_counter() - started
-    rm_steps = len(child_metrics("train_reward_model", "rm_loss"))
+    rm_communication = child_metrics("train_reward_model", "communication_seconds")
 
     config = our_ppo_config(PPO_SETTINGS, PPO_SETTINGS["rollout_batch_size"] * ITERATIONS).model_copy(
         update={"launcher": "torchrun", "workers": workers}
@@ -77,10 +77,7 @@ def measure(workers: int, paths: dict[str, str], root: Path) -> dict[str, Any]:
         "ppo_episodes_per_second": steady("episodes_per_second"),
         "ppo_seconds_per_iteration": {phase: steady(f"{phase}_seconds") for phase in PHASES},
         "reward_model_pairs_per_second_with_startup": PAIRS / rm_seconds,
-        "reward_model_communication_seconds_per_step": child_metrics(
-            "train_reward_model", "rm_communication_seconds"
-        )[-1]
-        / rm_steps,
+        "reward_model_communication_seconds_per_step": statistics.fmean(rm_communication),
     }
 
 

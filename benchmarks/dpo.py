@@ -47,8 +47,8 @@ def measure(model: str) -> dict[str, Any]:
         [run] = client.search_runs(
             [client.get_experiment_by_name("bench").experiment_id], filter_string="tags.`rlhf.step` = 'dpo'"
         )
-        per_step = [m.value for m in client.get_metric_history(run.info.run_id, "dpo_pairs_per_second")]
-        reference_seconds = run.data.metrics["dpo_reference_seconds"]
+        per_step = [m.value for m in client.get_metric_history(run.info.run_id, "pairs_per_second")]
+        reference_seconds = run.data.metrics["reference_seconds"]
     step_seconds = sum(settings["batch_size"] / rate for rate in per_step)
     return {
         "implementation": "rlhf-pipelines",

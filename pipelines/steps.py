@@ -1,19 +1,23 @@
 """What each KFP component calls: parse the pipeline config, pick the step's section, run the step.
 
 Each function takes and returns JSON strings (KFP parameters), so the component bodies stay one line and
-hold no logic of their own. Step outputs flow between tasks as the JSON of the step's Outputs model. A step
-that fails marks the pipeline's MLflow parent run FAILED, and leaves its one-line reason where `rlhf run`
-can show it (RLHF_ERROR_FILE).
+hold no logic of their own. `start` opens the MLflow parent run and builds the `RunContext` once; every
+later task receives it in start's output. Upstream outputs arrive as the JSON of the producing step's
+Outputs model and are parsed with that model (the annotations of each function below), every step runs
+through `launch` (in this process, or on the workers its config asks for), and its outputs leave as JSON. A
+step that fails marks the pipeline's MLflow parent run FAILED, and leaves its one-line reason where
+`rlhf run` can show it (RLHF_ERROR_FILE).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
+import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from pydantic import BaseModel, TypeAdapter
 
 from rlhf_components import (
     collect_prompts,
@@ -25,34 +29,27 @@ from rlhf_components import (
     register_and_promote,
     train_reward_model,
 )
-from rlhf_components.collect_prompts.step import run as collect_prompts_run
+from rlhf_components.core.config import StrictModel
 from rlhf_components.core.runtime import setup_logging
 from rlhf_components.core.step import ERROR_FILE_ENV
 from rlhf_components.core.tracking import (
     RunContext,
     finish_pipeline_run,
-    resolve_tracking_uri,
     start_pipeline_run,
 )
 from rlhf_components.distributed import launch
-from rlhf_components.evaluate.step import run as evaluate_run
-from rlhf_components.generate_candidates.step import run as generate_candidates_run
-from rlhf_components.ingest_feedback.step import run as ingest_feedback_run
 from rlhf_components.register_and_promote.registry import alias_version
-from rlhf_components.register_and_promote.step import run as register_and_promote_run
 from rlhf_pipelines.config import PipelineConfig, parse_pipeline_config
 
 StepBody = Callable[..., str]
 
 
-def _context(config: PipelineConfig, run_id: str) -> RunContext:
-    return RunContext(
-        tracking_uri=resolve_tracking_uri(config.tracking),
-        experiment=config.tracking.experiment,
-        parent_run_id=run_id,
-        output_root=config.storage_root,
-        seed=config.seed,
-    )
+class Started(StrictModel):
+    """start_run's output: where every step records and writes, and the policy this run starts from."""
+
+    context: RunContext
+    champion: str
+    champion_version: str | None
 
 
 def _report_failure(step: str, error: Exception) -> None:
@@ -67,7 +64,7 @@ def start(config_json: str) -> str:
     setup_logging()
     config = parse_pipeline_config(config_json)
     try:
-        _, run_id = start_pipeline_run(
+        tracking_uri, run_id = start_pipeline_run(
             config.tracking,
             config.name,
             config.model_dump(mode="json"),
@@ -78,126 +75,131 @@ def start(config_json: str) -> str:
     except Exception as error:
         _report_failure("start_run", error)
         raise
+    context = RunContext(
+        tracking_uri=tracking_uri,
+        experiment=config.tracking.experiment,
+        parent_run_id=run_id,
+        output_root=config.storage_root,
+        seed=config.seed,
+    )
     champion = f"models:/{name}@production" if version else config.policy
-    return json.dumps({"run_id": run_id, "champion": champion, "champion_version": version})
+    return Started(context=context, champion=champion, champion_version=version).model_dump_json()
 
 
-def _step(body: Callable[..., str]) -> StepBody:
-    """(config JSON, start_run's output, upstream outputs…) → body(config, started, context, *upstream)."""
+def _step(finishes_pipeline: bool = False) -> Callable[[Callable[..., BaseModel]], StepBody]:
+    """Turn `run_<step>(config, started, *upstream) -> the step's Inputs` into the component's body:
+    (config JSON, start's output, upstream outputs' JSON…) → the step's outputs as JSON."""
 
-    @functools.wraps(body)
-    def wrapper(config_json: str, run: str, *upstream: str) -> str:
-        setup_logging()
-        config = parse_pipeline_config(config_json)
-        started: dict[str, Any] = json.loads(run)
-        context = _context(config, started["run_id"])
-        try:
-            return body(config, started, context, *(json.loads(u) for u in upstream))
-        except Exception as error:
-            _report_failure(body.__name__.removeprefix("run_"), error)
-            finish_pipeline_run(context, "FAILED")
-            raise
+    def decorate(inputs_for: Callable[..., BaseModel]) -> StepBody:
+        step = inputs_for.__name__.removeprefix("run_")
+        hints = typing.get_type_hints(inputs_for)
+        upstream_types = [hints[name] for name in list(hints)[2:-1]]  # after config and started; not return
 
-    return wrapper
+        @functools.wraps(inputs_for)
+        def body(config_json: str, started_json: str, *upstream_json: str) -> str:
+            setup_logging()
+            config = parse_pipeline_config(config_json)
+            started = Started.model_validate_json(started_json)
+            try:
+                upstream = [
+                    TypeAdapter(kind).validate_json(text)
+                    for kind, text in zip(upstream_types, upstream_json, strict=True)
+                ]
+                inputs = inputs_for(config, started, *upstream)
+                outputs = launch(step, getattr(config, step), inputs, started.context)
+            except Exception as error:
+                _report_failure(step, error)
+                finish_pipeline_run(started.context, "FAILED")
+                raise
+            if finishes_pipeline:
+                finish_pipeline_run(started.context)
+            return str(outputs.model_dump_json())
+
+        return body
+
+    return decorate
 
 
-@_step
-def run_collect_prompts(config: PipelineConfig, started: dict[str, Any], context: RunContext) -> str:
-    return collect_prompts_run(config.collect_prompts, collect_prompts.Inputs(), context).model_dump_json()
+@_step()
+def run_collect_prompts(config: PipelineConfig, started: Started) -> collect_prompts.Inputs:
+    return collect_prompts.Inputs()
 
 
-@_step
+@_step()
 def run_generate_candidates(
-    config: PipelineConfig, started: dict[str, Any], context: RunContext, prompts: dict[str, Any]
-) -> str:
-    inputs = generate_candidates.Inputs(
-        policy=started["champion"], prompts=prompts["train"], inbox=config.feedback_inbox
+    config: PipelineConfig, started: Started, prompts: collect_prompts.Outputs
+) -> generate_candidates.Inputs:
+    return generate_candidates.Inputs(
+        policy=started.champion, prompts=prompts.train, inbox=config.feedback_inbox
     )
-    return generate_candidates_run(config.generate_candidates, inputs, context).model_dump_json()
 
 
-@_step
+@_step()
 def run_ingest_feedback(
-    config: PipelineConfig, started: dict[str, Any], context: RunContext, candidates: dict[str, Any]
-) -> str:
-    inputs = ingest_feedback.Inputs(inbox=config.feedback_inbox, tasks=candidates["tasks"])
-    return ingest_feedback_run(config.ingest_feedback, inputs, context).model_dump_json()
+    config: PipelineConfig, started: Started, candidates: generate_candidates.Outputs
+) -> ingest_feedback.Inputs:
+    return ingest_feedback.Inputs(inbox=config.feedback_inbox, tasks=candidates.tasks)
 
 
-@_step
+@_step()
 def run_train_reward_model(
-    config: PipelineConfig, started: dict[str, Any], context: RunContext, feedback: dict[str, Any]
-) -> str:
-    inputs = train_reward_model.Inputs(
-        base_model=config.policy, train=feedback["train"], eval=feedback["eval"]
-    )
-    return str(launch("train_reward_model", config.train_reward_model, inputs, context).model_dump_json())
+    config: PipelineConfig, started: Started, feedback: ingest_feedback.Outputs
+) -> train_reward_model.Inputs:
+    return train_reward_model.Inputs(base_model=config.policy, train=feedback.train, eval=feedback.eval)
 
 
-@_step
+@_step()
 def run_ppo(
     config: PipelineConfig,
-    started: dict[str, Any],
-    context: RunContext,
-    prompts: dict[str, Any],
-    reward: dict[str, Any],
-) -> str:
-    inputs = ppo.Inputs(policy=config.policy, reward_model=reward["reward_model"], prompts=prompts["train"])
-    return str(launch("ppo", config.ppo, inputs, context).model_dump_json())
+    started: Started,
+    prompts: collect_prompts.Outputs,
+    reward: train_reward_model.Outputs,
+) -> ppo.Inputs:
+    return ppo.Inputs(policy=config.policy, reward_model=reward.reward_model, prompts=prompts.train)
 
 
-@_step
-def run_dpo(
-    config: PipelineConfig, started: dict[str, Any], context: RunContext, feedback: dict[str, Any]
-) -> str:
-    inputs = dpo.Inputs(policy=config.policy, train=feedback["train"], eval=feedback["eval"])
-    return str(launch("dpo", config.dpo, inputs, context).model_dump_json())
+@_step()
+def run_dpo(config: PipelineConfig, started: Started, feedback: ingest_feedback.Outputs) -> dpo.Inputs:
+    return dpo.Inputs(policy=config.policy, train=feedback.train, eval=feedback.eval)
 
 
-@_step
+@_step()
 def run_evaluate(
     config: PipelineConfig,
-    started: dict[str, Any],
-    context: RunContext,
-    prompts: dict[str, Any],
-    reward: dict[str, Any],
-    policy: dict[str, Any],
-) -> str:
-    champion = started["champion"]
-    inputs = evaluate.Inputs(
-        candidate=policy["policy"],
+    started: Started,
+    prompts: collect_prompts.Outputs,
+    reward: train_reward_model.Outputs | None,
+    policy: ppo.Outputs | dpo.Outputs,
+) -> evaluate.Inputs:
+    return evaluate.Inputs(
+        candidate=policy.policy,
         reference=config.policy,
-        champion=champion if champion != config.policy else None,
-        reward_model=reward["reward_model"] if reward else None,
-        prompts=prompts["eval"],
+        champion=started.champion if started.champion != config.policy else None,
+        reward_model=reward.reward_model if reward else None,
+        prompts=prompts.eval,
     )
-    return evaluate_run(config.evaluate, inputs, context).model_dump_json()
 
 
-@_step
+@_step(finishes_pipeline=True)
 def run_register_and_promote(
     config: PipelineConfig,
-    started: dict[str, Any],
-    context: RunContext,
-    prompts: dict[str, Any],
-    feedback: dict[str, Any],
-    reward: dict[str, Any] | None,
-    policy: dict[str, Any],
-    evaluation: dict[str, Any],
-) -> str:
-    inputs = register_and_promote.Inputs(
-        policy=policy["policy"],
-        reward_model=reward["reward_model"] if reward else None,
-        evaluation=evaluation["metrics"],
-        reward_model_accuracy=reward["eval_accuracy"] if reward else None,
+    started: Started,
+    prompts: collect_prompts.Outputs,
+    feedback: ingest_feedback.Outputs,
+    reward: train_reward_model.Outputs | None,
+    policy: ppo.Outputs | dpo.Outputs,
+    evaluation: evaluate.Outputs,
+) -> register_and_promote.Inputs:
+    return register_and_promote.Inputs(
+        policy=policy.policy,
+        reward_model=reward.reward_model if reward else None,
+        evaluation=evaluation.metrics,
+        reward_model_accuracy=reward.eval_accuracy if reward else None,
         lineage={
-            "prompts_hash": prompts["content_hash"],
-            "feedback_hash": feedback["content_hash"],
+            "prompts_hash": prompts.content_hash,
+            "feedback_hash": feedback.content_hash,
             "config_hash": config.config_hash(),
             "base_policy": config.policy,
         },
-        parent_version=started["champion_version"],
+        parent_version=started.champion_version,
     )
-    outputs = register_and_promote_run(config.register_and_promote, inputs, context)
-    finish_pipeline_run(context)
-    return outputs.model_dump_json()

@@ -1,4 +1,4 @@
-"""collect_prompts: configuration, inputs, outputs and records.
+"""collect_prompts: configuration, inputs and outputs; it writes `PromptRecord`s.
 
 Pydantic only, so that configs load without importing torch.
 """
@@ -30,12 +30,6 @@ class Config(StrictModel):
 
 class Inputs(StrictModel):
     """collect_prompts is a source step: everything it reads is named in its config."""
-
-
-class PromptRecord(StrictModel):
-    id: str
-    prompt: str
-    source: str
 
 
 class Outputs(SplitDataset):

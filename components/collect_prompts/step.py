@@ -9,18 +9,16 @@ reason), lengths out of range, duplicates, and prompts over `max_prompts`.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
-import re
-import unicodedata
 from collections import Counter
 from typing import Any
 
-from rlhf_components.collect_prompts.config import Config, Inputs, Outputs, PromptRecord
+from rlhf_components.collect_prompts.config import Config, Inputs, Outputs
 from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
+from rlhf_components.core.records import PromptRecord, normalize, prompt_id
 from rlhf_components.core.splits import is_eval
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
@@ -29,14 +27,6 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".jsonl", ".csv", ".parquet")
 HF_DATASET_MARKERS = ("dataset_dict.json", "state.json")
-
-
-def normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip()
-
-
-def prompt_id(text: str) -> str:
-    return hashlib.sha256(normalize(text).casefold().encode()).hexdigest()[:16]
 
 
 def _rows(uri: str) -> list[tuple[str, Any]]:
@@ -159,7 +149,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 "counts": dict(counts),
             },
         )
-        log_metrics({f"prompts_{key}": value for key, value in counts.items()})
+        log_metrics(dict(counts))
         _log_dataset(records, outputs.manifest, content_hash)
         log.info("collect_prompts: %s", dict(counts))
         return outputs

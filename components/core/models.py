@@ -23,7 +23,7 @@ from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActiva
 
 from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.generation import positions
+from rlhf_components.core.generation import encode_prompt_response, positions
 
 MODELS_PREFIX = storage.MODELS_PREFIX
 REWARD_MEAN_KEY = "rlhf_reward_mean"
@@ -191,6 +191,26 @@ def sequence_scores(
     """The raw scalar score read at each row's last real token, [batch]."""
     scores = token_scores(model, input_ids, attention_mask, positions(attention_mask))
     return scores.gather(1, last_index[:, None]).squeeze(1)
+
+
+def encode_answers(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, index of the last real token) of prompt + response + EOS; see encode_prompt_response."""
+    ids, mask, _ = encode_prompt_response(tokenizer, prompts, responses, max_length)
+    return ids, mask, mask.sum(-1) - 1
+
+
+def score_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int,
+) -> torch.Tensor:
+    """A scalar model's raw score of each answer to its prompt, read at the EOS, [batch]."""
+    ids, mask, last = (t.to(model.device) for t in encode_answers(tokenizer, prompts, responses, max_length))
+    return sequence_scores(model, ids, mask, last)
 
 
 @torch.no_grad()

@@ -2,11 +2,19 @@
 
 It plays the human annotators. The reward model never sees this function, only pairwise labels derived
 from it, so how far PPO moves the gold score measures how well preferences were learned and optimized.
+`resolve_judge` finds a judge by the name a config gives (ingest_feedback's simulated annotator, evaluate's
+gold judge).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+
+from rlhf_components.core.errors import UserError
+
+Judge = Callable[[str, str], float]
+"""(prompt, response) → score, higher is better; the simulated annotator and evaluate find judges by name."""
 
 GOLD_JUDGE_NAME = "demo-gold-sentiment"
 
@@ -60,3 +68,12 @@ def gold_score(prompt: str, response: str) -> float:
     if _longest_run(words) > MAX_REPEAT_RUN:
         score -= REPETITION_PENALTY
     return max(-1.0, min(1.0, score))
+
+
+JUDGES: dict[str, Judge] = {GOLD_JUDGE_NAME: gold_score}
+
+
+def resolve_judge(name: str) -> Judge:
+    if name not in JUDGES:
+        raise UserError(f"unknown judge {name!r}; available: {', '.join(sorted(JUDGES))}")
+    return JUDGES[name]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from rlhf_components.core.config import OnDevice, StrictModel
 
@@ -52,20 +52,3 @@ class Distributed(OnDevice):
         default=600, ge=1, description="a collective that waits longer than this fails the job"
     )
     pytorchjob: PyTorchJobConfig = Field(default_factory=PyTorchJobConfig)
-
-    def checkpoint_fingerprint(self) -> dict[str, object]:
-        """The config a checkpoint must match to be resumed: how many workers ran it, and on which device,
-        does not matter."""
-        return self.model_dump(mode="json", exclude=set(Distributed.model_fields))
-
-
-class GlobalBatches(Distributed):
-    """Trainers that walk global batches of preference pairs, each worker scoring its own part of each."""
-
-    batch_size: int = Field(default=16, ge=1, description="pairs per optimizer step, over all workers")
-
-    @model_validator(mode="after")
-    def _every_worker_has_pairs(self) -> GlobalBatches:
-        if self.batch_size < self.workers:
-            raise ValueError(f"batch_size ({self.batch_size}) must be at least workers ({self.workers})")
-        return self

@@ -28,9 +28,12 @@ log = logging.getLogger(__name__)
 OutputsT = TypeVar("OutputsT", bound=BaseModel)
 
 
-def launch(step: str, config: Distributed, inputs: BaseModel, context: RunContext) -> Any:
-    """Run `rlhf_components.<step>` as `config.launcher` says; returns the step's Outputs."""
+def launch(step: str, config: BaseModel, inputs: BaseModel, context: RunContext) -> Any:
+    """Run `rlhf_components.<step>` as `config.launcher` says (in this process for steps without one);
+    returns the step's Outputs."""
     module = importlib.import_module(f"rlhf_components.{step}")
+    if not isinstance(config, Distributed):
+        return module.run(config, inputs, context)
     if config.launcher == "local":
         if config.workers > 1:
             raise UserError(

@@ -10,10 +10,10 @@ from typing import Literal
 from pydantic import Field
 
 from rlhf_components.core.config import StrictModel
-from rlhf_components.distributed.config import GlobalBatches
+from rlhf_components.core.trainer_config import PairTrainerConfig
 
 
-class Config(GlobalBatches):
+class Config(PairTrainerConfig):
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
         default="sigmoid",
         description="sigmoid: DPO (with label_smoothing: conservative DPO); ipo: IPO; hinge: SLiC; "
@@ -24,17 +24,7 @@ class Config(GlobalBatches):
         default=0.0, ge=0.0, lt=0.5, description="assumed fraction of flipped labels (sigmoid, robust)"
     )
     sft_coef: float = Field(default=0.0, ge=0.0, description="weight of an NLL term on the chosen responses")
-    epochs: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=5e-7, gt=0.0)
-    lr_schedule: Literal["linear", "constant"] = "linear"
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    max_grad_norm: float = Field(default=1.0, gt=0.0)
-    max_length: int = Field(default=256, ge=8, description="prompt + response tokens; prompts are cut first")
-    checkpoint_every: int = Field(
-        default=0, ge=0, description="optimizer steps between checkpoints; 0 = only when stopped by SIGTERM"
-    )
-    resume: bool = Field(default=True, description="continue from this run's checkpoint when there is one")
-    trust_remote_code: bool = False
 
 
 class Inputs(StrictModel):

@@ -10,7 +10,6 @@ temperature (k1 summed over each response): the log-ratio of near-greedy answers
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -28,13 +27,13 @@ from rlhf_components.core.generation import (
     response_logprobs,
     sample_prompts,
 )
-from rlhf_components.core.models import load_policy, load_scalar_model, normalized_rewards
+from rlhf_components.core.models import load_policy, load_scalar_model, normalized_rewards, score_texts
+from rlhf_components.core.records import read_prompts
 from rlhf_components.core.runtime import seed_everything, seeded_generator, select_device
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
+from rlhf_components.demo.judge import resolve_judge
 from rlhf_components.evaluate.config import Config, Inputs, Outputs
-from rlhf_components.ingest_feedback.simulated import resolve_judge
-from rlhf_components.train_reward_model.step import score_texts
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +149,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         generator = seed_everything(context.seed + 1)  # bootstrap resampling, on the CPU
         answer_generator = seeded_generator(context.seed + 1, device)
         kl_generator = seeded_generator(context.seed + 2, device)  # the KL pass leaves the answers alone
-        prompts = [json.loads(line)["prompt"] for _, line in storage.read_jsonl(inputs.prompts)]
+        prompts = [record.prompt for record in read_prompts(inputs.prompts)]
         prompts = prompts[: config.max_prompts]
         if not prompts:
             raise UserError(f"{inputs.prompts}: no held-out prompts to evaluate on")

@@ -1,8 +1,8 @@
 """generate_candidates: K sampled answers per prompt from a policy, exported as annotation tasks."""
 
 from rlhf_components.core.lazy import step_module_getattr
-from rlhf_components.generate_candidates.config import AnnotationTask, Candidate, Config, Inputs, Outputs
+from rlhf_components.generate_candidates.config import Config, Inputs, Outputs
 
-__all__ = ["AnnotationTask", "Candidate", "Config", "Inputs", "Outputs", "run"]
+__all__ = ["Config", "Inputs", "Outputs", "run"]
 
 __getattr__ = step_module_getattr(__name__)

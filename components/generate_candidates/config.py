@@ -1,4 +1,4 @@
-"""generate_candidates: configuration, inputs, outputs and records.
+"""generate_candidates: configuration, inputs and outputs; it writes `Candidate`s and `AnnotationTask`s.
 
 Pydantic only, so that configs load without importing torch.
 """
@@ -23,27 +23,6 @@ class Inputs(StrictModel):
     policy: str = Field(description="checkpoint dir, s3:// prefix or models:/name@alias")
     prompts: str = Field(description="JSONL of {id, prompt} records (collect_prompts' train split)")
     inbox: str = Field(description="feedback inbox: tasks are written under tasks/")
-
-
-class Candidate(StrictModel):
-    id: str
-    prompt_id: str
-    prompt: str
-    response: str
-    ended_with_eos: bool
-    num_tokens: int
-    policy: str
-    sample_index: int
-
-
-class AnnotationTask(StrictModel):
-    task_id: str
-    prompt_id: str
-    prompt: str
-    response_a_id: str
-    response_a: str
-    response_b_id: str
-    response_b: str
 
 
 class Outputs(StrictModel):

@@ -18,10 +18,11 @@ from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import decode_responses, sample_prompts
 from rlhf_components.core.models import load_policy
+from rlhf_components.core.records import AnnotationTask, Candidate, read_prompts
 from rlhf_components.core.runtime import progress_disabled, seed_everything, seeded_generator, select_device
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
-from rlhf_components.generate_candidates.config import AnnotationTask, Candidate, Config, Inputs, Outputs
+from rlhf_components.generate_candidates.config import Config, Inputs, Outputs
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         device = select_device(config.device, "generate_candidates")
         seed_everything(context.seed)
         generator = seeded_generator(context.seed, device)
-        prompts = [json.loads(line) for _, line in storage.read_jsonl(inputs.prompts)]
+        prompts = read_prompts(inputs.prompts)
         if config.max_prompts is not None:
             prompts = prompts[: config.max_prompts]
         if not prompts:
@@ -96,7 +97,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             disable=progress_disabled(),
         ):
             chunk = repeated[start : start + config.batch_size]
-            texts_in = [p["prompt"] for p in chunk]
+            texts_in = [p.prompt for p in chunk]
             with torch.inference_mode():
                 batch = sample_prompts(
                     model, tokenizer, texts_in, config.sampling, config.max_prompt_tokens, generator
@@ -106,9 +107,9 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             for offset, (prompt, text) in enumerate(zip(chunk, texts, strict=True)):
                 candidates.append(
                     Candidate(
-                        id=candidate_id(prompt["id"], text),
-                        prompt_id=prompt["id"],
-                        prompt=prompt["prompt"],
+                        id=candidate_id(prompt.id, text),
+                        prompt_id=prompt.id,
+                        prompt=prompt.prompt,
                         response=text,
                         ended_with_eos=ended[offset],
                         num_tokens=lengths[offset],

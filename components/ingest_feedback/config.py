@@ -1,4 +1,4 @@
-"""ingest_feedback: configuration, inputs, outputs and the training-pair record.
+"""ingest_feedback: configuration, inputs and outputs; it writes `Preference` pairs.
 
 Pydantic only, so that configs load without importing torch.
 """
@@ -48,19 +48,6 @@ class Inputs(StrictModel):
     tasks: str | None = Field(
         default=None, description="this run's annotation tasks (for the simulated annotator)"
     )
-
-
-class Preference(StrictModel):
-    """One training pair: the majority of its votes."""
-
-    id: str
-    prompt: str
-    chosen: str
-    rejected: str
-    votes: int
-    annotators: list[str]
-    simulated: bool
-    sources: list[str]
 
 
 class Outputs(SplitDataset):

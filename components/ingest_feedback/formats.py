@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel
-from rlhf_components.generate_candidates.config import AnnotationTask
+from rlhf_components.core.records import AnnotationTask
 
 SUFFIXES = (".jsonl", ".csv", ".parquet", ".json")
 HH_ASSISTANT = "\n\nAssistant:"

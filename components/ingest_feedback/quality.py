@@ -17,7 +17,7 @@ from itertools import combinations
 from typing import Literal
 
 from rlhf_components.core.config import StrictModel
-from rlhf_components.ingest_feedback.config import Preference
+from rlhf_components.core.records import Preference
 from rlhf_components.ingest_feedback.formats import PairJudgement, RatingJudgement
 
 PairKey = tuple[str, str, str]

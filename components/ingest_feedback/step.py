@@ -18,14 +18,12 @@ import json
 import logging
 from collections import Counter
 
-from pydantic import ValidationError
-
 from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
+from rlhf_components.core.records import AnnotationTask, read_records
 from rlhf_components.core.splits import is_eval
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
-from rlhf_components.generate_candidates.config import AnnotationTask
 from rlhf_components.ingest_feedback import quality, simulated, store
 from rlhf_components.ingest_feedback.config import Config, Inputs, Outputs
 from rlhf_components.ingest_feedback.formats import (
@@ -45,14 +43,7 @@ def _load_tasks(inbox: str) -> dict[str, AnnotationTask]:
     tasks: dict[str, AnnotationTask] = {}
     for uri in storage.list_files(storage.join(inbox, "tasks")):
         if uri.endswith(".jsonl"):
-            for number, line in storage.read_jsonl(uri):
-                try:
-                    task = AnnotationTask.model_validate_json(line)
-                except ValidationError as error:
-                    raise UserError(
-                        f"{uri}:{number}: invalid annotation task: {error.errors()[0]['msg']}"
-                    ) from None
-                tasks[task.task_id] = task
+            tasks.update((task.task_id, task) for task in read_records(uri, AnnotationTask))
     return tasks
 
 
@@ -184,9 +175,9 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         storage.write_jsonl(quarantine_uri, ingestion.quarantine)
         invalid_fraction = counts["quarantined"] / max(1, counts["read"])
         log_metrics(
-            {f"feedback_{key}": value for key, value in counts.items()}
-            | {f"feedback_invalid_{code}": n for code, n in ingestion.reasons.items()}
-            | {"feedback_invalid_fraction": invalid_fraction}
+            dict(counts)
+            | {f"invalid_{code}": n for code, n in ingestion.reasons.items()}
+            | {"invalid_fraction": invalid_fraction}
         )
         if invalid_fraction > config.max_invalid_fraction:
             worst = ", ".join(f"{uri} ({n})" for uri, n in ingestion.invalid_by_source.most_common(3))
@@ -270,17 +261,17 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             },
         )
         agreement_metrics = {
-            "feedback_shared_pairs": agreement.shared_pairs,
-            "feedback_raw_agreement": agreement.raw_agreement,
-            "feedback_krippendorff_alpha": agreement.krippendorff_alpha,
+            "shared_pairs": agreement.shared_pairs,
+            "raw_agreement": agreement.raw_agreement,
+            "krippendorff_alpha": agreement.krippendorff_alpha,
         }
         log_metrics(
             {k: v for k, v in agreement_metrics.items() if v is not None}
             | {
-                "feedback_pairs": len(pairs),
-                "feedback_simulated_pairs": counts["simulated"],
-                "feedback_dataset_version": snapshot.version,
-                "feedback_annotators": len(agreement.annotators),
+                "pairs": len(pairs),
+                "simulated_pairs": counts["simulated"],
+                "dataset_version": snapshot.version,
+                "annotators": len(agreement.annotators),
             }
         )
         if mlflow_run is not None:

@@ -10,10 +10,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rlhf_components.core.config import SamplingConfig, StrictModel
-from rlhf_components.distributed.config import Distributed
+from rlhf_components.core.trainer_config import TrainerConfig
 
 
-class Config(Distributed):
+class Config(TrainerConfig):
     total_episodes: int = Field(default=1024, ge=1, description="responses sampled over the whole run")
     rollout_batch_size: int = Field(
         default=64, ge=1, description="episodes per PPO iteration, over all workers together"
@@ -22,9 +22,8 @@ class Config(Distributed):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     ppo_epochs: int = Field(default=4, ge=1)
     learning_rate: float = Field(default=3e-6, gt=0.0)
-    lr_schedule: Literal["linear", "constant"] = "linear"
     adam_eps: float = Field(default=1e-5, gt=0.0)
-    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    weight_decay: float = Field(default=0.01, ge=0.0, description="AdamW's decoupled weight decay")
     gamma: float = Field(default=1.0, ge=0.0, le=1.0)
     lam: float = Field(default=0.95, ge=0.0, le=1.0)
     cliprange: float = Field(default=0.2, gt=0.0)
@@ -39,11 +38,6 @@ class Config(Distributed):
     missing_eos_penalty: float = Field(default=1.0, ge=0.0, description="subtracted from the score")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     max_prompt_tokens: int = Field(default=64, ge=1)
-    checkpoint_every: int = Field(
-        default=0, ge=0, description="iterations between checkpoints; 0 = only when stopped by SIGTERM"
-    )
-    resume: bool = Field(default=True, description="continue from this run's checkpoint when there is one")
-    trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _batches_divide(self) -> Config:

@@ -8,24 +8,19 @@ from __future__ import annotations
 from pydantic import Field
 
 from rlhf_components.core.config import StrictModel
-from rlhf_components.distributed.config import GlobalBatches
+from rlhf_components.core.trainer_config import PairTrainerConfig
 
 
-class Config(GlobalBatches):
-    epochs: int = Field(default=1, ge=1)
+class Config(PairTrainerConfig):
     learning_rate: float = Field(default=5e-5, gt=0.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    max_length: int = Field(default=256, ge=8)
     margin: float = Field(default=0.0, ge=0.0, description="required score gap in the Bradley–Terry loss")
     center_rewards_coef: float = Field(default=0.0, ge=0.0, description="penalty on (r_chosen + r_rejected)²")
-    max_grad_norm: float = Field(default=1.0, gt=0.0)
-    trust_remote_code: bool = False
 
 
 class Inputs(StrictModel):
     base_model: str = Field(description="the policy checkpoint whose backbone the reward model starts from")
-    train: str
-    eval: str
+    train: str = Field(description="preference pairs, JSONL of {prompt, chosen, rejected}")
+    eval: str = Field(description="held-out preference pairs")
 
 
 class Outputs(StrictModel):

@@ -150,7 +150,7 @@ def test_rlhf_run_of_the_dpo_pipeline_registers_the_dpo_policy(
     dpo_steps = [*(s for s in STEPS if s not in {"train_reward_model", "ppo"}), "dpo"]
     assert sorted(run.data.tags["rlhf.step"] for run in children) == sorted(dpo_steps)
     dpo_run = next(run for run in children if run.data.tags["rlhf.step"] == "dpo")
-    assert {"dpo_loss", "dpo_reward_accuracy", "dpo_eval_reward_accuracy"} <= set(dpo_run.data.metrics)
+    assert {"loss", "reward_accuracy", "eval_reward_accuracy"} <= set(dpo_run.data.metrics)
 
 
 def _plain(text: str) -> str:

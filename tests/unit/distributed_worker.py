@@ -4,6 +4,7 @@
 
 ppo SFT RM   one PPO update of this rank's share of a greedy rollout; rank 0 saves the weights to OUT
 average      4 steps of a linear model on this rank's data, averaged every 2; rank 0 saves its weights
+kernel       4 trainer-kernel steps of a linear model on this rank's data (allreduce); rank 0 saves
 crash        rank 1 raises; rank 0 waits in a collective
 hang         rank 1 never joins the collective that rank 0 waits in (timeout 3 s)
 """
@@ -16,14 +17,15 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from rlhf_components import ppo
+from rlhf_components import ppo, train_reward_model
 from rlhf_components.core.config import SamplingConfig
 from rlhf_components.core.generation import encode_prompts
 from rlhf_components.core.models import load_policy, load_scalar_model
 from rlhf_components.core.step import recorded_errors
+from rlhf_components.core.trainer import Kernel
 from rlhf_components.distributed.collectives import Workers, join
 from rlhf_components.distributed.config import Distributed
-from rlhf_components.ppo.step import collect_rollout, ppo_update
+from rlhf_components.ppo.step import collect_rollout, ppo_kernel, ppo_update
 
 CPU = torch.device("cpu")
 
@@ -43,6 +45,7 @@ def ppo_config(workers: int, accumulation: int) -> ppo.Config:
         gradient_accumulation_steps=accumulation,
         ppo_epochs=2,
         kl_coef=0.1,
+        learning_rate=1e-3,
         sampling=SamplingConfig(greedy=True, temperature=0.7, max_new_tokens=8),
     )
 
@@ -70,8 +73,8 @@ def ppo_step(sft: str, reward: str, config: ppo.Config, workers: Workers) -> dic
         policy, reference, reward_model, value_model, ids, mask, config, config.kl_coef,
         tokenizer.eos_token_id, tokenizer.pad_token_id, torch.Generator().manual_seed(1), workers,
     )
-    optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=1e-3, eps=1e-5)
-    ppo_update(policy, value_model, optimizer, rollout, config, torch.Generator().manual_seed(2), workers)
+    kernel = ppo_kernel(config, policy, value_model, workers, iterations=1, checkpoint_uri="unused")
+    ppo_update(policy, value_model, kernel, rollout, config, torch.Generator().manual_seed(2))
     return weights(policy, value_model)
 
 
@@ -96,6 +99,25 @@ def local_sgd_step(model: torch.nn.Linear, optimizer: torch.optim.Optimizer, ran
     optimizer.step()
 
 
+def kernel_config(workers: int) -> train_reward_model.Config:
+    return train_reward_model.Config(workers=workers, learning_rate=0.05, max_grad_norm=5.0)
+
+
+def rows_of_step(step: int) -> slice:
+    return slice(4 * step % 16, 4 * step % 16 + 4)
+
+
+def kernel_steps(workers: Workers) -> dict[str, torch.Tensor]:
+    """Four steps of the trainer kernel, each on this rank's rows of the step."""
+    model = linear_model()
+    kernel = Kernel(kernel_config(workers.world_size), {"model": model}, workers, 4, "unused", "test")
+    inputs, targets = linear_shards(workers.rank)
+    for step in range(4):
+        rows = rows_of_step(step)
+        kernel.step(((model(inputs[rows]).squeeze(-1) - targets[rows]) ** 2).mean())
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     with recorded_errors():
@@ -110,6 +132,9 @@ def main() -> None:
                 local_sgd_step(model, optimizer, workers.rank, step)
                 workers.after_step(model.parameters())
             result = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        elif mode == "kernel":
+            workers = join(kernel_config(2), CPU)
+            result = kernel_steps(workers)
         elif mode in {"crash", "hang"}:
             workers = join(Distributed(workers=2, collective_timeout_seconds=3), CPU)
             if workers.rank == 1:

@@ -267,7 +267,7 @@ def test_child_run_has_counts_and_dataset_input(tmp_path: Path, run_context: Run
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
     for key, value in outputs.counts.items():
-        assert metrics[f"prompts_{key}"] == value
+        assert metrics[key] == value
     assert run.data.params["min_chars"] == "3"
     assert run.inputs is not None
     [dataset_input] = run.inputs.dataset_inputs

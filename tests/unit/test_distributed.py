@@ -76,6 +76,27 @@ def test_parameter_averaging_every_k_steps_matches_its_definition(tmp_path: Path
     assert_same_weights(load_file(tmp_path / "average.safetensors"), expected, atol=1e-6)
 
 
+def test_the_kernel_on_two_workers_takes_the_old_single_process_step_on_both_shards(tmp_path: Path) -> None:
+    """Each worker's kernel sees its own rows; one process of the old trainer code sees both at once."""
+    torchrun("kernel", tmp_path / "kernel.safetensors")
+    config = worker.kernel_config(1)
+    model = worker.linear_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / 4)
+    shards = [worker.linear_shards(rank) for rank in range(2)]
+    for step in range(4):
+        rows = worker.rows_of_step(step)
+        inputs = torch.cat([shard[0][rows] for shard in shards])
+        targets = torch.cat([shard[1][rows] for shard in shards])
+        optimizer.zero_grad(set_to_none=True)
+        ((model(inputs).squeeze(-1) - targets) ** 2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+    assert not torch.allclose(model.weight, worker.linear_model().weight, atol=1e-2)
+    assert_same_weights(load_file(tmp_path / "kernel.safetensors"), model.state_dict(), atol=1e-6)
+
+
 def test_a_crashing_worker_fails_the_job_with_its_own_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"test-crash: worker 1 of 2 failed: ValueError: rank 1 broke"):
         torchrun("crash", tmp_path / "unused")
@@ -121,7 +142,7 @@ def test_reward_training_on_two_workers_equals_one_process(
     runs = child_runs(run_context, "train_reward_model")
     assert len(runs) == 2
     for run in runs:
-        assert {"rm_train_accuracy", "rm_eval_accuracy", "rm_loss"} <= set(run.data.metrics)
+        assert {"train_accuracy", "eval_accuracy", "loss"} <= set(run.data.metrics)
 
 
 def test_dpo_on_two_workers_equals_one_process(

@@ -13,10 +13,12 @@ from safetensors.torch import load_file
 
 from rlhf_components import dpo
 from rlhf_components.core.generation import encode_prompt_response
+from rlhf_components.core.losses import preference_loss
 from rlhf_components.core.models import load_policy
+from rlhf_components.core.records import PreferencePair
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.demo import DemoAssets
-from rlhf_components.dpo.step import pair_logps, preference_loss, response_logps
+from rlhf_components.dpo.step import pair_logps, response_logps
 
 from ._helpers import child_runs, sentiment_pairs, write_jsonl
 
@@ -50,7 +52,8 @@ def test_every_loss_equals_its_formula(loss: str, smoothing: float, beta: float)
     config = dpo.Config(loss=loss, beta=beta, label_smoothing=smoothing)  # type: ignore[arg-type]
     tensors = [torch.tensor(v, dtype=torch.float64) for v in
                (POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED)]
-    losses, chosen_rewards, rejected_rewards = preference_loss(*tensors, config)
+    losses, chosen_rewards, rejected_rewards = preference_loss(*tensors, config.loss, config.beta,
+                                                               config.label_smoothing)
     for i in range(len(POLICY_CHOSEN)):
         assert losses[i].item() == pytest.approx(reference_loss(loss, beta, smoothing, i), abs=1e-6)
         chosen, rejected = POLICY_CHOSEN[i] - REFERENCE_CHOSEN[i], POLICY_REJECTED[i] - REFERENCE_REJECTED[i]
@@ -60,11 +63,12 @@ def test_every_loss_equals_its_formula(loss: str, smoothing: float, beta: float)
 
 def test_a_policy_equal_to_its_reference_has_zero_rewards_and_loss_log_2(tiny_assets: DemoAssets) -> None:
     policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
-    pairs = sentiment_pairs(6, seed=1)
+    pairs = [PreferencePair(**pair) for pair in sentiment_pairs(6, seed=1)]
     config = dpo.Config()
     with torch.no_grad():
         chosen, rejected, _ = pair_logps(policy, tokenizer, pairs, config)
-        losses, chosen_rewards, rejected_rewards = preference_loss(chosen, rejected, chosen, rejected, config)
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            chosen, rejected, chosen, rejected, config.loss, config.beta)
     assert torch.equal(chosen_rewards, torch.zeros(6)) and torch.equal(rejected_rewards, torch.zeros(6))
     assert torch.allclose(losses, torch.full((6,), math.log(2)), atol=1e-7)
 
@@ -117,10 +121,10 @@ def test_dpo_learns_the_preferences_and_logs_each_step(
     assert (Path(outputs.policy) / "model.safetensors").is_file()
     [run] = child_runs(run_context, "dpo")
     history = mlflow.MlflowClient().get_metric_history
-    for metric in ("dpo_loss", "dpo_rewards_chosen", "dpo_rewards_rejected", "dpo_reward_margin",
-                   "dpo_reward_accuracy", "dpo_logps_chosen", "dpo_logps_rejected", "dpo_pairs_per_second"):
+    for metric in ("loss", "rewards_chosen", "rewards_rejected", "reward_margin",
+                   "reward_accuracy", "logps_chosen", "logps_rejected", "pairs_per_second"):
         assert [m.step for m in history(run.info.run_id, metric)] == list(range(1, 13)), metric
-    assert run.data.metrics["dpo_eval_reward_accuracy"] == pytest.approx(outputs.eval_reward_accuracy)
+    assert run.data.metrics["eval_reward_accuracy"] == pytest.approx(outputs.eval_reward_accuracy)
 
 
 @pytest.mark.slow
@@ -140,7 +144,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     finally:
         torch.set_num_threads(threads)
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(
-        sorted(child_runs(whole, "dpo"), key=lambda r: r.info.start_time)[-1].info.run_id, "dpo_loss")]
+        sorted(child_runs(whole, "dpo"), key=lambda r: r.info.start_time)[-1].info.run_id, "loss")]
     assert steps == [6]
     for key, tensor in uninterrupted.items():
         assert torch.equal(resumed[key], tensor), key

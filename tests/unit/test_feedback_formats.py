@@ -202,7 +202,7 @@ def test_label_studio_round_trip_joins_judgements_to_their_candidates(
     """Tasks exported for Label Studio, labelled with the choices of the config we ship, and exported back."""
     import xml.etree.ElementTree as ElementTree
 
-    from rlhf_components.generate_candidates.config import AnnotationTask
+    from rlhf_components.core.records import AnnotationTask
     from rlhf_components.generate_candidates.step import LABEL_STUDIO_CONFIG, label_studio_json
 
     values = [c.attrib["value"] for c in ElementTree.fromstring(LABEL_STUDIO_CONFIG).iter("Choice")]

@@ -12,9 +12,9 @@ import pytest
 
 from rlhf_components import ingest_feedback
 from rlhf_components.core.errors import UserError
+from rlhf_components.core.records import AnnotationTask
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.demo import GOLD_JUDGE_NAME, gold_score
-from rlhf_components.generate_candidates.step import AnnotationTask
 from rlhf_components.ingest_feedback.quality import preference_id
 
 from ._helpers import child_runs, read_jsonl, write_jsonl
@@ -200,11 +200,11 @@ def test_every_record_is_accounted_for_once(tmp_path: Path, run_context: RunCont
     assert manifest["agreement"]["annotators"]["dave"]["agrees_with_others"] == 0.0
 
     [run] = child_runs(run_context, "ingest_feedback")
-    assert run.data.metrics["feedback_quarantined"] == 10
-    assert run.data.metrics["feedback_invalid_empty_text"] == 3
-    assert run.data.metrics["feedback_pairs"] == 2
-    assert run.data.metrics["feedback_raw_agreement"] == pytest.approx(0.75)
-    assert run.data.metrics["feedback_invalid_fraction"] == pytest.approx(10 / 18)
+    assert run.data.metrics["quarantined"] == 10
+    assert run.data.metrics["invalid_empty_text"] == 3
+    assert run.data.metrics["pairs"] == 2
+    assert run.data.metrics["raw_agreement"] == pytest.approx(0.75)
+    assert run.data.metrics["invalid_fraction"] == pytest.approx(10 / 18)
 
 
 def test_each_file_is_folded_in_once_into_a_versioned_dataset(

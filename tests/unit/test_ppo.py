@@ -11,10 +11,7 @@ import torch
 from rlhf_components import ppo
 from rlhf_components.core.config import SamplingConfig
 from rlhf_components.core.generation import encode_prompts, response_logprobs, sample
-from rlhf_components.core.models import load_policy
-from rlhf_components.core.tracking import RunContext
-from rlhf_components.demo import DemoAssets
-from rlhf_components.ppo.step import (
+from rlhf_components.core.losses import (
     KLController,
     gae,
     kl_per_token,
@@ -23,6 +20,9 @@ from rlhf_components.ppo.step import (
     policy_loss,
     value_loss,
 )
+from rlhf_components.core.models import load_policy
+from rlhf_components.core.tracking import RunContext
+from rlhf_components.demo import DemoAssets
 
 
 def reference_gae(
@@ -114,13 +114,12 @@ def test_masked_mean_ignores_padding() -> None:
 
 
 def test_adaptive_kl_controller_follows_ziegler_update() -> None:
-    config = ppo.Config(kl_coef=0.1, kl_controller="adaptive", kl_target=6.0, kl_horizon=1000)
-    controller = KLController(config)
+    controller = KLController(kl_coef=0.1, adaptive=True, target=6.0, horizon=1000)
     controller.update(current_kl=9.0, episodes=100)  # error clipped to +0.2
     assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 1000))
     controller.update(current_kl=5.4, episodes=100)  # error -0.1
     assert controller.value == pytest.approx(0.1 * (1 + 0.02) * (1 - 0.1 * 0.1))
-    fixed = KLController(ppo.Config(kl_coef=0.1))
+    fixed = KLController(kl_coef=0.1)
     fixed.update(current_kl=100.0, episodes=100)
     assert fixed.value == 0.1
 

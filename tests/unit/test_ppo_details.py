@@ -18,7 +18,8 @@ from rlhf_components.core.generation import encode_prompts, response_logprobs, s
 from rlhf_components.core.models import load_policy, load_scalar_model, save_checkpoint, sequence_scores
 from rlhf_components.core.runtime import process_rank, sampling_generator, seed_everything, seeded_generator
 from rlhf_components.demo import DemoAssets
-from rlhf_components.ppo.step import Rollout, collect_rollout, ppo_update
+from rlhf_components.distributed.collectives import Workers
+from rlhf_components.ppo.step import Rollout, collect_rollout, ppo_kernel, ppo_update
 
 PROMPTS = ["Review of the ramen:", "Review of a small cafe near the station:", "My review of the lamp:"] * 2
 
@@ -212,7 +213,9 @@ def test_greedy_evaluation_sampling_is_deterministic(tiny_assets: DemoAssets) ->
 
 
 @pytest.mark.parametrize("accumulation", [1, 3])
-def test_minibatch_and_accumulation_shape_of_an_update(tiny_assets: DemoAssets, accumulation: int) -> None:
+def test_minibatch_and_accumulation_shape_of_an_update(
+    tiny_assets: DemoAssets, accumulation: int, tmp_path: Path
+) -> None:
     """Every PPO epoch visits each episode once; ratio starts at exactly 1 and moves after the first step."""
     policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
     value, _ = load_scalar_model(tiny_assets.sft_model_dir)
@@ -228,8 +231,9 @@ def test_minibatch_and_accumulation_shape_of_an_update(tiny_assets: DemoAssets, 
     )
     generator = torch.Generator().manual_seed(3)
     rollout = rollout_with(policy, reference, value, tokenizer, query, config, 0.1, generator)
-    optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
-    stats = ppo_update(policy, value, optimizer, rollout, config, generator)
+    kernel = ppo_kernel(config, policy, value, Workers(), iterations=1, checkpoint_uri=str(tmp_path))
+    optimizer = kernel.optimizer
+    stats = ppo_update(policy, value, kernel, rollout, config, generator)
     assert len(stats) > 0 and math.isclose(stats["first_minibatch_ratio"], 1.0, abs_tol=1e-5)
     assert (
         optimizer.state[next(iter(policy.parameters()))]["step"] == config.ppo_epochs * config.num_minibatches
@@ -237,7 +241,9 @@ def test_minibatch_and_accumulation_shape_of_an_update(tiny_assets: DemoAssets, 
     assert stats["approx_kl"] > 0.0
 
 
-def test_a_ppo_iteration_creates_every_tensor_on_its_inputs_device(tiny_assets: DemoAssets) -> None:
+def test_a_ppo_iteration_creates_every_tensor_on_its_inputs_device(
+    tiny_assets: DemoAssets, tmp_path: Path
+) -> None:
     """With the default device set to `meta`, any tensor made without naming its device lands on `meta` and
     cannot mix with the CPU tensors of the models and the batch: the mistake that breaks a GPU run, caught
     without a GPU. Models and data are on the CPU here, as a GPU run has them on its GPU."""
@@ -247,12 +253,12 @@ def test_a_ppo_iteration_creates_every_tensor_on_its_inputs_device(tiny_assets: 
     reference.requires_grad_(False)
     query = encode_prompts(tokenizer, PROMPTS, 64)
     config = ppo.Config(rollout_batch_size=6, num_minibatches=2, sampling=SamplingConfig(max_new_tokens=6))
-    optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
+    kernel = ppo_kernel(config, policy, value, Workers(), iterations=1, checkpoint_uri=str(tmp_path))
     sampler, data_order = sampling_generator(0, 0, 1), seeded_generator(1)
     torch.set_default_device("meta")
     try:
         rollout = rollout_with(policy, reference, value, tokenizer, query, config, 0.1, sampler)
-        stats = ppo_update(policy, value, optimizer, rollout, config, data_order)
+        stats = ppo_update(policy, value, kernel, rollout, config, data_order)
     finally:
         torch.set_default_device(None)
     assert rollout.advantages.device == torch.device("cpu")

@@ -13,18 +13,20 @@ from mlflow import MlflowClient
 
 from rlhf_components import train_reward_model
 from rlhf_components.core.errors import UserError
+from rlhf_components.core.losses import bradley_terry_loss
 from rlhf_components.core.models import (
     REWARD_MEAN_KEY,
     REWARD_STD_KEY,
+    encode_answers,
     fold_reward_normalization,
     load_scalar_model,
     load_tokenizer,
     normalized_rewards,
     reward_normalization,
+    score_texts,
 )
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.demo import DemoAssets
-from rlhf_components.train_reward_model.step import bradley_terry_loss, encode_answers, score_texts
 
 from ._helpers import child_runs, make_context, read_jsonl, sentiment_pairs, write_jsonl
 
@@ -180,13 +182,13 @@ def test_training_is_tracked(trained: Trained) -> None:
     outputs = trained.outputs
     [run] = child_runs(trained.context, "train_reward_model")
     metrics = run.data.metrics
-    assert metrics["rm_eval_accuracy"] == pytest.approx(outputs.eval_accuracy)
-    assert metrics["rm_train_accuracy"] == pytest.approx(outputs.train_accuracy)
+    assert metrics["eval_accuracy"] == pytest.approx(outputs.eval_accuracy)
+    assert metrics["train_accuracy"] == pytest.approx(outputs.train_accuracy)
     assert run.data.params["learning_rate"] == "0.003"
-    losses = [m.value for m in MlflowClient().get_metric_history(run.info.run_id, "rm_loss")]
+    losses = [m.value for m in MlflowClient().get_metric_history(run.info.run_id, "loss")]
     assert len(losses) == 3 * 96 // 16
     assert sum(losses[-3:]) < sum(losses[:3]), "the loss goes down"
-    rates = [m.value for m in MlflowClient().get_metric_history(run.info.run_id, "rm_lr")]
+    rates = [m.value for m in MlflowClient().get_metric_history(run.info.run_id, "learning_rate")]
     assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.0), "LR annealed to zero"
 
 

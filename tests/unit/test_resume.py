@@ -1,7 +1,8 @@
-"""PPO checkpoint/resume: a run killed with SIGKILL, then resumed, ends with the weights of an unbroken run.
+"""Trainer checkpoint/resume (PPO, the reward model): a run killed with SIGKILL, then resumed, ends with the
+weights of an unbroken run.
 
-Both runs are real `python -m rlhf_components.ppo` processes on the CPU, one thread each: the two run side by
-side, and a BLAS that adapts its thread count to the load would change float rounding between them. Bit
+Both runs are real `python -m rlhf_components.<step>` processes on the CPU, one thread each: the two run side
+by side, and a BLAS that adapts its thread count to the load would change float rounding between them. Bit
 equality then holds even for attention's key bias, whose gradient is pure rounding noise (see
 test_distributed.visible_to_bradley_terry) that Adam scales up.
 """
@@ -26,6 +27,8 @@ from rlhf_components import train_reward_model
 from rlhf_components.core import checkpoint, storage
 from rlhf_components.core.tracking import RunContext, TrackingConfig, start_pipeline_run
 from rlhf_components.demo import DemoAssets
+
+from ._helpers import sentiment_pairs, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -54,27 +57,34 @@ def reward_model(tiny_assets: DemoAssets, tmp_path_factory: pytest.TempPathFacto
     return train_reward_model.run(train_reward_model.Config(batch_size=8), inputs, context).reward_model
 
 
-def ppo_job(tmp_path: Path, name: str, tiny_assets: DemoAssets, reward_model: str) -> tuple[Path, Path]:
-    """A standalone PPO job under its own parent run; returns (job file, the run's ppo output dir)."""
+def standalone_job(
+    tmp_path: Path, name: str, step: str, inputs: dict[str, str], config: dict[str, object]
+) -> tuple[Path, Path]:
+    """A standalone job of `step` under its own parent run; returns (job file, the run's step output dir)."""
     tracking = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "resume"}
     _, parent = start_pipeline_run(TrackingConfig(**tracking), name, {}, {})
     job = {
         "context": {"tracking": tracking, "output_root": str(tmp_path / name), "parent_run_id": parent},
-        "inputs": {
-            "policy": tiny_assets.sft_model_dir,
-            "reward_model": reward_model,
-            "prompts": tiny_assets.prompts_file,
-        },
-        "config": PPO_CONFIG,
+        "inputs": inputs,
+        "config": config,
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job), encoding="utf-8")
-    return path, tmp_path / name / parent / "ppo"
+    return path, tmp_path / name / parent / step
 
 
-def start(job: Path) -> subprocess.Popen[str]:
+def ppo_job(tmp_path: Path, name: str, tiny_assets: DemoAssets, reward_model: str) -> tuple[Path, Path]:
+    inputs = {
+        "policy": tiny_assets.sft_model_dir,
+        "reward_model": reward_model,
+        "prompts": tiny_assets.prompts_file,
+    }
+    return standalone_job(tmp_path, name, "ppo", inputs, PPO_CONFIG)
+
+
+def start(job: Path, step: str = "ppo") -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "rlhf_components.ppo", "--config", str(job)],
+        [sys.executable, "-m", f"rlhf_components.{step}", "--config", str(job)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -88,9 +98,27 @@ def finish(process: subprocess.Popen[str]) -> str:
     return stderr
 
 
-def latest_step(ppo_dir: Path) -> int:
-    latest = ppo_dir / "checkpoint" / checkpoint.LATEST
+def latest_step(step_dir: Path) -> int:
+    latest = step_dir / "checkpoint" / checkpoint.LATEST
     return int(json.loads(latest.read_text())["step"]) if latest.is_file() else 0
+
+
+def kill_after_two_checkpoints(process: subprocess.Popen[str], step_dir: Path) -> int:
+    """SIGKILL the run once its second checkpoint is written; returns the step of its last checkpoint."""
+    deadline = time.monotonic() + 300
+    while latest_step(step_dir) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    return latest_step(step_dir)
+
+
+def assert_same_weights(whole: Path, resumed: Path) -> None:
+    whole_weights = load_file(str(whole / "model.safetensors"))
+    resumed_weights = load_file(str(resumed / "model.safetensors"))
+    assert whole_weights.keys() == resumed_weights.keys()
+    for name, tensor in whole_weights.items():
+        assert torch.equal(tensor, resumed_weights[name]), name
 
 
 def test_killed_and_resumed_run_equals_uninterrupted_run(
@@ -99,24 +127,14 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(
     whole_job, whole_dir = ppo_job(tmp_path, "whole", tiny_assets, reward_model)
     cut_job, cut_dir = ppo_job(tmp_path, "cut", tiny_assets, reward_model)
     whole = start(whole_job)
-    cut = start(cut_job)
-    deadline = time.monotonic() + 300
-    while latest_step(cut_dir) < 2 and cut.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    cut.send_signal(signal.SIGKILL)
-    cut.communicate()
-    killed_at = latest_step(cut_dir)
+    killed_at = kill_after_two_checkpoints(start(cut_job), cut_dir)
     assert 2 <= killed_at < 6, "the run must be killed part-way"
     assert not (cut_dir / "policy").exists()
 
     resumed_log = finish(start(cut_job))
     assert f"after iteration {killed_at}" in resumed_log or "resumed from" in resumed_log
     finish(whole)
-    whole_weights = load_file(str(whole_dir / "policy" / "model.safetensors"))
-    resumed_weights = load_file(str(cut_dir / "policy" / "model.safetensors"))
-    assert whole_weights.keys() == resumed_weights.keys()
-    for name, tensor in whole_weights.items():
-        assert torch.equal(tensor, resumed_weights[name]), name
+    assert_same_weights(whole_dir / "policy", cut_dir / "policy")
     # Only the newest step directory is kept next to the pointer.
     assert sorted(p.name for p in (cut_dir / "checkpoint").iterdir()) == ["latest.json", "step-00000005"]
 
@@ -126,7 +144,8 @@ def test_sigterm_checkpoints_then_stops_with_one_line(
 ) -> None:
     job, ppo_dir = ppo_job(tmp_path, "term", tiny_assets, reward_model)
     config = yaml.safe_load(job.read_text())
-    config["config"] = {**PPO_CONFIG, "checkpoint_every": 0}
+    # Long enough that the signal always lands in training, never after the last iteration.
+    config["config"] = {**PPO_CONFIG, "checkpoint_every": 0, "total_episodes": 480}
     job.write_text(yaml.safe_dump(config), encoding="utf-8")
     process = start(job)
     # Training is under way once the PPO child run has logged its first iteration.
@@ -144,3 +163,25 @@ def test_sigterm_checkpoints_then_stops_with_one_line(
     assert process.returncode == 2
     assert "stopped by SIGTERM after iteration" in stderr.strip().splitlines()[-1]
     assert latest_step(ppo_dir) >= 1
+
+
+def test_killed_and_resumed_reward_model_equals_uninterrupted_one(
+    tiny_assets: DemoAssets, tmp_path: Path
+) -> None:
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", sentiment_pairs(96, seed=31))
+    inputs = {"base_model": tiny_assets.sft_model_dir, "train": str(pairs), "eval": str(pairs)}
+    config = {"epochs": 2, "batch_size": 4, "learning_rate": 1e-3, "max_length": 64, "checkpoint_every": 1}
+    whole_job, whole_dir = standalone_job(tmp_path, "whole", "train_reward_model", inputs, config)
+    cut_job, cut_dir = standalone_job(tmp_path, "cut", "train_reward_model", inputs, config)
+    whole = start(whole_job, "train_reward_model")
+    killed_at = kill_after_two_checkpoints(start(cut_job, "train_reward_model"), cut_dir)
+    assert 2 <= killed_at < 48, "the run must be killed part-way"
+    assert not (cut_dir / "model").exists()
+
+    resumed_log = finish(start(cut_job, "train_reward_model"))
+    assert f"resumed from {cut_dir / 'checkpoint'} after step {killed_at}" in resumed_log
+    finish(whole)
+    assert_same_weights(whole_dir / "model", cut_dir / "model")
+    # The reward normalisation is computed from the final weights: the same too.
+    resumed_config = json.loads((cut_dir / "model" / "config.json").read_text())
+    assert json.loads((whole_dir / "model" / "config.json").read_text()) == resumed_config

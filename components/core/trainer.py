@@ -1,0 +1,321 @@
+"""The trainer kernel: everything a trainer does around its loss, written once for every trainer.
+
+A trainer loads its models, hands the ones it trains to a `Kernel`, and keeps only its own loop (PPO), or
+only its loss when it walks batches of preference pairs (`prepare_pairs` + `fit_pairs`: reward model, DPO):
+
+    with Kernel(config, {"policy": policy}, workers, total_steps, checkpoint_uri, "dpo") as kernel:
+        resumed = kernel.resume()                           # done = 0 on a fresh start
+        for step in range(resumed.done + 1, total_steps + 1):
+            kernel.step(loss)                                # backward; every A-th call: one optimizer step
+            metrics = kernel.reduce(local_metrics, weight)   # the job's numbers, on every worker
+            log_metrics(metrics, step)
+            kernel.checkpoint(step, total_steps, state, tensors)  # every N steps, and after SIGTERM
+    kernel.finish(save)                                      # rank 0 saves the result; every worker waits
+
+- Optimizer: AdamW (fused) over every trained parameter that requires a gradient.
+- Schedule: `linear` anneals the rate to 0 over the run, `constant` keeps it; `hold` optimizer steps share
+  one rate (PPO changes its rate once per iteration, not once per minibatch).
+- `step(loss)`: gradients of `loss / accumulation_steps` accumulate; on every `accumulation_steps`-th call
+  they are averaged over workers (sync: allreduce), clipped to `max_grad_norm`, the optimizer and the
+  schedule step, the gradients are cleared, and averaging every k steps happens (sync: average_every_k).
+- Checkpoints (core.checkpoint: safetensors + JSON, the `latest.json` pointer last), one shape for every
+  trainer: each trained model's weights under its name, the optimizer, the schedule, torch's RNG, the
+  workers' step count, and the trainer's own `state` (JSON) and `tensors`, under the config's fingerprint.
+  Only rank 0 writes; every worker then waits at a barrier.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from tqdm import tqdm
+
+from rlhf_components.core import checkpoint
+from rlhf_components.core.errors import UserError
+from rlhf_components.core.records import PreferencePair, read_pairs
+from rlhf_components.core.runtime import progress_disabled, seed_everything, select_device
+from rlhf_components.core.step import step_output
+from rlhf_components.core.tracking import RunContext, log_metrics
+from rlhf_components.core.trainer_config import PairTrainerConfig, TrainerConfig
+from rlhf_components.distributed.collectives import Workers, join
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Resumed:
+    """Where a resumed run picks up: the progress it was saved after, and the trainer's own state."""
+
+    done: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Kernel:
+    def __init__(
+        self,
+        config: TrainerConfig,
+        models: dict[str, torch.nn.Module],
+        workers: Workers,
+        total_steps: int,
+        checkpoint_uri: str,
+        name: str,
+        *,
+        accumulation_steps: int = 1,
+        hold: int = 1,
+        unit: str = "step",
+    ) -> None:
+        """`total_steps` optimizer steps in the whole run; `name` and `unit` word the messages
+        ("ppo: stopped by SIGTERM after iteration 3/8")."""
+        self.config = config
+        self.models = models
+        self.workers = workers
+        self.checkpoint_uri = checkpoint_uri
+        self.name = name
+        self.unit = unit
+        self.accumulation_steps = accumulation_steps
+        self.parameters = [p for model in models.values() for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.parameters,
+            lr=config.learning_rate,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+            fused=True,  # one kernel for all parameters: per-tensor Adam was 10% of a PPO iteration on a CPU
+        )
+        periods = max(1, total_steps // hold)
+        linear = config.lr_schedule == "linear"
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, (lambda step: 1.0 - (step // hold) / periods) if linear else (lambda step: 1.0)
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        self._accumulated = 0
+        self._communicated = 0.0
+        self._stop = checkpoint.StopRequest()
+        self.stopping = False
+
+    def __enter__(self) -> Kernel:
+        self._stop.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.__exit__(*exc)
+
+    def step(self, loss: torch.Tensor) -> bool:
+        """Accumulate the gradient of `loss`; returns whether this call took an optimizer step."""
+        (loss / self.accumulation_steps).backward()
+        self._accumulated += 1
+        if self._accumulated < self.accumulation_steps:
+            return False
+        self._accumulated = 0
+        self.workers.after_backward(self.parameters)
+        torch.nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.workers.after_step(self.parameters)
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.schedule.get_last_lr()[0])
+
+    def reduce(self, local: dict[str, float], weight: float = 1.0) -> dict[str, float]:
+        """The job's metrics: this worker's numbers times `weight` (its share of the global batch times the
+        worker count; 1 when shares are equal), averaged over workers, so they are the global batch's own.
+        Adds the time spent in collectives since the last call and the learning rate, and learns whether
+        any worker was asked to stop (call it once per step, before `checkpoint`)."""
+        communication = self.workers.communication_seconds - self._communicated
+        weighted = {key: value * weight for key, value in local.items()}
+        reduced = self.workers.mean_metrics(
+            {
+                **weighted,
+                "communication_seconds": communication,
+                "stop_requested": float(self._stop.requested),
+            }
+        )
+        self._communicated = self.workers.communication_seconds
+        self.stopping = reduced.pop("stop_requested") > 0
+        return {**reduced, "learning_rate": self.learning_rate}
+
+    def checkpoint(
+        self,
+        done: int,
+        total: int,
+        state: dict[str, Any] | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Save after `done` of `total` units every `checkpoint_every` units (not after the last: the result
+        is saved then), and when a worker got SIGTERM, after which the run stops with one line."""
+        every = self.config.checkpoint_every
+        if self.stopping or (every and done % every == 0 and done < total):
+            if self.workers.is_main:
+                self._save(done, state or {}, tensors or {})
+            self.workers.barrier()
+        if self.stopping:
+            raise UserError(
+                f"{self.name}: stopped by SIGTERM after {self.unit} {done}/{total}; "
+                f"run it again to resume from {self.checkpoint_uri}"
+            )
+
+    def _save(self, done: int, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        optimizer_tensors, optimizer_rest = checkpoint.flatten_optimizer("optimizer", self.optimizer)
+        weights = {
+            key: value
+            for name, model in self.models.items()
+            for key, value in checkpoint.prefixed(name, model.state_dict()).items()
+        }
+        checkpoint.save(
+            self.checkpoint_uri,
+            done,
+            {
+                **weights,
+                **optimizer_tensors,
+                "rng.torch": torch.get_rng_state(),
+                **checkpoint.prefixed("trainer", tensors),
+            },
+            {
+                "config": self.config.checkpoint_fingerprint(),
+                "optimizer": optimizer_rest,
+                "schedule": self.schedule.state_dict(),
+                "optimizer_steps": self.workers.optimizer_steps,
+                "trainer": state,
+            },
+        )
+
+    def resume(self) -> Resumed:
+        """Load this run's checkpoint when there is one and `resume` is on; else a fresh start."""
+        uri = self.checkpoint_uri
+        if not (self.config.resume and checkpoint.exists(uri)):
+            return Resumed()
+        tensors, state = checkpoint.load(uri)
+        if state.get("config") != self.config.checkpoint_fingerprint() or "trainer" not in state:
+            raise UserError(
+                f"{uri}: checkpoint was written with a different {self.name} config; set resume: false"
+            )
+        for name, model in self.models.items():
+            model.load_state_dict(checkpoint.unprefixed(name, tensors))
+        checkpoint.restore_optimizer("optimizer", self.optimizer, tensors, state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.workers.optimizer_steps = int(state["optimizer_steps"])
+        torch.set_rng_state(tensors["rng.torch"])
+        log.info("%s: resumed from %s after %s %d", self.name, uri, self.unit, state["step"])
+        return Resumed(int(state["step"]), state["trainer"], checkpoint.unprefixed("trainer", tensors))
+
+    def finish(self, save: Callable[[], T]) -> T | None:
+        """The last parameter average (sync: average_every_k), then rank 0 runs `save` and returns its
+        result (None elsewhere); every worker waits until it is written before reporting success."""
+        self.workers.finish(self.parameters)
+        result = save() if self.workers.is_main else None
+        self.workers.barrier()
+        return result
+
+
+@dataclass
+class PairData:
+    """What a preference-pair trainer starts from: its device, its place among the workers, the pairs."""
+
+    device: torch.device
+    workers: Workers
+    train: list[PreferencePair]
+    held_out: list[PreferencePair]
+
+
+def prepare_pairs(
+    config: PairTrainerConfig, train_uri: str, eval_uri: str, seed: int, section: str
+) -> PairData:
+    """Pick the device, join the other workers, seed every RNG and read the training and held-out pairs."""
+    device = select_device(config.device, section)
+    workers = join(config, device)
+    seed_everything(seed)
+    data = PairData(device, workers, read_pairs(train_uri), read_pairs(eval_uri))
+    require_pairs(len(data.train), train_uri, config, workers, section)
+    return data
+
+
+BatchLoss = Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]
+"""(indices of this worker's training pairs) → (their mean loss, their mean metrics)"""
+
+
+def fit_pairs(
+    config: PairTrainerConfig,
+    models: dict[str, torch.nn.Module],
+    data: PairData,
+    context: RunContext,
+    section: str,
+    batch_loss: BatchLoss,
+) -> Kernel:
+    """Train `models` over `config.epochs` of the training pairs in global batches: this worker's pairs of
+    each batch → `batch_loss` (their mean loss and mean metrics) → one optimizer step; the
+    job's metrics are logged every step, and `checkpoint_every` / SIGTERM checkpoint (a resumed run picks up
+    at the next batch). Returns the kernel for its final `finish`."""
+    total = config.total_steps(len(data.train))
+    checkpoint_uri = step_output(context, section, "checkpoint")
+    with Kernel(config, models, data.workers, total, checkpoint_uri, section) as kernel:
+        done = kernel.resume().done
+        for model in models.values():
+            model.train()
+        progress = tqdm(total=total, initial=done, desc=section, disable=progress_disabled())
+        for batch in pair_batches(len(data.train), config, data.workers, context.seed, done):
+            started = time.perf_counter()
+            loss, local = batch_loss(batch.rows)
+            kernel.step(loss * batch.weight)
+            metrics = kernel.reduce(local, batch.weight)
+            metrics["pairs_per_second"] = batch.size / (time.perf_counter() - started)
+            log_metrics(metrics, step=batch.step)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+            progress.update()
+            kernel.checkpoint(batch.step, total)
+        progress.close()
+    for model in models.values():
+        model.eval()
+    return kernel
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    step: int
+    """1-based optimizer step"""
+    rows: list[int]
+    """indices of this worker's pairs in the training set"""
+    size: int
+    """pairs in the global batch"""
+    weight: float
+    """this worker's share of the global batch times the worker count: a loss (or metric) that is the mean
+    over its own pairs, times this weight and averaged over workers, is the global batch's mean"""
+
+
+def pair_batches(
+    count: int, config: PairTrainerConfig, workers: Workers, seed: int, done: int
+) -> Iterator[PairBatch]:
+    """The global batches of an epoch-wise shuffle of `count` pairs, from step `done + 1` to the last: every
+    worker walks the same batches and takes its own contiguous part of each. Each epoch's order comes from
+    (seed, epoch) alone, so a resumed run needs no saved data-order state."""
+    steps_per_epoch = -(-count // config.batch_size)
+    order, order_epoch = torch.empty(0, dtype=torch.long), -1
+    for step in range(done, config.total_steps(count)):
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            seeded = torch.Generator().manual_seed(seed * 1000 + epoch)
+            order, order_epoch = torch.randperm(count, generator=seeded), epoch
+        global_batch = order[position * config.batch_size : (position + 1) * config.batch_size]
+        rows = global_batch[workers.shard(len(global_batch))].tolist()
+        yield PairBatch(step + 1, rows, len(global_batch), len(rows) * workers.world_size / len(global_batch))
+
+
+def require_pairs(count: int, uri: str, config: PairTrainerConfig, workers: Workers, section: str) -> None:
+    """Every worker needs at least one pair of every global batch, the last and shortest of an epoch too."""
+    if count == 0:
+        raise UserError(f"{uri}: no training pairs")
+    shortest = min(count, count % config.batch_size or config.batch_size)
+    if shortest < workers.world_size:
+        raise UserError(
+            f"{uri}: {count} training pairs in batches of {config.batch_size} leave a batch of {shortest} "
+            f"for {workers.world_size} workers; lower {section}.workers or change {section}.batch_size"
+        )
