@@ -153,6 +153,8 @@ def load_scalar_model(
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, uri: str) -> None:
+    if model.can_generate():  # `generate()` on the saved policy pads with our pad token, never EOS
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     with tempfile.TemporaryDirectory() as temp:
         model.save_pretrained(temp, safe_serialization=True)
         tokenizer.save_pretrained(temp)

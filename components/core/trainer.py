@@ -59,6 +59,8 @@ class Resumed:
 
 
 class Kernel:
+    """The optimizer, schedule, worker sync and checkpoints of one trainer's run (see the module's text)."""
+
     def __init__(
         self,
         config: TrainerConfig,

@@ -59,7 +59,6 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
 
         def evaluate_and_save() -> Outputs:
             evaluated = _evaluate(outputs, policy, tokenizer, data.held_out, reference_eval, config)
-            policy.generation_config.pad_token_id = tokenizer.pad_token_id
             save_checkpoint(policy, tokenizer, outputs.policy)
             return evaluated
 

@@ -266,7 +266,7 @@ class Models:
 
 
 @dataclass
-class Progress:
+class LoopState:
     """PPO's own part of a checkpoint (the kernel keeps weights, optimizer and schedule): with it a resumed
     run equals an uninterrupted one."""
 
@@ -315,11 +315,11 @@ def _load_models(inputs: Inputs, config: Config, device: torch.device) -> Models
 
 
 def _iteration(
-    models: Models, kernel: Kernel, progress: Progress, config: Config, seed: int, iteration: int
+    models: Models, kernel: Kernel, loop: LoopState, config: Config, seed: int, iteration: int
 ) -> dict[str, float]:
     """One rollout of this worker's share of the global prompt batch, one PPO update, the job's metrics."""
     started, workers, tokenizer = time.perf_counter(), kernel.workers, models.tokenizer
-    prompts = progress.stream.take(config.rollout_batch_size)[workers.shard(config.rollout_batch_size)]
+    prompts = loop.stream.take(config.rollout_batch_size)[workers.shard(config.rollout_batch_size)]
     device = models.policy.device
     query_ids, query_mask = (
         t.to(device) for t in encode_prompts(tokenizer, prompts, config.max_prompt_tokens)
@@ -332,14 +332,14 @@ def _iteration(
         query_ids,
         query_mask,
         config,
-        progress.kl_controller.value,
+        loop.kl_controller.value,
         tokenizer.eos_token_id,
         tokenizer.pad_token_id,
         sampling_generator(seed, workers.rank, iteration, device),
         workers,
     )
     rollout_seconds = time.perf_counter() - started
-    train_stats = ppo_update(models.policy, models.value_model, kernel, rollout, config, progress.data_order)
+    train_stats = ppo_update(models.policy, models.value_model, kernel, rollout, config, loop.data_order)
     elapsed = time.perf_counter() - started
     mask = rollout.batch.response_mask.float()
     score = rollout.scores.mean().item()
@@ -357,10 +357,10 @@ def _iteration(
             **train_stats,
         }
     )
-    progress.kl_controller.update(metrics["kl"], config.rollout_batch_size)
+    loop.kl_controller.update(metrics["kl"], config.rollout_batch_size)
     return metrics | {
         "rlhf_reward": metrics["score"] + metrics["non_score_reward"],
-        "kl_coef": progress.kl_controller.value,
+        "kl_coef": loop.kl_controller.value,
         "episodes_per_second": config.rollout_batch_size / elapsed,
     }
 
@@ -375,7 +375,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             raise UserError(f"{inputs.prompts}: no prompts for PPO")
         models = _load_models(inputs, config, device)
         iterations = max(1, config.total_episodes // config.rollout_batch_size)
-        progress = Progress(
+        loop = LoopState(
             PromptStream(prompts, data_order),
             KLController(
                 config.kl_coef, config.kl_controller == "adaptive", config.kl_target, config.kl_horizon
@@ -387,31 +387,27 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         kernel = ppo_kernel(config, models.policy, models.value_model, workers, iterations, checkpoint_uri)
         with kernel:
             resumed = kernel.resume()
-            progress.restore(resumed)
-            bar = tqdm(
+            loop.restore(resumed)
+            progress = tqdm(
                 range(resumed.done + 1, iterations + 1),
                 desc=STEP,
                 disable=progress_disabled(),
                 initial=resumed.done,
                 total=iterations,
             )
-            for iteration in bar:
-                metrics = _iteration(models, kernel, progress, config, context.seed, iteration)
+            for iteration in progress:
+                metrics = _iteration(models, kernel, loop, config, context.seed, iteration)
                 log_metrics(metrics, step=iteration)
-                bar.set_postfix(score=f"{metrics['score']:.2f}", kl=f"{metrics['kl']:.2f}")
-                kernel.checkpoint(iteration, iterations, progress.state(), progress.tensors())
+                progress.set_postfix(score=f"{metrics['score']:.2f}", kl=f"{metrics['kl']:.2f}")
+                kernel.checkpoint(iteration, iterations, loop.state(), loop.tensors())
         outputs = Outputs(
             policy=step_output(context, STEP, "policy"),
             iterations=iterations,
             final_score=metrics["score"],
             final_kl=metrics["kl"],
         )
-
-        def save() -> None:
-            models.policy.generation_config.pad_token_id = models.tokenizer.pad_token_id
-            save_checkpoint(models.policy, models.tokenizer, outputs.policy)
-
-        kernel.finish(save)  # the policy is written before any worker reports success
+        # The policy is written before any worker reports success.
+        kernel.finish(lambda: save_checkpoint(models.policy, models.tokenizer, outputs.policy))
         log.info(
             "ppo: %d iterations, final score %.3f, KL %.3f", iterations, outputs.final_score, outputs.final_kl
         )
