@@ -65,12 +65,12 @@ def build_reward_model(context: Any) -> tuple[dict[str, Any], str, str]:
         train_reward_model.Inputs(base_model=assets.sft_model_dir, train=feedback.train, eval=feedback.eval),
         context,
     )
-    model, tokenizer = load_scalar_model(reward.reward_model)
+    model, fmt = load_scalar_model(reward.reward_model)
     _, std = reward_normalization(model)
     with torch.no_grad():
         model.score.weight /= std
     trl_reward = str(ROOT / "reward_model_for_trl")
-    save_checkpoint(model, tokenizer, trl_reward)
+    save_checkpoint(model, fmt, trl_reward)
     split = {"train": prompts.train, "eval": prompts.eval, "sft": assets.sft_model_dir}
     return split, reward.reward_model, trl_reward
 

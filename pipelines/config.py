@@ -22,6 +22,8 @@ from rlhf_components.ppo import Config as PPOConfig
 from rlhf_components.register_and_promote import Config as RegisterConfig
 from rlhf_components.train_reward_model import Config as RewardModelConfig
 
+MODEL_STEPS = ("generate_candidates", "train_reward_model", "ppo", "dpo", "evaluate")
+
 
 class DemoAssetsConfig(StrictModel):
     """Build the demo task's assets (cached) before the run; paths in the config may point into `dir`."""
@@ -37,6 +39,11 @@ class PipelineConfig(StrictModel):
     )
     seed: int = 0
     policy: str = Field(description="the SFT policy: checkpoint dir, s3:// prefix or models:/name@alias")
+    reward_model: str | None = Field(
+        default=None,
+        description="a trained reward model to use as it is instead of training one (rlhf pipeline): a "
+        "checkpoint dir, s3:// prefix or models:/name@alias; it is scored on the feedback, never trained",
+    )
     storage_root: str = Field(description="step outputs go to <storage_root>/<pipeline run id>/<step>/")
     feedback_inbox: str = Field(
         description="annotation tasks are written to tasks/, judgements read from labels/"
@@ -60,6 +67,12 @@ class PipelineConfig(StrictModel):
                     f"{step}.launcher: pytorchjob pods read and write through storage_root, "
                     f"which must be s3:// (it is {self.storage_root!r})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _a_reward_model_only_for_rlhf(self) -> PipelineConfig:
+        if self.pipeline == "dpo" and self.reward_model is not None:
+            raise ValueError("reward_model: the dpo pipeline uses no reward model (remove it, or use rlhf)")
         return self
 
     @model_validator(mode="after")
@@ -95,14 +108,23 @@ def _absolute(uri: str) -> str:
 
 def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
     """Local paths resolved against the current directory, so every task sees the same files."""
-    updates = {
+    updates: dict[str, object] = {
         "policy": _absolute(config.policy),
+        "reward_model": config.reward_model and _absolute(config.reward_model),
         "storage_root": _absolute(config.storage_root),
         "feedback_inbox": _absolute(config.feedback_inbox),
         "collect_prompts": config.collect_prompts.model_copy(
             update={"sources": [_absolute(s) for s in config.collect_prompts.sources]}
         ),
     }
+    for step in MODEL_STEPS:
+        section = getattr(config, step)
+        paths: dict[str, str | None] = {}
+        if section.chat_template not in ("auto", "none"):
+            paths["chat_template"] = _absolute(section.chat_template)
+        if getattr(section, "base", None):
+            paths["base"] = _absolute(section.base)
+        updates[step] = section.model_copy(update=paths)
     if config.demo_assets is not None:
         updates["demo_assets"] = config.demo_assets.model_copy(
             update={"dir": _absolute(config.demo_assets.dir)}

@@ -145,7 +145,9 @@ def run_ingest_feedback(
 def run_train_reward_model(
     config: PipelineConfig, started: Started, feedback: ingest_feedback.Outputs
 ) -> train_reward_model.Inputs:
-    return train_reward_model.Inputs(base_model=config.policy, train=feedback.train, eval=feedback.eval)
+    return train_reward_model.Inputs(
+        base_model=config.policy, pretrained=config.reward_model, train=feedback.train, eval=feedback.eval
+    )
 
 
 @_step()

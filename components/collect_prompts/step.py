@@ -1,13 +1,16 @@
 """Prompts from files (JSONL, CSV, Parquet) and Hugging Face datasets saved to disk (`save_to_disk`), local or
 s3://, into a versioned train/eval dataset with a manifest.
 
-Text is normalised (Unicode NFKC, whitespace collapsed) before prompts are deduplicated, so the same prompt
-typed twice is one prompt. The counts say what each filter removed: invalid rows (quarantined with their
-reason), lengths out of range, duplicates, and prompts over `max_prompts`.
+A prompt is plain text or a conversation (`messages`: {role, content} turns, system turns included), kept
+exactly as written: only the dedupe key is normalised (Unicode NFKC, whitespace collapsed, case folded), so
+the same prompt typed twice is one prompt. The counts say what each filter removed: invalid rows
+(quarantined with a reason code and message, counted per code), lengths out of range, duplicates, and prompts
+over `max_prompts`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -15,10 +18,21 @@ import logging
 from collections import Counter
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from rlhf_components.collect_prompts.config import Config, Inputs, Outputs
 from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.records import PromptRecord, normalize, prompt_id
+from rlhf_components.core.records import (
+    HH_TURN,
+    Message,
+    Prompt,
+    PromptRecord,
+    hh_messages,
+    prompt_id,
+    prompt_key,
+    prompt_text,
+)
 from rlhf_components.core.splits import is_eval
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
@@ -55,6 +69,59 @@ def _rows(uri: str) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as error:
             rows.append((f"{uri}:{number}", ValueError(f"invalid JSON: {error.msg}")))
     return rows
+
+
+class Invalid(ValueError):
+    """A row that holds no usable prompt: `code` is counted (`invalid_<code>`), the message says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_MESSAGES: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
+
+
+def _prompt(row: Any, field: str) -> Prompt:
+    """The prompt in one row: the text in `field`, or a conversation there or in `messages` (a list of
+    {role, content}, or its JSON text in a CSV cell) without its trailing assistant turns. The text is kept
+    exactly as written."""
+    if isinstance(row, Exception):
+        raise Invalid("unreadable", str(row))
+    if not isinstance(row, dict):
+        raise Invalid("not_an_object", f"the row is not an object with a {field!r} field")
+    conversation_only = field not in row  # then `messages`, which must be a conversation
+    value = row.get("messages") if conversation_only else row[field]
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        with contextlib.suppress(json.JSONDecodeError):
+            parsed = json.loads(value)
+            value = parsed if isinstance(parsed, list) else value
+    if isinstance(value, str) and HH_TURN.match(value):
+        value = [m.model_dump() for m in hh_messages(value)]  # HH-RLHF's Human:/Assistant: turns
+    if isinstance(value, str) and not conversation_only:
+        if not value.strip():
+            raise Invalid("empty_prompt", f"field {field!r} is empty")
+        return value
+    if value is None or (conversation_only and "messages" not in row):
+        raise Invalid("missing_prompt", f"missing or non-text field {field!r} (and no `messages`)")
+    if not isinstance(value, list):
+        raise Invalid(
+            "bad_messages",
+            f"{'messages' if conversation_only else repr(field)} is not text or a list of turns",
+        )
+    try:
+        messages = _MESSAGES.validate_python(value)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise Invalid("bad_messages", f"messages[{where}]: {problem['msg']}") from None
+    while messages and messages[-1].role == "assistant":
+        messages = messages[:-1]  # a chat dataset's answer: the prompt is what comes before it
+    if not messages or messages[-1].role != "user":
+        raise Invalid("no_user_turn", "a conversation must end with a user turn (before any answer)")
+    if any(not m.content.strip() for m in messages):
+        raise Invalid("empty_prompt", "a turn of the conversation is empty")
+    return messages
 
 
 def _is_hf_dataset(uri: str) -> bool:
@@ -100,20 +167,17 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         for file_uri in files:
             for location, row in _rows(file_uri):
                 counts["read"] += 1
-                reason = None
-                if isinstance(row, Exception):
-                    reason = str(row)
-                elif not isinstance(row, dict) or not isinstance(row.get(config.text_field), str):
-                    reason = f"missing or non-text field {config.text_field!r}"
-                if reason is not None:
-                    quarantine.append({"location": location, "reason": reason})
+                try:
+                    prompt = _prompt(row, config.text_field)
+                except Invalid as error:
+                    quarantine.append({"location": location, "code": error.code, "reason": str(error)})
                     counts["invalid"] += 1
+                    counts[f"invalid_{error.code}"] += 1
                     continue
-                text = normalize(row[config.text_field])
-                if not config.min_chars <= len(text) <= config.max_chars:
+                if not config.min_chars <= len(prompt_text(prompt)) <= config.max_chars:
                     counts["filtered_length"] += 1
                     continue
-                record = PromptRecord(id=prompt_id(text), prompt=text, source=location)
+                record = PromptRecord(id=prompt_id(prompt), prompt=prompt, source=location)
                 if record.id in kept:
                     counts["duplicates"] += 1
                     continue
@@ -123,7 +187,13 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             counts["over_max_prompts"] = max(0, len(records) - config.max_prompts)
             records = records[: config.max_prompts]
         if not records:
-            raise UserError(f"collect_prompts: no usable prompts in {', '.join(config.sources)}")
+            quarantine_uri = step_output(context, "collect_prompts", "quarantine.jsonl")
+            storage.write_jsonl(quarantine_uri, quarantine)
+            reasons = ", ".join(f"{key}: {n}" for key, n in sorted(counts.items()) if key != "read")
+            raise UserError(
+                f"collect_prompts: no usable prompts in {', '.join(config.sources)} ({counts['read']} rows "
+                f"read; {reasons or 'no rows'}); reasons per row in {quarantine_uri}"
+            )
         train = [r.model_dump() for r in records if not is_eval(r.id, config.eval_fraction)]
         evaluation = [r.model_dump() for r in records if is_eval(r.id, config.eval_fraction)]
         counts.update(kept=len(records), train=len(train), eval=len(evaluation))
@@ -160,6 +230,6 @@ def _log_dataset(records: list[PromptRecord], manifest_uri: str, content_hash: s
     import pandas as pd
     from mlflow.data.pandas_dataset import from_pandas
 
-    frame = pd.DataFrame([r.model_dump() for r in records])
+    frame = pd.DataFrame([{"id": r.id, "prompt": prompt_key(r.prompt), "source": r.source} for r in records])
     dataset = from_pandas(frame, source=manifest_uri, name="prompts", digest=content_hash[:16])
     mlflow.log_input(dataset, context="training")

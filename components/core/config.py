@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,14 +19,28 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-class OnDevice(StrictModel):
-    """The field of every step that runs a model."""
+class ModelStep(StrictModel):
+    """The fields of every step that runs a model."""
 
     device: str = Field(
         default="auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="auto: this worker's GPU (cuda:LOCAL_RANK) when CUDA is visible, else the CPU; "
         "or cpu, cuda, cuda:N",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="auto: the checkpoint's own dtype. Trained weights stay float32 (master weights and "
+        "optimizer state) and compute under autocast in this dtype; results are saved in it",
+    )
+    chat_template: str = Field(
+        default="auto",
+        min_length=1,
+        description="auto: the tokenizer's chat template when it has one; none: never (plain text, for base "
+        "models and prompts already rendered); or the path of a Jinja file (local or s3://)",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="run Python code shipped with a checkpoint (custom architectures)"
     )
 
 
@@ -36,6 +50,10 @@ class SamplingConfig(StrictModel):
     top_k: int = Field(default=0, ge=0, description="0 = no top-k filtering (the RLHF default)")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="1.0 = no nucleus filtering")
     greedy: bool = Field(default=False, description="argmax decoding, for near-greedy evaluation")
+    stop_strings: list[str] = Field(
+        default_factory=list,
+        description="an answer also ends when its text comes to contain one of these (besides stop tokens)",
+    )
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:

@@ -1,9 +1,10 @@
 """Batched sampling with the KV cache, and log-probs that match it exactly.
 
 Conventions every step shares (they are what makes PPO's importance ratio start at exactly 1):
-- prompts are left-padded with a pad token that is not EOS, and position ids follow the attention mask;
+- prompts are left-padded (core.chat: the pad token may be EOS; masks tell padding apart) and position ids
+  follow the attention mask;
 - logits are divided by the sampling temperature wherever log-probs are taken;
-- a response ends at its first EOS; everything after it is pad and masked out.
+- a response ends at its first stop token (or stop string); everything after it is pad and masked out.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
+from rlhf_components.core.chat import ChatFormat
 from rlhf_components.core.config import SamplingConfig
 
 
@@ -75,45 +77,6 @@ def _takes_logits_to_keep(forward: Callable[..., object]) -> bool:
     return "logits_to_keep" in inspect.signature(forward).parameters
 
 
-def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_prompt_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"
-    encoded = tokenizer(
-        prompts,
-        return_tensors="pt",
-        padding=True,
-        truncation=True,
-        max_length=max_prompt_tokens,
-        add_special_tokens=False,
-    )
-    return encoded["input_ids"], encoded["attention_mask"]
-
-
-def encode_prompt_response(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """prompt + response + EOS, tokenised in two parts as generation sees them, right-padded, keeping the last
-    `max_length` tokens (prompts are cut first). Returns (ids, attention mask, response mask): the response
-    mask marks the response's tokens and its EOS, never prompt or pad."""
-    rows, response_lengths = [], []
-    for prompt, response in zip(prompts, responses, strict=True):
-        answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (tokenizer(prompt, add_special_tokens=False)["input_ids"] + answer)[-max_length:]
-        rows.append(ids)
-        response_lengths.append(min(len(answer), len(ids)))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, (ids, answer_length) in enumerate(zip(rows, response_lengths, strict=True)):
-        input_ids[index, : len(ids)] = torch.tensor(ids)
-        mask[index, : len(ids)] = 1
-        response_mask[index, len(ids) - answer_length : len(ids)] = 1
-    return input_ids, mask, response_mask
-
-
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -133,12 +96,14 @@ def sample(
     query_ids: torch.Tensor,
     query_mask: torch.Tensor,
     config: SamplingConfig,
-    eos_token_id: int,
-    pad_token_id: int,
+    fmt: ChatFormat,
     generator: torch.Generator | None = None,
 ) -> Batch:
-    """Sample responses token by token with the KV cache; stops as soon as every row has emitted EOS."""
+    """Sample responses token by token with the KV cache. A response ends at its first stop token (any of
+    `fmt.stop_ids`) or when its text comes to contain one of `config.stop_strings`; sampling stops as soon as
+    every row has ended."""
     batch_size = query_ids.shape[0]
+    stop_ids = torch.tensor(fmt.stop_ids, device=query_ids.device)
     attention = query_mask.clone()
     position = positions(attention)
     output = model(
@@ -150,6 +115,7 @@ def sample(
     )
     position = position[:, -1:]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=query_ids.device)
+    lengths = torch.zeros(batch_size, dtype=torch.long, device=query_ids.device)
     tokens: list[torch.Tensor] = []
     logprobs: list[torch.Tensor] = []
     for _ in range(config.max_new_tokens):
@@ -159,11 +125,14 @@ def sample(
         else:
             probs = _filter_logits(scaled, config.top_k, config.top_p).softmax(-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        token = token.masked_fill(finished, pad_token_id)
+        token = token.masked_fill(finished, fmt.pad_id)
         token_logprob = scaled.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
         tokens.append(token)
         logprobs.append(token_logprob.masked_fill(finished, 0.0))
-        finished = finished | (token == eos_token_id)
+        lengths += (~finished).long()
+        finished = finished | torch.isin(token, stop_ids)
+        if config.stop_strings:
+            finished = finished | _ends_with_stop_string(fmt, tokens, finished, config.stop_strings)
         if bool(finished.all()):
             break
         attention = torch.cat([attention, attention.new_ones(batch_size, 1)], dim=1)
@@ -176,17 +145,30 @@ def sample(
             use_cache=True,
         )
     response_ids = torch.stack(tokens, dim=1)
-    is_eos = (response_ids == eos_token_id).long()
-    after_eos = (is_eos.cumsum(-1) - is_eos) > 0
-    response_mask = (~after_eos).long()
+    response_mask = (
+        torch.arange(response_ids.shape[1], device=response_ids.device) < lengths[:, None]
+    ).long()
     return Batch(
         query_ids=query_ids,
         query_mask=query_mask,
-        response_ids=response_ids,
+        response_ids=response_ids.masked_fill(response_mask == 0, fmt.pad_id),
         response_mask=response_mask,
         logprobs=torch.stack(logprobs, dim=1) * response_mask,
-        ended_with_eos=is_eos.sum(-1) > 0,
+        ended_with_eos=finished,
     )
+
+
+def _ends_with_stop_string(
+    fmt: ChatFormat, tokens: list[torch.Tensor], finished: torch.Tensor, stop_strings: list[str]
+) -> torch.Tensor:
+    """Rows whose text, up to the token just sampled, contains a stop string in its last tokens."""
+    window = max(len(text) for text in stop_strings) + 1  # a token holds at least one character
+    recent = torch.stack(tokens[-window:], dim=1).tolist()
+    hits = [
+        not done and any(stop in fmt.tokenizer.decode(row) for stop in stop_strings)
+        for row, done in zip(recent, finished.tolist(), strict=True)
+    ]
+    return torch.tensor(hits, device=finished.device)
 
 
 def response_logits(model: PreTrainedModel, batch: Batch, temperature: float) -> torch.Tensor:
@@ -194,7 +176,7 @@ def response_logits(model: PreTrainedModel, batch: Batch, temperature: float) ->
     ids, mask, position = batch.sequence()
     width = batch.response_ids.shape[1]
     kept = keep_last_logits(model, width + 1)
-    output = model(input_ids=ids, attention_mask=mask, position_ids=position, **kept)
+    output = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False, **kept)
     # From the last prompt token to the second-to-last response token: the positions predicting the response.
     return output.logits[:, -(width + 1) : -1].float() / temperature
 
@@ -205,31 +187,22 @@ def response_logprobs(model: PreTrainedModel, batch: Batch, temperature: float) 
     return token_logprobs * batch.response_mask
 
 
-def entropy(log_probs: torch.Tensor) -> torch.Tensor:
-    """Entropy of each distribution, from its log-probabilities over the last dimension."""
-    return -(log_probs.exp() * log_probs).sum(-1)
-
-
-def decode_responses(tokenizer: PreTrainedTokenizerBase, batch: Batch) -> list[str]:
-    texts = []
+def decode_responses(fmt: ChatFormat, batch: Batch) -> list[str]:
     # Python lists first: reading a GPU tensor element by element waits for the device once per token.
-    for ids, mask in zip(batch.response_ids.tolist(), batch.response_mask.tolist(), strict=True):
-        kept = [t for t, m in zip(ids, mask, strict=True) if m and t != tokenizer.eos_token_id]
-        texts.append(str(tokenizer.decode(kept, skip_special_tokens=True)))
-    return texts
+    ids, masks = batch.response_ids.tolist(), batch.response_mask.tolist()
+    return [
+        fmt.decode([t for t, m in zip(row, mask, strict=True) if m])
+        for row, mask in zip(ids, masks, strict=True)
+    ]
 
 
 def sample_prompts(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    fmt: ChatFormat,
+    prompt_ids: list[list[int]],
     config: SamplingConfig,
-    max_prompt_tokens: int,
     generator: torch.Generator | None = None,
 ) -> Batch:
-    """Tokenise (left-padded) and sample one batch of prompts on the model's device."""
-    encoded = encode_prompts(tokenizer, prompts, max_prompt_tokens)
-    query_ids, query_mask = (t.to(model.device) for t in encoded)
-    return sample(
-        model, query_ids, query_mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id, generator
-    )
+    """Sample one batch of encoded prompts (`fmt.prompt_ids`), left-padded, on the model's device."""
+    query_ids, query_mask = (t.to(model.device) for t in fmt.left_padded(prompt_ids))
+    return sample(model, query_ids, query_mask, config, fmt, generator)

@@ -6,10 +6,13 @@ The same path loads the demo's tiny GPT-2 and a real Hugging Face checkpoint; pi
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from transformers import (
@@ -22,8 +25,11 @@ from transformers import (
 from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
 
 from rlhf_components.core import storage
+from rlhf_components.core.chat import ChatFormat
+from rlhf_components.core.config import ModelStep
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.generation import encode_prompt_response, positions
+from rlhf_components.core.generation import positions
+from rlhf_components.core.records import Prompt
 
 MODELS_PREFIX = storage.MODELS_PREFIX
 REWARD_MEAN_KEY = "rlhf_reward_mean"
@@ -106,58 +112,82 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 
 def load_tokenizer(checkpoint: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer as it is: no token is ever added (see core.chat for padding)."""
     if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{checkpoint}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) in the checkpoint")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"{checkpoint}: the tokenizer has no EOS token")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # A pad token equal to EOS makes real EOS tokens look like padding and get masked out of training.
-        tokenizer.add_special_tokens({"pad_token": "<|rlhf_pad|>"})
-    tokenizer.padding_side = "left"
-    return tokenizer
+    return AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
 
 
-def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Room for a pad token added by `load_tokenizer`, and the model told which id it is."""
-    if len(tokenizer) > cast(torch.nn.Embedding, model.get_input_embeddings()).num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(checkpoint: Path) -> torch.dtype:
+    """The dtype a checkpoint was saved in (float32 when its config names none)."""
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def compute_dtype(uri: str, step: ModelStep) -> torch.dtype:
+    """The dtype a step computes and saves in: `step.dtype`, or under `auto` the checkpoint's own."""
+    return DTYPES[step.dtype] if step.dtype != "auto" else checkpoint_dtype(resolve_checkpoint(uri))
 
 
 def _load(
-    auto_class: Any, uri: str, trust_remote_code: bool, device: torch.device | str, **kwargs: Any
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    auto_class: Any,
+    uri: str,
+    step: ModelStep,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+    **kwargs: Any,
+) -> tuple[PreTrainedModel, ChatFormat]:
     checkpoint = resolve_checkpoint(uri)
-    tokenizer = load_tokenizer(checkpoint, trust_remote_code)
+    tokenizer = load_tokenizer(checkpoint, step.trust_remote_code)
     model = auto_class.from_pretrained(
-        checkpoint, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32, **kwargs
+        checkpoint,
+        use_safetensors=True,
+        trust_remote_code=step.trust_remote_code,
+        dtype=dtype or compute_dtype(uri, step),
+        **kwargs,
     )
-    fit_embeddings(model, tokenizer)
     disable_dropout(model)
     fuse_activations(model)
-    return model.to(device), tokenizer
+    generation_config = model.generation_config if model.can_generate() else None
+    return model.to(device), ChatFormat.of(tokenizer, generation_config, step.chat_template)
 
 
 def load_policy(
-    uri: str, trust_remote_code: bool = False, device: torch.device | str = "cpu"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    return _load(AutoModelForCausalLM, uri, trust_remote_code, device)
+    uri: str,
+    step: ModelStep | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, ChatFormat]:
+    """A causal LM and how it reads prompts; weights in `dtype`, else in the step's compute dtype (a trainer
+    keeps the weights it trains in float32)."""
+    return _load(AutoModelForCausalLM, uri, step or ModelStep(), device, dtype)
 
 
 def load_scalar_model(
-    uri: str, trust_remote_code: bool = False, device: torch.device | str = "cpu"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    uri: str,
+    step: ModelStep | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, ChatFormat]:
     """A sequence classifier with one output: a reward model, or a value model initialised from one."""
-    return _load(AutoModelForSequenceClassification, uri, trust_remote_code, device, num_labels=1)
+    return _load(AutoModelForSequenceClassification, uri, step or ModelStep(), device, dtype, num_labels=1)
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, uri: str) -> None:
-    if model.can_generate():  # `generate()` on the saved policy pads with our pad token, never EOS
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+def save_checkpoint(
+    model: PreTrainedModel, fmt: ChatFormat, uri: str, dtype: torch.dtype | None = None
+) -> None:
+    """The model (cast to `dtype`, the input's, when given) and its tokenizer, as it was loaded."""
+    if dtype is not None:
+        torch.nn.Module.to(model, dtype)  # PreTrainedModel.to's typing hides the dtype overload
+    if model.can_generate():  # `generate()` on the saved policy pads as we did
+        model.generation_config.pad_token_id = fmt.pad_id
     with tempfile.TemporaryDirectory() as temp:
         model.save_pretrained(temp, safe_serialization=True)
-        tokenizer.save_pretrained(temp)
+        fmt.tokenizer.save_pretrained(temp)
         storage.upload_dir(Path(temp), uri)
 
 
@@ -170,15 +200,28 @@ def scalar_head(model: PreTrainedModel) -> torch.nn.Module:
     raise UserError(f"{type(model).__name__}: no scalar head (score/classifier) found")
 
 
+@torch.no_grad()
+def init_scalar_head(model: PreTrainedModel) -> None:
+    """A new scalar head, N(0, 1/sqrt(d+1)) with a zero bias, drawn on the CPU from torch's RNG, so it is the
+    same whatever device the model later moves to."""
+    head = scalar_head(model)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    assert isinstance(weight, torch.Tensor)
+    weight.normal_(0.0, 1.0 / math.sqrt(model.config.hidden_size + 1))
+    if isinstance(bias, torch.Tensor):
+        bias.zero_()
+
+
 def token_scores(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
 ) -> torch.Tensor:
-    """The scalar head applied at every position, [batch, seq]: per-token values, or rewards at any index."""
+    """The scalar head applied at every position, [batch, seq] in float32: per-token values, or rewards at any
+    index."""
     backbone: Any = model.base_model
     hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
-    return scalar_head(model)(hidden).squeeze(-1)
+    return scalar_head(model)(hidden).squeeze(-1).float()
 
 
 def reward_normalization(model: PreTrainedModel) -> tuple[float, float]:
@@ -195,24 +238,12 @@ def sequence_scores(
     return scores.gather(1, last_index[:, None]).squeeze(1)
 
 
-def encode_answers(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, mask, index of the last real token) of prompt + response + EOS; see encode_prompt_response."""
-    ids, mask, _ = encode_prompt_response(tokenizer, prompts, responses, max_length)
-    return ids, mask, mask.sum(-1) - 1
-
-
 def score_texts(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    responses: list[str],
-    max_length: int,
+    model: PreTrainedModel, fmt: ChatFormat, prompts: Sequence[Prompt], responses: Sequence[str]
 ) -> torch.Tensor:
-    """A scalar model's raw score of each answer to its prompt, read at the EOS, [batch]."""
-    ids, mask, last = (t.to(model.device) for t in encode_answers(tokenizer, prompts, responses, max_length))
-    return sequence_scores(model, ids, mask, last)
+    """A scalar model's raw score of each answer to its prompt, read at the answer's stop token, [batch]."""
+    ids, mask, _ = (t.to(model.device) for t in fmt.answers(prompts, responses))
+    return sequence_scores(model, ids, mask, mask.sum(-1) - 1)
 
 
 @torch.no_grad()

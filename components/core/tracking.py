@@ -130,3 +130,11 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     if process_rank() != 0:
         return
     mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
+
+
+def log_dict(data: Any, artifact_file: str) -> None:
+    """A JSON artifact of the step's run (rank 0 only, like metrics)."""
+    import mlflow
+
+    if process_rank() == 0:
+        mlflow.log_dict(data, artifact_file)

@@ -1,7 +1,8 @@
 """The trainer kernel: everything a trainer does around its loss, written once for every trainer.
 
-A trainer loads its models, hands the ones it trains to a `Kernel`, and keeps only its own loop (PPO), or
-only its loss when it walks batches of preference pairs (`prepare_pairs` + `fit_pairs`: reward model, DPO):
+A trainer starts (`start_training`: device, workers, seeds, dtype), loads its models, hands the ones it
+trains to a `Kernel`, and keeps only its own loop (PPO), or only its loss when it walks batches of preference
+pairs (`encode_pairs` + `fit_pairs`: reward model, DPO):
 
     with Kernel(config, {"policy": policy}, workers, total_steps, checkpoint_uri, "dpo") as kernel:
         resumed = kernel.resume()                           # done = 0 on a fresh start
@@ -26,6 +27,7 @@ only its loss when it walks batches of preference pairs (`prepare_pairs` + `fit_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -36,8 +38,10 @@ import torch
 from tqdm import tqdm
 
 from rlhf_components.core import checkpoint
+from rlhf_components.core.chat import ChatFormat
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.records import PreferencePair, read_pairs
+from rlhf_components.core.models import compute_dtype
+from rlhf_components.core.records import read_pairs
 from rlhf_components.core.runtime import progress_disabled, seed_everything, select_device
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics
@@ -73,10 +77,13 @@ class Kernel:
         accumulation_steps: int = 1,
         hold: int = 1,
         unit: str = "step",
+        compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         """`total_steps` optimizer steps in the whole run; `name` and `unit` word the messages
-        ("ppo: stopped by SIGTERM after iteration 3/8")."""
+        ("ppo: stopped by SIGTERM after iteration 3/8"). The models' weights are the float32 master weights;
+        inside `with kernel:` they compute under autocast in `compute_dtype` when that is narrower."""
         self.config = config
+        self.compute_dtype = compute_dtype
         self.models = models
         self.workers = workers
         self.checkpoint_uri = checkpoint_uri
@@ -84,6 +91,9 @@ class Kernel:
         self.unit = unit
         self.accumulation_steps = accumulation_steps
         self.parameters = [p for model in models.values() for p in model.parameters() if p.requires_grad]
+        if config.gradient_checkpointing:
+            for model in models.values():
+                _recompute_activations(model, name)
         self.optimizer = torch.optim.AdamW(
             self.parameters,
             lr=config.learning_rate,
@@ -100,14 +110,18 @@ class Kernel:
         self._accumulated = 0
         self._communicated = 0.0
         self._stop = checkpoint.StopRequest()
+        self._context = contextlib.ExitStack()
         self.stopping = False
 
     def __enter__(self) -> Kernel:
-        self._stop.__enter__()
+        self._context.enter_context(self._stop)
+        if self.compute_dtype != torch.float32 and self.parameters:
+            device_type = self.parameters[0].device.type
+            self._context.enter_context(torch.autocast(device_type, dtype=self.compute_dtype))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.__exit__(*exc)
+        self._context.close()
 
     def step(self, loss: torch.Tensor) -> bool:
         """Accumulate the gradient of `loss`; returns whether this call took an optimizer step."""
@@ -219,52 +233,105 @@ class Kernel:
         return result
 
 
-@dataclass
-class PairData:
-    """What a preference-pair trainer starts from: its device, its place among the workers, the pairs."""
+def _recompute_activations(model: torch.nn.Module, section: str) -> None:
+    """Gradient (activation) checkpointing, under the name the installed transformers gives it (5.20
+    renamed it)."""
+    for method, argument in (
+        ("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+        ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs"),
+    ):
+        enable = getattr(model, method, None)
+        if callable(enable):
+            enable(**{argument: {"use_reentrant": False}})
+            return
+    raise UserError(f"{section}.gradient_checkpointing: {type(model).__name__} does not support it")
 
+
+@dataclass
+class Job:
+    """Where a trainer runs: its step's name, device, place among the workers, compute dtype, and the
+    generator seeded for its data order."""
+
+    section: str
     device: torch.device
     workers: Workers
-    train: list[PreferencePair]
-    held_out: list[PreferencePair]
+    dtype: torch.dtype
+    data_order: torch.Generator
 
 
-def prepare_pairs(
-    config: PairTrainerConfig, train_uri: str, eval_uri: str, seed: int, section: str
-) -> PairData:
-    """Pick the device, join the other workers, seed every RNG and read the training and held-out pairs."""
+def start_training(config: TrainerConfig, model_uri: str, seed: int, section: str) -> Job:
+    """Pick the device, join the other workers, seed every RNG, and settle the dtype the trainer computes
+    and saves in (`dtype: auto`: that of the checkpoint at `model_uri`)."""
     device = select_device(config.device, section)
     workers = join(config, device)
-    seed_everything(seed)
-    data = PairData(device, workers, read_pairs(train_uri), read_pairs(eval_uri))
-    require_pairs(len(data.train), train_uri, config, workers, section)
-    return data
+    data_order = seed_everything(seed)
+    return Job(section, device, workers, compute_dtype(model_uri, config), data_order)
+
+
+EncodedPair = tuple[list[int], list[int], list[int]]
+"""(prompt ids, chosen answer ids, rejected answer ids), each answer ending with its stop token"""
+
+
+@dataclass
+class Pairs:
+    train: list[EncodedPair]
+    held_out: list[EncodedPair]
+
+
+def encode_pairs(
+    fmt: ChatFormat, config: PairTrainerConfig, train_uri: str, eval_uri: str, job: Job
+) -> Pairs:
+    """Read and encode the training and held-out pairs once. A pair longer than `max_length` (prompt and
+    either answer) is dropped, never cut, and counted; the others must leave every worker a pair."""
+    encoded: dict[str, list[EncodedPair]] = {}
+    for split, uri in (("train", train_uri), ("eval", eval_uri)):
+        pairs, dropped = [], 0
+        for pair in read_pairs(uri):
+            prompt, chosen = fmt.answer_ids(pair.prompt, pair.chosen)
+            _, rejected = fmt.answer_ids(pair.prompt, pair.rejected)
+            if len(prompt) + max(len(chosen), len(rejected)) > config.max_length:
+                dropped += 1
+            else:
+                pairs.append((prompt, chosen, rejected))
+        encoded[split] = pairs
+        if dropped:
+            log.warning(
+                "%s: %d pairs of %s are longer than max_length %d: left out",
+                job.section,
+                dropped,
+                uri,
+                config.max_length,
+            )
+        log_metrics({f"{split}_pairs_too_long": dropped})
+    require_pairs(len(encoded["train"]), train_uri, config, job.workers, job.section)
+    return Pairs(encoded["train"], encoded["eval"])
 
 
 BatchLoss = Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]
-"""(indices of this worker's training pairs) → (their mean loss, their mean metrics)"""
+"""(indices of this worker's training pairs in a batch) → (their mean loss, their mean metrics)"""
 
 
 def fit_pairs(
     config: PairTrainerConfig,
     models: dict[str, torch.nn.Module],
-    data: PairData,
+    job: Job,
+    pairs: Pairs,
     context: RunContext,
-    section: str,
     batch_loss: BatchLoss,
 ) -> Kernel:
     """Train `models` over `config.epochs` of the training pairs in global batches: this worker's pairs of
     each batch → `batch_loss` (their mean loss and mean metrics) → one optimizer step; the
     job's metrics are logged every step, and `checkpoint_every` / SIGTERM checkpoint (a resumed run picks up
     at the next batch). Returns the kernel for its final `finish`."""
-    total = config.total_steps(len(data.train))
-    checkpoint_uri = step_output(context, section, "checkpoint")
-    with Kernel(config, models, data.workers, total, checkpoint_uri, section) as kernel:
+    total = config.total_steps(len(pairs.train))
+    checkpoint_uri = step_output(context, job.section, "checkpoint")
+    kernel = Kernel(config, models, job.workers, total, checkpoint_uri, job.section, compute_dtype=job.dtype)
+    with kernel:
         done = kernel.resume().done
         for model in models.values():
             model.train()
-        progress = tqdm(total=total, initial=done, desc=section, disable=progress_disabled())
-        for batch in pair_batches(len(data.train), config, data.workers, context.seed, done):
+        progress = tqdm(total=total, initial=done, desc=job.section, disable=progress_disabled())
+        for batch in pair_batches(len(pairs.train), config, job.workers, context.seed, done):
             started = time.perf_counter()
             loss, local = batch_loss(batch.rows)
             kernel.step(loss * batch.weight)

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from rlhf_components.core.config import ModelStep
 from rlhf_components.distributed.config import Distributed
 
 
@@ -30,12 +31,15 @@ class TrainerConfig(Distributed):
         "optimizer steps); 0 = only when stopped by SIGTERM",
     )
     resume: bool = Field(default=True, description="continue from this run's checkpoint when there is one")
-    trust_remote_code: bool = False
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute activations in the backward pass: less memory, more time"
+    )
 
     def checkpoint_fingerprint(self) -> dict[str, object]:
-        """The config a checkpoint must match to be resumed: how many workers ran it, on which device, and
-        how often it checkpointed do not matter."""
-        unrelated = {*Distributed.model_fields, "checkpoint_every", "resume"}
+        """The config a checkpoint must match to be resumed: how many workers ran it, on which device, how
+        often it checkpointed and whether activations were recomputed do not matter."""
+        distribution = set(Distributed.model_fields) - set(ModelStep.model_fields)
+        unrelated = {*distribution, "device", "checkpoint_every", "resume", "gradient_checkpointing"}
         return self.model_dump(mode="json", exclude=unrelated)
 
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from rlhf_components.core.config import OnDevice, StrictModel
+from rlhf_components.core.config import ModelStep, StrictModel
 
 
 class PyTorchJobConfig(StrictModel):
@@ -36,7 +36,7 @@ class PyTorchJobConfig(StrictModel):
     poll_seconds: float = Field(default=5.0, gt=0.0)
 
 
-class Distributed(OnDevice):
+class Distributed(ModelStep):
     """The fields every distributed trainer's config carries."""
 
     launcher: Literal["local", "torchrun", "pytorchjob"] = Field(

@@ -19,17 +19,18 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from rlhf_components.core.generation import encode_prompt_response, positions
+from rlhf_components.core.chat import ChatFormat
+from rlhf_components.core.generation import positions
 from rlhf_components.core.losses import preference_loss
 from rlhf_components.core.models import load_policy, save_checkpoint
-from rlhf_components.core.records import PreferencePair
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
-from rlhf_components.core.trainer import PairData, fit_pairs, prepare_pairs
+from rlhf_components.core.trainer import EncodedPair, Job, Pairs, encode_pairs, fit_pairs, start_training
 from rlhf_components.dpo.config import Config, Inputs, Outputs
 
 log = logging.getLogger(__name__)
@@ -39,102 +40,93 @@ STEP = "dpo"
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, STEP, config):
-        data = prepare_pairs(config, inputs.train, inputs.eval, context.seed, STEP)
-        policy, tokenizer = load_policy(inputs.policy, config.trust_remote_code, data.device)
-        reference_train, reference_eval = _reference_logps(inputs, tokenizer, data, config)
+        job = start_training(config, inputs.policy, context.seed, STEP)
+        policy, fmt = load_policy(inputs.policy, config, job.device, dtype=torch.float32)
+        pairs = encode_pairs(fmt, config, inputs.train, inputs.eval, job)
+        reference_train, reference_eval = _reference_logps(inputs, pairs, config, job)
 
         def batch_loss(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-            pairs = [data.train[row] for row in rows]
-            loss, stats = _batch_loss(policy, tokenizer, pairs, reference_train[rows], config)
+            batch = [pairs.train[row] for row in rows]
+            loss, stats = _batch_loss(policy, fmt, batch, reference_train[rows], config)
             return loss, {key: value.mean().item() for key, value in stats.items()}
 
-        kernel = fit_pairs(config, {"policy": policy}, data, context, STEP, batch_loss)
+        kernel = fit_pairs(config, {"policy": policy}, job, pairs, context, batch_loss)
         outputs = Outputs(
             policy=step_output(context, STEP, "policy"),
-            steps=config.total_steps(len(data.train)),
+            steps=config.total_steps(len(pairs.train)),
             eval_reward_accuracy=math.nan,
             eval_reward_margin=math.nan,
             eval_loss=math.nan,
         )
 
         def evaluate_and_save() -> Outputs:
-            evaluated = _evaluate(outputs, policy, tokenizer, data.held_out, reference_eval, config)
-            save_checkpoint(policy, tokenizer, outputs.policy)
+            evaluated = _evaluate(outputs, policy, fmt, pairs.held_out, reference_eval, config)
+            save_checkpoint(policy, fmt, outputs.policy, job.dtype)
             return evaluated
 
         return kernel.finish(evaluate_and_save) or outputs
 
 
 def response_logps(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    responses: list[str],
-    config: Config,
+    model: PreTrainedModel, fmt: ChatFormat, answers: Sequence[tuple[list[int], list[int]]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ log π over each response's tokens and EOS, that token count) at temperature 1."""
-    ids, mask, response_mask = (
-        t.to(model.device) for t in encode_prompt_response(tokenizer, prompts, responses, config.max_length)
-    )
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, :-1].float()
-    token_logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    predicted = response_mask[:, 1:].float()  # position t predicts token t + 1
+    """(Σ log π over each answer's tokens and its stop token, that token count) at temperature 1, for
+    (prompt ids, answer ids) pairs."""
+    ids, mask, answer_mask = (t.to(model.device) for t in fmt.right_padded(answers))
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+    token_logps = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    predicted = answer_mask[:, 1:].float()  # position t predicts token t + 1
     return (token_logps * predicted).sum(-1), predicted.sum(-1)
 
 
 def pair_logps(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[PreferencePair], config: Config
+    model: PreTrainedModel, fmt: ChatFormat, pairs: list[EncodedPair]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log π of the chosen responses, of the rejected ones, token counts of the chosen): one forward pass."""
-    prompts = [p.prompt for p in pairs]
-    answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    logps, counts = response_logps(model, tokenizer, prompts + prompts, answers, config)
+    answers = [(p, chosen) for p, chosen, _ in pairs] + [(p, rejected) for p, _, rejected in pairs]
+    logps, counts = response_logps(model, fmt, answers)
     return logps[: len(pairs)], logps[len(pairs) :], counts[: len(pairs)]
 
 
 @torch.no_grad()
 def reference_logps(
-    reference: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: list[PreferencePair],
-    config: Config,
+    reference: PreTrainedModel, fmt: ChatFormat, pairs: list[EncodedPair], config: Config
 ) -> torch.Tensor:
     """[pairs, 2]: the reference's log π of each chosen and rejected response."""
-    rows = []
+    rows = [torch.zeros(0, 2, device=reference.device)]
     for start in range(0, len(pairs), config.batch_size):
-        chosen, rejected, _ = pair_logps(
-            reference, tokenizer, pairs[start : start + config.batch_size], config
-        )
+        chosen, rejected, _ = pair_logps(reference, fmt, pairs[start : start + config.batch_size])
         rows.append(torch.stack([chosen, rejected], dim=1))
-    return torch.cat(rows) if rows else torch.zeros(0, 2, device=reference.device)
+    return torch.cat(rows)
 
 
 def _reference_logps(
-    inputs: Inputs, tokenizer: PreTrainedTokenizerBase, data: PairData, config: Config
+    inputs: Inputs, pairs: Pairs, config: Config, job: Job
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's log-probs of the training and held-out pairs; the reference is freed afterwards, so
-    training holds one model."""
+    """The reference's log-probs of the training and held-out pairs, in the compute dtype; the reference is
+    freed afterwards, so training holds one model."""
     started = time.perf_counter()
-    reference, _ = load_policy(inputs.reference or inputs.policy, config.trust_remote_code, data.device)
+    reference, fmt = load_policy(inputs.reference or inputs.policy, config, job.device, dtype=job.dtype)
     reference.eval()
-    train, held_out = (
-        reference_logps(reference, tokenizer, pairs, config) for pairs in (data.train, data.held_out)
-    )
+    train = reference_logps(reference, fmt, pairs.train, config)
+    held_out = reference_logps(reference, fmt, pairs.held_out, config)
     seconds = time.perf_counter() - started
     log_metrics({"reference_seconds": seconds})
-    log.info("dpo: reference log-probs of %d pairs in %.1f s", len(data.train) + len(data.held_out), seconds)
+    log.info(
+        "dpo: reference log-probs of %d pairs in %.1f s", len(pairs.train) + len(pairs.held_out), seconds
+    )
     return train, held_out
 
 
 def _batch_loss(
     policy: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: list[PreferencePair],
+    fmt: ChatFormat,
+    pairs: list[EncodedPair],
     reference: torch.Tensor,
     config: Config,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(mean loss over the pairs, with the SFT term; per-pair statistics)."""
-    chosen, rejected, chosen_tokens = pair_logps(policy, tokenizer, pairs, config)
+    chosen, rejected, chosen_tokens = pair_logps(policy, fmt, pairs)
     losses, chosen_rewards, rejected_rewards = preference_loss(
         chosen, rejected, reference[:, 0], reference[:, 1], config.loss, config.beta, config.label_smoothing
     )
@@ -156,8 +148,8 @@ def _batch_loss(
 def _evaluate(
     outputs: Outputs,
     policy: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: list[PreferencePair],
+    fmt: ChatFormat,
+    pairs: list[EncodedPair],
     reference: torch.Tensor,
     config: Config,
 ) -> Outputs:
@@ -166,7 +158,7 @@ def _evaluate(
     totals: dict[str, float] = {}
     for start in range(0, len(pairs), config.batch_size):
         batch = pairs[start : start + config.batch_size]
-        _, stats = _batch_loss(policy, tokenizer, batch, reference[start : start + len(batch)], config)
+        _, stats = _batch_loss(policy, fmt, batch, reference[start : start + len(batch)], config)
         for key, values in stats.items():
             totals[key] = totals.get(key, 0.0) + values.sum().item()
     means = {f"eval_{key}": value / len(pairs) for key, value in totals.items()}

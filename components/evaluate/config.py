@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from rlhf_components.core.config import OnDevice, SamplingConfig, StrictModel
+from rlhf_components.core.config import ModelStep, SamplingConfig, StrictModel
 
 
-class Config(OnDevice):
+class Config(ModelStep):
     max_prompts: int = Field(default=128, ge=1)
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.01),
@@ -25,8 +25,6 @@ class Config(OnDevice):
     bootstrap_samples: int = Field(default=1000, ge=100)
     confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
     gold_judge: str | None = Field(default=None, description="a programmatic judge, e.g. demo-gold-sentiment")
-    max_reward_tokens: int = Field(default=256, ge=8)
-    trust_remote_code: bool = False
 
 
 class Inputs(StrictModel):

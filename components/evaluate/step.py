@@ -13,26 +13,23 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from rlhf_components.core import storage
+from rlhf_components.core.chat import ChatFormat, encode_prompts
 from rlhf_components.core.config import SamplingConfig, StrictModel
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.generation import (
-    Batch,
-    decode_responses,
-    response_logprobs,
-    sample_prompts,
-)
+from rlhf_components.core.generation import Batch, decode_responses, response_logprobs, sample_prompts
 from rlhf_components.core.models import load_policy, load_scalar_model, normalized_rewards, score_texts
-from rlhf_components.core.records import read_prompts
+from rlhf_components.core.records import Prompt, prompt_text, read_prompts
 from rlhf_components.core.runtime import seed_everything, seeded_generator, select_device
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
-from rlhf_components.demo.judge import resolve_judge
+from rlhf_components.demo.judge import Judge, resolve_judge
 from rlhf_components.evaluate.config import Config, Inputs, Outputs
 
 log = logging.getLogger(__name__)
@@ -95,28 +92,28 @@ def bootstrap_interval(
 
 def _sampled_batches(
     policy: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    fmt: ChatFormat,
+    prompt_ids: list[list[int]],
     sampling: SamplingConfig,
     config: Config,
     generator: torch.Generator,
 ) -> Iterator[Batch]:
-    for start in range(0, len(prompts), config.batch_size):
-        chunk = prompts[start : start + config.batch_size]
-        yield sample_prompts(policy, tokenizer, chunk, sampling, config.max_prompt_tokens, generator)
+    for start in range(0, len(prompt_ids), config.batch_size):
+        chunk = prompt_ids[start : start + config.batch_size]
+        yield sample_prompts(policy, fmt, chunk, sampling, generator)
 
 
 @torch.no_grad()
 def answer(
     policy: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    fmt: ChatFormat,
+    prompt_ids: list[list[int]],
     config: Config,
     generator: torch.Generator,
 ) -> Answers:
     answers = Answers(texts=[], lengths=[], ended=[])
-    for batch in _sampled_batches(policy, tokenizer, prompts, config.sampling, config, generator):
-        answers.texts.extend(decode_responses(tokenizer, batch))
+    for batch in _sampled_batches(policy, fmt, prompt_ids, config.sampling, config, generator):
+        answers.texts.extend(decode_responses(fmt, batch))
         answers.lengths.extend(batch.response_mask.sum(-1).tolist())
         answers.ended.extend(batch.ended_with_eos.tolist())
     return answers
@@ -126,14 +123,14 @@ def answer(
 def kl_to_reference(
     policy: PreTrainedModel,
     reference: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    fmt: ChatFormat,
+    prompt_ids: list[list[int]],
     config: Config,
     generator: torch.Generator,
 ) -> list[float]:
     """Σ_t log π(y_t)/π_ref(y_t) over responses sampled from π at `kl_sampling`: a k1 estimate per prompt."""
     estimates: list[float] = []
-    for batch in _sampled_batches(policy, tokenizer, prompts, config.kl_sampling, config, generator):
+    for batch in _sampled_batches(policy, fmt, prompt_ids, config.kl_sampling, config, generator):
         ref_logprobs = response_logprobs(reference, batch, config.kl_sampling.temperature)
         estimates.extend((batch.logprobs - ref_logprobs).sum(-1).tolist())
     return estimates
@@ -143,107 +140,137 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+@dataclass
+class Judged:
+    answers: Answers
+    rm: list[float]
+    """normalised reward-model scores (empty without a reward model)"""
+    gold: list[float]
+    """gold-judge scores (empty without a gold judge)"""
+
+
+@dataclass
+class Judges:
+    """What judges the answers to the held-out prompts: the reward model and the gold judge, each optional."""
+
+    prompts: list[Prompt]
+    reward: tuple[PreTrainedModel, ChatFormat] | None
+    gold: Judge | None
+    batch_size: int
+
+    @torch.no_grad()
+    def judge(self, answers: Answers) -> Judged:
+        rm: list[float] = []
+        if self.reward is not None:
+            model, fmt = self.reward
+            raw = [
+                score_texts(
+                    model, fmt, self.prompts[i : i + self.batch_size], answers.texts[i : i + self.batch_size]
+                )
+                for i in range(0, len(answers.texts), self.batch_size)
+            ]
+            rm = normalized_rewards(model, torch.cat(raw)).tolist()
+        gold = self.gold
+        scores = (
+            [gold(prompt_text(p), t) for p, t in zip(self.prompts, answers.texts, strict=True)]
+            if gold
+            else []
+        )
+        return Judged(answers, rm, scores)
+
+
+def _compare(
+    candidate: Judged, baseline: Judged, name: str, config: Config, generator: torch.Generator
+) -> dict[str, float]:
+    """Win rates of the candidate over one baseline, by each judge there is, with bootstrap intervals and
+    length-controlled variants; the baseline's own mean scores and length."""
+    metrics: dict[str, float] = {}
+    for judge_name, ours, theirs in (
+        ("rm", candidate.rm, baseline.rm),
+        ("gold", candidate.gold, baseline.gold),
+    ):
+        if not ours:
+            continue
+        outcomes = win_rate(ours, theirs)
+        low, high = bootstrap_interval(outcomes, config.bootstrap_samples, config.confidence, generator)
+        prefix = f"{judge_name}_win_rate" + ("" if name == "reference" else f"_vs_{name}")
+        metrics[prefix] = _mean(outcomes)
+        metrics[f"{prefix}_ci_low"] = low
+        metrics[f"{prefix}_ci_high"] = high
+        lengths = zip(candidate.answers.lengths, baseline.answers.lengths, strict=True)
+        metrics[f"{prefix}_length_controlled"] = length_controlled_win_rate(
+            outcomes, [float(c - b) for c, b in lengths]
+        )
+    metrics[f"{name}_response_length"] = _mean([float(n) for n in baseline.answers.lengths])
+    if baseline.rm:
+        metrics[f"{name}_rm_score"] = _mean(baseline.rm)
+    if baseline.gold:
+        metrics[f"{name}_gold_score"] = _mean(baseline.gold)
+    return metrics
+
+
+def _examples(prompts: list[Prompt], candidate: Judged, reference: Judged) -> list[dict[str, str | float]]:
+    """The first eight prompts with both answers (and their reward-model scores), for the report."""
+    examples: list[dict[str, str | float]] = []
+    for index, prompt in enumerate(prompts[:8]):
+        example: dict[str, str | float] = {
+            "prompt": prompt_text(prompt),
+            "candidate": candidate.answers.texts[index],
+            "reference": reference.answers.texts[index],
+        }
+        if candidate.rm:
+            example.update(candidate_rm=candidate.rm[index], reference_rm=reference.rm[index])
+        examples.append(example)
+    return examples
+
+
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, "evaluate", config):
         device = select_device(config.device, "evaluate")
         generator = seed_everything(context.seed + 1)  # bootstrap resampling, on the CPU
         answer_generator = seeded_generator(context.seed + 1, device)
         kl_generator = seeded_generator(context.seed + 2, device)  # the KL pass leaves the answers alone
-        prompts = [record.prompt for record in read_prompts(inputs.prompts)]
-        prompts = prompts[: config.max_prompts]
-        if not prompts:
-            raise UserError(f"{inputs.prompts}: no held-out prompts to evaluate on")
-        reward = (
-            load_scalar_model(inputs.reward_model, config.trust_remote_code, device)
-            if inputs.reward_model
-            else None
-        )
-        if reward is not None:
-            reward[0].eval()
-        judge = resolve_judge(config.gold_judge) if config.gold_judge else None
-        reference, tokenizer = load_policy(inputs.reference, config.trust_remote_code, device)
-        reference.eval()
-
-        def rm_scores(texts: list[str]) -> list[float]:
-            if reward is None:
-                return []
-            reward_model, reward_tokenizer = reward
-            with torch.no_grad():
-                raw = torch.cat(
-                    [
-                        score_texts(
-                            reward_model,
-                            reward_tokenizer,
-                            prompts[i : i + config.batch_size],
-                            texts[i : i + config.batch_size],
-                            config.max_reward_tokens,
-                        )
-                        for i in range(0, len(texts), config.batch_size)
-                    ]
-                )
-            return normalized_rewards(reward_model, raw).tolist()
-
-        def load(uri: str) -> PreTrainedModel:
-            # The reference is already loaded for the KL: no second copy.
-            if uri == inputs.reference:
-                return reference
-            return load_policy(uri, config.trust_remote_code, device)[0].eval()
-
-        def judged_answers(model: PreTrainedModel) -> tuple[Answers, list[float], list[float]]:
-            answers = answer(model, tokenizer, prompts, config, answer_generator)
-            gold = [judge(p, t) for p, t in zip(prompts, answers.texts, strict=True)] if judge else []
-            return answers, rm_scores(answers.texts), gold
-
-        candidate_model = load(inputs.candidate)
-        candidate, candidate_rm, candidate_gold = judged_answers(candidate_model)
-        metrics: dict[str, float] = {
-            "kl": _mean(
-                kl_to_reference(candidate_model, reference, tokenizer, prompts, config, kl_generator)
-            ),
-            "response_length": _mean([float(n) for n in candidate.lengths]),
-            "eos_rate": _mean([float(e) for e in candidate.ended]),
-            "distinct_1": distinct_n(candidate.texts, 1),
-            "distinct_2": distinct_n(candidate.texts, 2),
+        reference, fmt = load_policy(inputs.reference, config, device)
+        records = read_prompts(inputs.prompts)[: config.max_prompts]
+        encoded = encode_prompts(fmt, records, config.max_prompt_tokens, "evaluate")
+        if not encoded:
+            raise UserError(f"{inputs.prompts}: no held-out prompts to evaluate on ({len(records)} read)")
+        prompts, prompt_ids = [record.prompt for record, _ in encoded], [ids for _, ids in encoded]
+        reward = load_scalar_model(inputs.reward_model, config, device) if inputs.reward_model else None
+        gold = resolve_judge(config.gold_judge) if config.gold_judge else None
+        judges = Judges(prompts, reward, gold, config.batch_size)
+        models = {
+            uri: load_policy(uri, config, device)[0]
+            for uri in {inputs.candidate, inputs.champion} - {None, inputs.reference}
         }
-        if candidate_rm:
-            metrics["rm_score"] = _mean(candidate_rm)
-        if candidate_gold:
-            metrics["gold_score"] = _mean(candidate_gold)
+        models[inputs.reference] = reference  # loaded once: it answers and anchors the KL
+        for model in [*models.values(), *([reward[0]] if reward else [])]:
+            model.eval()
+        candidate_model = models[inputs.candidate]
+        candidate = judges.judge(answer(candidate_model, fmt, prompt_ids, config, answer_generator))
+        kl = kl_to_reference(candidate_model, reference, fmt, prompt_ids, config, kl_generator)
+        metrics: dict[str, float] = {
+            "kl": _mean(kl),
+            "response_length": _mean([float(n) for n in candidate.answers.lengths]),
+            "eos_rate": _mean([float(e) for e in candidate.answers.ended]),
+            "distinct_1": distinct_n(candidate.answers.texts, 1),
+            "distinct_2": distinct_n(candidate.answers.texts, 2),
+        }
+        if candidate.rm:
+            metrics["rm_score"] = _mean(candidate.rm)
+        if candidate.gold:
+            metrics["gold_score"] = _mean(candidate.gold)
         baselines = {"reference": inputs.reference}
         if inputs.champion and inputs.champion != inputs.reference:
             baselines["champion"] = inputs.champion
-        examples: list[dict[str, str | float]] = []
-        reference_scores: list[float] = []
-        for name, uri in baselines.items():
-            baseline, baseline_rm, baseline_gold = judged_answers(load(uri))
-            comparisons = {"rm": (candidate_rm, baseline_rm), "gold": (candidate_gold, baseline_gold)}
-            for judge_name, (ours, theirs) in comparisons.items():
-                if not ours:
-                    continue
-                outcomes = win_rate(ours, theirs)
-                low, high = bootstrap_interval(
-                    outcomes, config.bootstrap_samples, config.confidence, generator
-                )
-                prefix = f"{judge_name}_win_rate" + ("" if name == "reference" else f"_vs_{name}")
-                metrics[prefix] = _mean(outcomes)
-                metrics[f"{prefix}_ci_low"] = low
-                metrics[f"{prefix}_ci_high"] = high
-                length_gap = [float(c - b) for c, b in zip(candidate.lengths, baseline.lengths, strict=True)]
-                metrics[f"{prefix}_length_controlled"] = length_controlled_win_rate(outcomes, length_gap)
-            metrics[f"{name}_response_length"] = _mean([float(n) for n in baseline.lengths])
-            if baseline_rm:
-                metrics[f"{name}_rm_score"] = _mean(baseline_rm)
-            if baseline_gold:
-                metrics[f"{name}_gold_score"] = _mean(baseline_gold)
-            if name == "reference":
-                examples = [
-                    {"prompt": p, "candidate": c, "reference": r}
-                    for p, c, r in zip(prompts[:8], candidate.texts, baseline.texts, strict=False)
-                ]
-                for example, cs, rs in zip(examples, candidate_rm, baseline_rm, strict=False):
-                    example.update(candidate_rm=cs, reference_rm=rs)
-                reference_scores = baseline_rm or baseline_gold
+        judged = {
+            name: judges.judge(answer(models[uri], fmt, prompt_ids, config, answer_generator))
+            for name, uri in baselines.items()
+        }
+        for name, baseline in judged.items():
+            metrics |= _compare(candidate, baseline, name, config, generator)
         log_metrics(metrics)
+        examples = _examples(prompts, candidate, judged["reference"])
         report_uri = step_output(context, "evaluate", "report.json")
         storage.write_json(
             report_uri,
@@ -254,8 +281,9 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 "gold_judge": config.gold_judge,
             },
         )
-        score_name = "reward-model score (normalised)" if candidate_rm else "gold judge score"
-        _log_report(metrics, examples, candidate_rm or candidate_gold, reference_scores, score_name)
+        reference_scores = judged["reference"].rm or judged["reference"].gold
+        score_name = "reward-model score (normalised)" if candidate.rm else "gold judge score"
+        _log_report(metrics, examples, candidate.rm or candidate.gold, reference_scores, score_name)
         log.info("evaluate: %s", {k: round(v, 4) for k, v in metrics.items()})
         return Outputs(report=report_uri, metrics=metrics)
 

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from rlhf_components.core.config import OnDevice, SamplingConfig, StrictModel
+from rlhf_components.core.config import ModelStep, SamplingConfig, StrictModel
 
 
-class Config(OnDevice):
+class Config(ModelStep):
     samples_per_prompt: int = Field(default=2, ge=2, description="K candidates per prompt")
     max_prompts: int | None = Field(default=None, ge=1)
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=1.0))
     max_prompt_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=32, ge=1)
-    trust_remote_code: bool = False
 
 
 class Inputs(StrictModel):

@@ -15,10 +15,11 @@ import torch
 from tqdm import tqdm
 
 from rlhf_components.core import storage
+from rlhf_components.core.chat import encode_prompts
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import decode_responses, sample_prompts
 from rlhf_components.core.models import load_policy
-from rlhf_components.core.records import AnnotationTask, Candidate, read_prompts
+from rlhf_components.core.records import AnnotationTask, Candidate, prompt_text, read_prompts
 from rlhf_components.core.runtime import progress_disabled, seed_everything, seeded_generator, select_device
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
@@ -72,8 +73,13 @@ LABEL_STUDIO_CONFIG = """<View>
 
 
 def label_studio_json(tasks: list[AnnotationTask]) -> str:
+    """Label Studio tasks: the prompt as annotators read it (a conversation's turns as `Role: content`)."""
     return json.dumps(
-        [{"id": index, "data": task.model_dump()} for index, task in enumerate(tasks, 1)], indent=1
+        [
+            {"id": index, "data": {**task.model_dump(), "prompt": prompt_text(task.prompt)}}
+            for index, task in enumerate(tasks, 1)
+        ],
+        indent=1,
     )
 
 
@@ -82,13 +88,12 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         device = select_device(config.device, "generate_candidates")
         seed_everything(context.seed)
         generator = seeded_generator(context.seed, device)
-        prompts = read_prompts(inputs.prompts)
-        if config.max_prompts is not None:
-            prompts = prompts[: config.max_prompts]
-        if not prompts:
-            raise UserError(f"{inputs.prompts}: no prompts to generate from")
-        model, tokenizer = load_policy(inputs.policy, config.trust_remote_code, device)
+        records = read_prompts(inputs.prompts)[: config.max_prompts]
+        model, fmt = load_policy(inputs.policy, config, device)
         model.eval()
+        prompts = encode_prompts(fmt, records, config.max_prompt_tokens, "generate_candidates")
+        if not prompts:
+            raise UserError(f"{inputs.prompts}: no prompts to generate from ({len(records)} read)")
         candidates: list[Candidate] = []
         repeated = [p for p in prompts for _ in range(config.samples_per_prompt)]
         for start in tqdm(
@@ -97,14 +102,11 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             disable=progress_disabled(),
         ):
             chunk = repeated[start : start + config.batch_size]
-            texts_in = [p.prompt for p in chunk]
             with torch.inference_mode():
-                batch = sample_prompts(
-                    model, tokenizer, texts_in, config.sampling, config.max_prompt_tokens, generator
-                )
-            texts = decode_responses(tokenizer, batch)
+                batch = sample_prompts(model, fmt, [ids for _, ids in chunk], config.sampling, generator)
+            texts = decode_responses(fmt, batch)
             ended, lengths = batch.ended_with_eos.tolist(), batch.response_mask.sum(-1).tolist()
-            for offset, (prompt, text) in enumerate(zip(chunk, texts, strict=True)):
+            for offset, ((prompt, _), text) in enumerate(zip(chunk, texts, strict=True)):
                 candidates.append(
                     Candidate(
                         id=candidate_id(prompt.id, text),

@@ -4,7 +4,7 @@ A source file holds records; each record becomes judgements or is refused with a
 
 | record | fields | becomes |
 |---|---|---|
-| chosen/rejected | `prompt, chosen, rejected` | one pair judgement |
+| chosen/rejected | `prompt, chosen, rejected` (text, or TRL's conversational form) | one pair judgement |
 | a/b choice | `prompt, response_a, response_b, choice ∈ {a, b, tie}` | one pair judgement |
 | task choice | `task_id, choice` (a task `generate_candidates` wrote) | one pair judgement |
 | Likert rating | `prompt, response, rating, annotator` | one rating; pairs come from ratings later |
@@ -12,9 +12,11 @@ A source file holds records; each record becomes judgements or is refused with a
 | HH-RLHF | `chosen, rejected` conversations, no `prompt` | one pair judgement (prompt: the shared turns) |
 | Label Studio | an exported task with `data` (a task) and `annotations` | one record per annotation |
 
-Files: `.jsonl`, `.csv` (list fields as JSON text), `.parquet`, and `.json` (a Label Studio export: a list of
-tasks). An `annotator` field is optional everywhere but Likert, where ratings only compare within one
-annotator's scale.
+A `prompt` is text or a conversation (a list of {role, content} messages) everywhere. In TRL's conversational
+form `chosen` and `rejected` are message lists that end with the assistant's answer; HH-RLHF's shared turns
+become the prompt's messages (Human: user, Assistant: assistant). Files: `.jsonl`, `.csv` (list fields as JSON
+text), `.parquet`, and `.json` (a Label Studio export: a list of tasks). An `annotator` field is optional
+everywhere but Likert, where ratings only compare within one annotator's scale.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import json
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel
-from rlhf_components.core.records import AnnotationTask
+from rlhf_components.core.records import AnnotationTask, Prompt, answer_text, hh_messages, prompt_text
 
 SUFFIXES = (".jsonl", ".csv", ".parquet", ".json")
 HH_ASSISTANT = "\n\nAssistant:"
@@ -49,7 +51,7 @@ class PairJudgement(StrictModel):
     """One annotator's choice between two answers to a prompt, stored with the answers in text order."""
 
     kind: Literal["pair"] = "pair"
-    prompt: str
+    prompt: Prompt
     response_a: str
     response_b: str
     choice: Literal["a", "b", "tie"]
@@ -60,7 +62,7 @@ class PairJudgement(StrictModel):
 
 class RatingJudgement(StrictModel):
     kind: Literal["rating"] = "rating"
-    prompt: str
+    prompt: Prompt
     response: str
     rating: float
     annotator: str
@@ -81,13 +83,20 @@ class _Common(BaseModel):
 
 
 class ChosenRejected(_Common):
-    prompt: str
+    """Also TRL's conversational form: `prompt` messages, `chosen`/`rejected` as assistant messages."""
+
+    prompt: Prompt
     chosen: str
     rejected: str
 
+    @field_validator("chosen", "rejected", mode="before")
+    @classmethod
+    def _answer_text(cls, value: Any, info: ValidationInfo) -> Any:
+        return answer_text(value, info.data.get("prompt"))
+
 
 class ChoiceOfTwo(_Common):
-    prompt: str
+    prompt: Prompt
     response_a: str
     response_b: str
     choice: Literal["a", "b", "tie"]
@@ -99,14 +108,14 @@ class TaskChoice(_Common):
 
 
 class Rating(_Common):
-    prompt: str
+    prompt: Prompt
     response: str
     rating: float
     annotator: str = Field(min_length=1)
 
 
 class Ranking(_Common):
-    prompt: str
+    prompt: Prompt
     responses: list[str] = Field(min_length=2)
     ranking: list[int] = Field(description="indices into responses, best first")
 
@@ -117,7 +126,7 @@ class Conversations(_Common):
 
 
 def pair(
-    prompt: str,
+    prompt: Prompt,
     first: str,
     second: str,
     preferred: Literal["first", "second", "tie"],
@@ -125,7 +134,7 @@ def pair(
     source: str,
 ) -> PairJudgement:
     """A pair judgement with the answers in text order, so one pair has one key whoever wrote it how."""
-    for text, field in ((prompt, "prompt"), (first, "response"), (second, "response")):
+    for text, field in ((prompt_text(prompt), "prompt"), (first, "response"), (second, "response")):
         if not text.strip():
             raise Invalid("empty_text", f"{field} is empty")
     if first.strip() == second.strip():
@@ -186,7 +195,7 @@ def _rating(rating: Rating, source: str, rating_range: tuple[float, float]) -> R
     low, high = rating_range
     if not low <= rating.rating <= high:
         raise Invalid("rating_out_of_range", f"rating {rating.rating} is outside [{low}, {high}]")
-    if not rating.prompt.strip() or not rating.response.strip():
+    if not prompt_text(rating.prompt).strip() or not rating.response.strip():
         raise Invalid("empty_text", "prompt or response is empty")
     return RatingJudgement(
         prompt=rating.prompt,
@@ -215,16 +224,20 @@ def _ranking(ranking: Ranking, source: str) -> list[Judgement]:
 
 
 def _conversations(record: Conversations, source: str) -> PairJudgement:
-    """HH-RLHF: both texts are the same conversation up to the last assistant turn, which differs."""
-    cut_chosen, cut_rejected = record.chosen.rfind(HH_ASSISTANT), record.rejected.rfind(HH_ASSISTANT)
-    if cut_chosen < 0 or cut_rejected < 0:
-        raise Invalid("bad_conversation", f"a conversation has no {HH_ASSISTANT.strip()!r} turn")
-    prompt = record.chosen[: cut_chosen + len(HH_ASSISTANT)]
-    if record.rejected[: cut_rejected + len(HH_ASSISTANT)] != prompt:
+    """HH-RLHF: both texts are the same conversation up to the last assistant turn, which differs. The
+    shared turns become the prompt's messages (Human: user, Assistant: assistant)."""
+    chosen_turns, rejected_turns = hh_messages(record.chosen), hh_messages(record.rejected)
+    ends = [turns[-1].role if turns else None for turns in (chosen_turns, rejected_turns)]
+    if ends != ["assistant", "assistant"]:
+        raise Invalid(
+            "bad_conversation", f"a conversation does not end with an {HH_ASSISTANT.strip()!r} turn"
+        )
+    prompt = chosen_turns[:-1]
+    if rejected_turns[:-1] != prompt:
         raise Invalid("bad_conversation", "chosen and rejected differ before the last assistant turn")
-    chosen = record.chosen[len(prompt) :].strip()
-    rejected = record.rejected[cut_rejected + len(HH_ASSISTANT) :].strip()
-    return pair(prompt, chosen, rejected, "first", record, source)
+    if not prompt or prompt[-1].role != "user":
+        raise Invalid("bad_conversation", "the answers do not follow a Human turn")
+    return pair(prompt, chosen_turns[-1].content, rejected_turns[-1].content, "first", record, source)
 
 
 def _validation_code(error: ValidationError) -> str:
@@ -279,6 +292,12 @@ def _from_csv(row: dict[str, Any]) -> object:
             record[field] = _json_or_invalid(record[field])
             if isinstance(record[field], Invalid):
                 return Invalid("bad_value", f"{field}: {record[field]}", json.dumps(row))
+    for field in ("prompt", "chosen", "rejected"):  # a conversation's messages, as JSON text
+        value = record.get(field)
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            parsed = _json_or_invalid(value)
+            if isinstance(parsed, list):
+                record[field] = parsed
     if "rating" in record:
         try:
             record["rating"] = float(record["rating"])

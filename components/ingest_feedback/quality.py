@@ -17,7 +17,7 @@ from itertools import combinations
 from typing import Literal
 
 from rlhf_components.core.config import StrictModel
-from rlhf_components.core.records import Preference
+from rlhf_components.core.records import Preference, prompt_key
 from rlhf_components.ingest_feedback.formats import PairJudgement, RatingJudgement
 
 PairKey = tuple[str, str, str]
@@ -44,13 +44,13 @@ def preference_id(prompt: str, chosen: str, rejected: str) -> str:
 
 
 def pair_key(judgement: PairJudgement) -> PairKey:
-    return judgement.prompt, judgement.response_a, judgement.response_b
+    return prompt_key(judgement.prompt), judgement.response_a, judgement.response_b
 
 
 def pairs_from_ratings(ratings: list[RatingJudgement], min_difference: float) -> list[PairJudgement]:
     by_scale: dict[tuple[str, str], list[RatingJudgement]] = defaultdict(list)
     for rating in ratings:
-        by_scale[(rating.prompt, rating.annotator)].append(rating)
+        by_scale[(prompt_key(rating.prompt), rating.annotator)].append(rating)
     pairs = []
     for group in by_scale.values():
         for first, second in combinations(sorted(group, key=lambda r: r.response), 2):
@@ -93,7 +93,7 @@ def preferences(
         kept.append(
             Preference(
                 id=preference_id(prompt, chosen, rejected),
-                prompt=prompt,
+                prompt=group[0].prompt,
                 chosen=chosen,
                 rejected=rejected,
                 votes=len(group),

@@ -7,7 +7,7 @@ never be mistaken for human feedback downstream.
 from __future__ import annotations
 
 from rlhf_components.core import storage
-from rlhf_components.core.records import AnnotationTask, read_records
+from rlhf_components.core.records import AnnotationTask, prompt_text, read_records
 from rlhf_components.demo.judge import resolve_judge
 
 
@@ -16,7 +16,8 @@ def annotate(tasks_uri: str, labels_uri: str, judge_name: str) -> int:
     judge = resolve_judge(judge_name)
     labels = []
     for task in read_records(tasks_uri, AnnotationTask):
-        score_a, score_b = judge(task.prompt, task.response_a), judge(task.prompt, task.response_b)
+        prompt = prompt_text(task.prompt)
+        score_a, score_b = judge(prompt, task.response_a), judge(prompt, task.response_b)
         choice = "tie" if score_a == score_b else ("a" if score_a > score_b else "b")
         labels.append(
             {

@@ -20,7 +20,7 @@ from collections import Counter
 
 from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.records import AnnotationTask, read_records
+from rlhf_components.core.records import AnnotationTask, prompt_key, read_records
 from rlhf_components.core.splits import is_eval
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
@@ -50,8 +50,14 @@ def _load_tasks(inbox: str) -> dict[str, AnnotationTask]:
 def _identity(judgement: Judgement) -> tuple[str, ...]:
     """What one annotator can judge only once: a pair of answers, or one answer's rating."""
     if isinstance(judgement, PairJudgement):
-        return "pair", judgement.annotator, judgement.prompt, judgement.response_a, judgement.response_b
-    return "rating", judgement.annotator, judgement.prompt, judgement.response
+        return (
+            "pair",
+            judgement.annotator,
+            prompt_key(judgement.prompt),
+            judgement.response_a,
+            judgement.response_b,
+        )
+    return "rating", judgement.annotator, prompt_key(judgement.prompt), judgement.response
 
 
 def _verdict(judgement: Judgement) -> str | float:

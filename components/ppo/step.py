@@ -1,9 +1,11 @@
 """PPO for RLHF, top to bottom in one file.
 
 Four models: the policy (trained), a frozen reference (the KL anchor), the frozen reward model, and a value
-model initialised from the reward model with its normalisation folded in (trained). Dropout is off in all
-four. With several workers (rlhf_components.distributed), each answers its share of the global prompt batch
-with its own sampling seed, whitening uses every worker's rollout, and gradients are averaged. Each iteration:
+model (trained) initialised from the reward model with its normalisation folded in, or from the policy with a
+new head when the reward model reads text differently (another tokenizer or chat template: its scores then
+come from the decoded answers, re-encoded its way). Dropout is off in all four. With several workers
+(rlhf_components.distributed), each answers its share of the global prompt batch with its own sampling seed,
+whitening uses every worker's rollout, and gradients are averaged. Each iteration:
 
 1. rollout   — sample responses from the policy with the KV cache; keep the generation pass's log-probs;
 2. score     — reference log-probs, values, and the reward model's score at the last real token, minus a
@@ -24,15 +26,23 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
+from rlhf_components.core.chat import ChatFormat, encode_prompts, same_reading
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.generation import Batch, encode_prompts, response_logits, response_logprobs, sample
+from rlhf_components.core.generation import (
+    Batch,
+    decode_responses,
+    response_logits,
+    response_logprobs,
+    sample,
+)
 from rlhf_components.core.losses import (
     KLController,
     entropy,
@@ -45,19 +55,21 @@ from rlhf_components.core.losses import (
 )
 from rlhf_components.core.models import (
     fold_reward_normalization,
+    init_scalar_head,
     load_policy,
     load_scalar_model,
     normalized_rewards,
     save_checkpoint,
+    score_texts,
     sequence_scores,
     token_scores,
 )
-from rlhf_components.core.records import read_prompts
-from rlhf_components.core.runtime import progress_disabled, sampling_generator, seed_everything, select_device
+from rlhf_components.core.records import Prompt, PromptRecord, read_prompts
+from rlhf_components.core.runtime import progress_disabled, sampling_generator
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
-from rlhf_components.core.trainer import Kernel, Resumed
-from rlhf_components.distributed.collectives import Workers, join
+from rlhf_components.core.trainer import Job, Kernel, Resumed, start_training
+from rlhf_components.distributed.collectives import Workers
 from rlhf_components.ppo.config import Config, Inputs, Outputs
 
 log = logging.getLogger(__name__)
@@ -66,6 +78,38 @@ STEP = "ppo"
 
 
 # ----------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class RewardScorer:
+    """The reward model's raw score of each answer of a rollout. When it reads text as the policy does (same
+    vocabulary, template and BOS), it scores the policy's own tokens; otherwise the answers are decoded and
+    the conversations re-encoded its way, batched."""
+
+    model: PreTrainedModel
+    fmt: ChatFormat
+    policy_fmt: ChatFormat
+
+    @property
+    def reads_policy_tokens(self) -> bool:
+        return same_reading(self.fmt, self.policy_fmt)
+
+    def __call__(self, batch: Batch, prompts: Sequence[Prompt]) -> torch.Tensor:
+        if self.reads_policy_tokens:
+            ids, mask, _ = batch.sequence()
+            return sequence_scores(self.model, ids, mask, batch.last_token_index())
+        texts = decode_responses(self.policy_fmt, batch)
+        return score_texts(self.model, self.fmt, prompts, texts)
+
+
+@dataclass
+class Models:
+    policy: PreTrainedModel
+    reference: PreTrainedModel
+    reward: RewardScorer
+    value_model: PreTrainedModel
+    fmt: ChatFormat
+    """how the policy (and its reference and value model) read prompts"""
 
 
 @dataclass
@@ -91,29 +135,22 @@ def response_values(value_model: PreTrainedModel, batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_rollout(
-    policy: PreTrainedModel,
-    reference: PreTrainedModel,
-    reward_model: PreTrainedModel,
-    value_model: PreTrainedModel,
-    query_ids: torch.Tensor,
-    query_mask: torch.Tensor,
+    models: Models,
+    query: tuple[torch.Tensor, torch.Tensor],
+    prompts: Sequence[Prompt],
     config: Config,
     kl_coef: float,
-    eos_token_id: int,
-    pad_token_id: int,
     sampler: torch.Generator,
     workers: Workers | None = None,
 ) -> Rollout:
+    """Sample answers to `prompts` (encoded and left-padded as `query`: ids, mask) and score them."""
     started = time.perf_counter()
-    batch = sample(policy, query_ids, query_mask, config.sampling, eos_token_id, pad_token_id, sampler)
+    batch = sample(models.policy, *query, config.sampling, models.fmt, sampler)
     generated = time.perf_counter()
     mask = batch.response_mask.float()
-    ref_logprobs = response_logprobs(reference, batch, config.sampling.temperature)
-    values = response_values(value_model, batch) * mask
-    ids, sequence_mask, _ = batch.sequence()
-    scores = normalized_rewards(
-        reward_model, sequence_scores(reward_model, ids, sequence_mask, batch.last_token_index())
-    )
+    ref_logprobs = response_logprobs(models.reference, batch, config.sampling.temperature)
+    values = response_values(models.value_model, batch) * mask
+    scores = normalized_rewards(models.reward.model, models.reward(batch, prompts))
     scores = scores - config.missing_eos_penalty * (~batch.ended_with_eos).float()
     kl = kl_per_token(batch.logprobs, ref_logprobs, config.kl_estimator) * mask
     rewards = -kl_coef * kl
@@ -148,6 +185,7 @@ def ppo_kernel(
     workers: Workers,
     iterations: int,
     checkpoint_uri: str,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> Kernel:
     """The trainer kernel for PPO: policy and value model trained together, one optimizer step per
     minibatch (its `gradient_accumulation_steps` micro-batches accumulated), and one learning rate per
@@ -163,6 +201,7 @@ def ppo_kernel(
         accumulation_steps=config.gradient_accumulation_steps,
         hold=steps_per_iteration,
         unit="iteration",
+        compute_dtype=compute_dtype,
     )
 
 
@@ -236,16 +275,19 @@ def ppo_update(
 # ----------------------------------------------------------------------------- the run
 
 
+EncodedPrompt = tuple[PromptRecord, list[int]]
+
+
 class PromptStream:
     """Prompts in a seeded random order, reshuffled after each pass; its position is part of a checkpoint."""
 
-    def __init__(self, prompts: list[str], generator: torch.Generator) -> None:
+    def __init__(self, prompts: list[EncodedPrompt], generator: torch.Generator) -> None:
         self.prompts = prompts
         self.generator = generator
         self.order = torch.randperm(len(prompts), generator=generator).tolist()
         self.cursor = 0
 
-    def take(self, count: int) -> list[str]:
+    def take(self, count: int) -> list[EncodedPrompt]:
         chosen = []
         for _ in range(count):
             if self.cursor == len(self.order):
@@ -254,15 +296,6 @@ class PromptStream:
             chosen.append(self.prompts[self.order[self.cursor]])
             self.cursor += 1
         return chosen
-
-
-@dataclass
-class Models:
-    policy: PreTrainedModel
-    reference: PreTrainedModel
-    reward_model: PreTrainedModel
-    value_model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
 
 
 @dataclass
@@ -295,46 +328,47 @@ class LoopState:
             self.data_order.set_state(resumed.tensors["data_order"])
 
 
-def _load_models(inputs: Inputs, config: Config, device: torch.device) -> Models:
-    """Policy and reference from the SFT checkpoint; reward and value model from the reward model, the
-    value model with the reward normalisation folded into its head so its values start on the rewards'
-    scale. Only the policy and the value model train."""
-    remote = config.trust_remote_code
-    policy, tokenizer = load_policy(inputs.policy, remote, device)
-    reference, _ = load_policy(inputs.reference or inputs.policy, remote, device)
-    reward_model, reward_tokenizer = load_scalar_model(inputs.reward_model, remote, device)
-    value_model, _ = load_scalar_model(inputs.reward_model, remote, device)
-    fold_reward_normalization(value_model)
-    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise UserError(f"{inputs.reward_model}: the reward model's tokenizer differs from the policy's")
+def _load_models(inputs: Inputs, config: Config, job: Job) -> Models:
+    """Policy and value model in float32 (the trainer's master weights), reference and reward model in the
+    compute dtype. The value model starts from the reward model with its normalisation folded into the head
+    (its values start on the rewards' scale) when the two read text alike, else from the policy with a new
+    head. Only the policy and the value model train."""
+    policy, fmt = load_policy(inputs.policy, config, job.device, dtype=torch.float32)
+    reference, _ = load_policy(inputs.reference or inputs.policy, config, job.device, dtype=job.dtype)
+    reward_model, reward_fmt = load_scalar_model(inputs.reward_model, config, job.device, dtype=job.dtype)
+    reward = RewardScorer(reward_model, reward_fmt, fmt)
+    if reward.reads_policy_tokens:
+        value_model, _ = load_scalar_model(inputs.reward_model, config, job.device, dtype=torch.float32)
+        fold_reward_normalization(value_model)
+    else:
+        log.info(
+            "ppo: the reward model reads text its own way: answers are re-encoded for it, and the value "
+            "model starts from the policy"
+        )
+        value_model, _ = load_scalar_model(inputs.policy, config, dtype=torch.float32)
+        init_scalar_head(value_model)
+        value_model.to(job.device)
     for frozen in (reference, reward_model):
         frozen.eval().requires_grad_(False)
     policy.eval()
     value_model.eval()
-    return Models(policy, reference, reward_model, value_model, tokenizer)
+    return Models(policy, reference, reward, value_model, fmt)
 
 
 def _iteration(
     models: Models, kernel: Kernel, loop: LoopState, config: Config, seed: int, iteration: int
 ) -> dict[str, float]:
     """One rollout of this worker's share of the global prompt batch, one PPO update, the job's metrics."""
-    started, workers, tokenizer = time.perf_counter(), kernel.workers, models.tokenizer
+    started, workers = time.perf_counter(), kernel.workers
     prompts = loop.stream.take(config.rollout_batch_size)[workers.shard(config.rollout_batch_size)]
     device = models.policy.device
-    query_ids, query_mask = (
-        t.to(device) for t in encode_prompts(tokenizer, prompts, config.max_prompt_tokens)
-    )
+    query = tuple(t.to(device) for t in models.fmt.left_padded([ids for _, ids in prompts]))
     rollout = collect_rollout(
-        models.policy,
-        models.reference,
-        models.reward_model,
-        models.value_model,
-        query_ids,
-        query_mask,
+        models,
+        (query[0], query[1]),
+        [record.prompt for record, _ in prompts],
         config,
         loop.kl_controller.value,
-        tokenizer.eos_token_id,
-        tokenizer.pad_token_id,
         sampling_generator(seed, workers.rank, iteration, device),
         workers,
     )
@@ -367,24 +401,27 @@ def _iteration(
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, STEP, config):
-        device = select_device(config.device, STEP)
-        workers = join(config, device)
-        data_order = seed_everything(context.seed)
-        prompts = [record.prompt for record in read_prompts(inputs.prompts)]
+        job = start_training(config, inputs.policy, context.seed, STEP)
+        records = read_prompts(inputs.prompts)
+        models = _load_models(inputs, config, job)
+        prompts = encode_prompts(models.fmt, records, config.max_prompt_tokens, STEP)
         if not prompts:
-            raise UserError(f"{inputs.prompts}: no prompts for PPO")
-        models = _load_models(inputs, config, device)
+            raise UserError(
+                f"{inputs.prompts}: no prompts for PPO ({len(records)} read, none within max_prompt_tokens)"
+            )
         iterations = max(1, config.total_episodes // config.rollout_batch_size)
         loop = LoopState(
-            PromptStream(prompts, data_order),
+            PromptStream(prompts, job.data_order),
             KLController(
                 config.kl_coef, config.kl_controller == "adaptive", config.kl_target, config.kl_horizon
             ),
-            data_order,
+            job.data_order,
         )
         checkpoint_uri = step_output(context, STEP, "checkpoint")
         metrics = {"score": math.nan, "kl": math.nan}
-        kernel = ppo_kernel(config, models.policy, models.value_model, workers, iterations, checkpoint_uri)
+        kernel = ppo_kernel(
+            config, models.policy, models.value_model, job.workers, iterations, checkpoint_uri, job.dtype
+        )
         with kernel:
             resumed = kernel.resume()
             loop.restore(resumed)
@@ -406,8 +443,8 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             final_score=metrics["score"],
             final_kl=metrics["kl"],
         )
-        # The policy is written before any worker reports success.
-        kernel.finish(lambda: save_checkpoint(models.policy, models.tokenizer, outputs.policy))
+        # The policy is written, in the input's dtype, before any worker reports success.
+        kernel.finish(lambda: save_checkpoint(models.policy, models.fmt, outputs.policy, job.dtype))
         log.info(
             "ppo: %d iterations, final score %.3f, KL %.3f", iterations, outputs.final_score, outputs.final_kl
         )

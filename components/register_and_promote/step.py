@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from rlhf_components.core import storage
+from rlhf_components.core.config import ModelStep
 from rlhf_components.core.models import load_policy, load_scalar_model
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, step_run
@@ -79,20 +80,21 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             "rlhf.git_sha": os.environ.get("RLHF_GIT_SHA", "unknown"),
             **{f"rlhf.{key}": value for key, value in inputs.lineage.items()},
         }
-        policy, tokenizer = load_policy(inputs.policy, config.trust_remote_code)
+        loading = ModelStep(trust_remote_code=config.trust_remote_code)  # weights in their saved dtype
+        policy, fmt = load_policy(inputs.policy, loading)
         versions = {
             "policy": (
                 config.policy_name,
-                _log_and_register(policy, tokenizer, config.policy_name, "text-generation", "policy"),
+                _log_and_register(policy, fmt.tokenizer, config.policy_name, "text-generation", "policy"),
             )
         }
         if inputs.reward_model is not None:
-            reward_model, reward_tokenizer = load_scalar_model(inputs.reward_model, config.trust_remote_code)
+            reward_model, reward_fmt = load_scalar_model(inputs.reward_model, loading)
             versions["reward_model"] = (
                 config.reward_model_name,
                 _log_and_register(
                     reward_model,
-                    reward_tokenizer,
+                    reward_fmt.tokenizer,
                     config.reward_model_name,
                     "text-classification",
                     "reward_model",

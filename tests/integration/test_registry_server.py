@@ -49,7 +49,7 @@ def registered(mlflow_server: MlflowServer, tiny_assets: DemoAssets) -> Iterator
     or moves aliases on its own copy of the name.
     """
     name = f"it-policy-{uuid.uuid4().hex[:8]}"
-    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    model, fmt = load_policy(tiny_assets.sft_model_dir)
     versions: list[str] = []
     with restored_mlflow_state():
         mlflow.set_tracking_uri(mlflow_server.url)
@@ -57,7 +57,7 @@ def registered(mlflow_server: MlflowServer, tiny_assets: DemoAssets) -> Iterator
         for _ in range(2):
             with mlflow.start_run():
                 info = mlflow.transformers.log_model(
-                    transformers_model={"model": model, "tokenizer": tokenizer},
+                    transformers_model={"model": model, "tokenizer": fmt.tokenizer},
                     name="policy",
                     task="text-generation",
                     pip_requirements=PIP_REQUIREMENTS,
@@ -68,16 +68,18 @@ def registered(mlflow_server: MlflowServer, tiny_assets: DemoAssets) -> Iterator
 
 
 def test_s3_checkpoint_round_trip(s3_server: S3Server, tiny_assets: DemoAssets) -> None:
-    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    model, fmt = load_policy(tiny_assets.sft_model_dir)
+    tokenizer = fmt.tokenizer
     uri = s3_server.uri(f"checkpoints-{uuid.uuid4().hex[:8]}", "sft")
-    save_checkpoint(model, tokenizer, uri)
+    save_checkpoint(model, fmt, uri)
 
     names = {f.rsplit("/", 1)[1] for f in storage.list_files(uri + "/")}
     assert "config.json" in names
     assert any(n.endswith(".safetensors") for n in names)
     assert not any(n.endswith((".bin", ".pt")) for n in names)  # never pickled weights
 
-    loaded, loaded_tokenizer = load_policy(uri)
+    loaded, loaded_fmt = load_policy(uri)
+    loaded_tokenizer = loaded_fmt.tokenizer
     _same_weights(model, loaded)
     assert loaded_tokenizer.pad_token_id == tokenizer.pad_token_id
     assert loaded_tokenizer("a b c")["input_ids"] == tokenizer("a b c")["input_ids"]
@@ -120,8 +122,8 @@ def test_registered_alias_loads_the_logged_tokenizer(
     server: MlflowServer, registered: tuple[str, list[str], Any], tiny_assets: DemoAssets
 ) -> None:
     name, versions, _ = registered
-    _, expected = load_policy(tiny_assets.sft_model_dir)
-    _, loaded = load_policy(f"models:/{name}/{versions[0]}")
+    uris = (tiny_assets.sft_model_dir, f"models:/{name}/{versions[0]}")
+    expected, loaded = (load_policy(uri)[1].tokenizer for uri in uris)
     assert len(loaded) == len(expected)
     assert loaded("good movie")["input_ids"] == expected("good movie")["input_ids"]
 

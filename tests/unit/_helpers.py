@@ -17,8 +17,11 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from mlflow.entities import Run
 
+from rlhf_components.core.chat import ChatFormat
+from rlhf_components.core.records import Prompt
 from rlhf_components.core.tracking import RunContext, TrackingConfig, start_pipeline_run
 from rlhf_components.demo import gold_score
 from rlhf_components.demo.grammar import sample_kind, sample_prompt, sample_review
@@ -135,3 +138,8 @@ def write_feedback_in_every_format(folder: Path) -> int:
         {"id": 3, "data": {"prompt": "S", "response_a": "u", "response_b": "w"}, "annotations": []},
     ]))
     return 8
+
+
+def encoded(fmt: ChatFormat, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as a model sees them, left-padded: (ids, attention mask)."""
+    return fmt.left_padded([fmt.prompt_ids(prompt) for prompt in prompts])

@@ -19,13 +19,12 @@ from safetensors.torch import save_file
 
 from rlhf_components import ppo, train_reward_model
 from rlhf_components.core.config import SamplingConfig
-from rlhf_components.core.generation import encode_prompts
 from rlhf_components.core.models import load_policy, load_scalar_model
 from rlhf_components.core.step import recorded_errors
 from rlhf_components.core.trainer import Kernel
 from rlhf_components.distributed.collectives import Workers, join
 from rlhf_components.distributed.config import Distributed
-from rlhf_components.ppo.step import collect_rollout, ppo_kernel, ppo_update
+from rlhf_components.ppo.step import Models, RewardScorer, collect_rollout, ppo_kernel, ppo_update
 
 CPU = torch.device("cpu")
 
@@ -64,14 +63,15 @@ def load_weights(sft: str, reward: str) -> dict[str, torch.Tensor]:
 def ppo_step(sft: str, reward: str, config: ppo.Config, workers: Workers) -> dict[str, torch.Tensor]:
     """One rollout (of this worker's prompts) and one PPO update; returns policy and value weights."""
     torch.manual_seed(0)
-    policy, tokenizer = load_policy(sft)
+    policy, fmt = load_policy(sft)
     reference, _ = load_policy(sft)
-    reward_model, _ = load_scalar_model(reward)
+    reward_model, reward_fmt = load_scalar_model(reward)
     value_model, _ = load_scalar_model(reward)
-    ids, mask = encode_prompts(tokenizer, PPO_PROMPTS[workers.shard(len(PPO_PROMPTS))], 64)
+    models = Models(policy, reference, RewardScorer(reward_model, reward_fmt, fmt), value_model, fmt)
+    prompts = PPO_PROMPTS[workers.shard(len(PPO_PROMPTS))]
+    query = fmt.left_padded([fmt.prompt_ids(prompt) for prompt in prompts])
     rollout = collect_rollout(
-        policy, reference, reward_model, value_model, ids, mask, config, config.kl_coef,
-        tokenizer.eos_token_id, tokenizer.pad_token_id, torch.Generator().manual_seed(1), workers,
+        models, query, prompts, config, config.kl_coef, torch.Generator().manual_seed(1), workers
     )
     kernel = ppo_kernel(config, policy, value_model, workers, iterations=1, checkpoint_uri="unused")
     ppo_update(policy, value_model, kernel, rollout, config, torch.Generator().manual_seed(2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -9,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from rlhf_components import collect_prompts
-from rlhf_components.collect_prompts.step import normalize, prompt_id
 from rlhf_components.core.errors import UserError
+from rlhf_components.core.records import normalize, prompt_id
 from rlhf_components.core.splits import is_eval
 from rlhf_components.core.tracking import RunContext
 
-from ._helpers import child_runs, make_context, read_jsonl
+from ._helpers import child_runs, make_context, read_jsonl, write_jsonl
 
 
 def _run(sources: list[str], context: RunContext, **overrides: object) -> collect_prompts.Outputs:
@@ -76,7 +77,7 @@ def test_every_row_is_accounted_for(tmp_path: Path, run_context: RunContext) -> 
     texts = sorted(row["prompt"] for row in kept)
     assert texts == sorted([
         "Review of the diner downtown:",
-        "Café on the corner:",
+        "Cafe\u0301 on the corner:",
         "My review of the blender I got as a gift:",
         "What I thought of the bakery by the river:",
         "short",
@@ -87,7 +88,8 @@ def test_every_row_is_accounted_for(tmp_path: Path, run_context: RunContext) -> 
     assert by_text["Review of the diner downtown:"]["source"] == f"{jsonl}:1"
     assert by_text["short"]["source"] == f"{csv_file}:5"
     assert all(row["id"] == prompt_id(row["prompt"]) for row in kept)
-    assert by_text["Café on the corner:"]["prompt"] == normalize("Cafe\u0301 on the corner:")
+    # Text is never altered: only the dedupe key is normalised.
+    assert by_text["Cafe\u0301 on the corner:"]["id"] == prompt_id(normalize("Caf\u00e9 on the corner:"))
 
     quarantine = read_jsonl(outputs.quarantine)
     assert len(quarantine) == counts["invalid"]
@@ -242,8 +244,9 @@ def test_parquet_and_saved_hf_datasets_are_sources(tmp_path: Path, run_context: 
     }).save_to_disk(splits)
     outputs = _run([str(tmp_path / "p.parquet"), str(single), str(splits)], run_context, eval_fraction=0.0)
     prompts = {row["prompt"]: row["source"] for row in read_jsonl(outputs.train)}
-    # NFKC and whitespace folding make the lamp prompts one prompt, whatever their width and spacing.
-    assert set(prompts) == {"Review of the ramen:", "Review of the lamp:", "Review of the blender:"}
+    # NFKC and whitespace folding make the lamp prompts one prompt, whatever their width and spacing; the
+    # first one read is kept as it was written.
+    assert set(prompts) == {"Review of the ramen:", "Review  of\tthe lamp:", "Review of the blender:"}
     assert prompts["Review of the ramen:"] == f"{tmp_path / 'p.parquet'}#row1"
     assert prompts["Review of the blender:"] == f"{splits}[test]#row1"
     counts = outputs.counts
@@ -273,3 +276,76 @@ def test_child_run_has_counts_and_dataset_input(tmp_path: Path, run_context: Run
     [dataset_input] = run.inputs.dataset_inputs
     assert dataset_input.dataset.digest == outputs.content_hash[:16]
     assert outputs.manifest in dataset_input.dataset.source
+
+
+SYSTEM = {"role": "system", "content": "You review places.\n\nBe brief."}
+USER = {"role": "user", "content": "Review of  the diner:\n```\nmenu\n```"}
+
+
+def test_conversations_from_every_file_type_are_kept_as_written(
+    tmp_path: Path, run_context: RunContext
+) -> None:
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = tmp_path / "src"
+    source.mkdir()
+    write_jsonl(source / "chat.jsonl", [
+        {"prompt": [SYSTEM, USER]},
+        {"messages": [USER, {"role": "assistant", "content": "an answer, not part of the prompt"}]},
+        {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Review the lamp?\n\nAssistant:"},
+    ])
+    with (source / "chat.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, ["prompt"])
+        writer.writeheader()
+        writer.writerow({"prompt": json.dumps([{"role": "user", "content": "Review of the cafe:"}])})
+        writer.writerow({"prompt": "[plain text that only starts with a bracket]"})
+    pq.write_table(pa.Table.from_pylist([{"prompt": [USER, {"role": "user", "content": "and the bakery?"}]}]),
+                   source / "chat.parquet")
+    datasets.Dataset.from_dict({"messages": [[SYSTEM, {"role": "user", "content": "Review of the ramen:"}]]}
+                               ).save_to_disk(tmp_path / "saved")
+    outputs = _run([str(source), str(tmp_path / "saved")], run_context, max_chars=200, eval_fraction=0.0)
+    prompts = [row["prompt"] for row in read_jsonl(outputs.train)]
+    assert outputs.counts["kept"] == 7 and "invalid" not in outputs.counts
+    assert [SYSTEM, USER] in prompts  # whitespace, newlines and code fences exactly as written
+    assert [USER] in prompts  # the dataset's answer is not part of the prompt
+    assert [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Review the lamp?"}] in prompts  # HH-RLHF turns become messages
+    assert [{"role": "user", "content": "Review of the cafe:"}] in prompts
+    assert "[plain text that only starts with a bracket]" in prompts
+    assert [USER, {"role": "user", "content": "and the bakery?"}] in prompts
+    assert [SYSTEM, {"role": "user", "content": "Review of the ramen:"}] in prompts
+    # The same conversation with other spacing is a duplicate.
+    respaced = {**USER, "content": "review of the diner: ``` menu ```"}
+    again = write_jsonl(tmp_path / "again.jsonl", [{"prompt": [SYSTEM, respaced]}])
+    counts = _run([str(source / "chat.jsonl"), str(again)], run_context, max_chars=200).counts
+    assert counts["duplicates"] == 1
+
+
+@pytest.mark.parametrize(("row", "code"), [
+    ({"prompt": []}, "no_user_turn"),
+    ({"prompt": [{"role": "user"}]}, "bad_messages"),
+    ({"prompt": [{"role": "user", "content": 3}]}, "bad_messages"),
+    ({"prompt": [{"role": "system", "content": "only a system turn"}]}, "no_user_turn"),
+    ({"prompt": [{"role": "user", "content": "  "}]}, "empty_prompt"),
+    ({"prompt": "   "}, "empty_prompt"),
+    ({"messages": "not a list"}, "bad_messages"),
+    ({"prompt": 42}, "bad_messages"),
+    ({"text": "no prompt field"}, "missing_prompt"),
+    ({"prompt": [["user", "hi"]]}, "bad_messages"),
+])
+def test_a_malformed_conversation_is_quarantined_with_its_reason_code(
+    tmp_path: Path, run_context: RunContext, row: dict[str, object], code: str
+) -> None:
+    source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Review of the ramen:"}, row])
+    outputs = _run([str(source)], run_context)
+    [quarantined] = read_jsonl(outputs.quarantine)
+    assert quarantined["location"] == f"{source}:2" and quarantined["code"] == code
+    assert outputs.counts[f"invalid_{code}"] == 1 and outputs.counts["kept"] == 1
+
+
+def test_no_usable_prompts_says_why(tmp_path: Path, run_context: RunContext) -> None:
+    source = write_jsonl(tmp_path / "p.jsonl", [{"text": "wrong field"}, {"prompt": [{"role": "user"}]}])
+    with pytest.raises(UserError, match=r"2 rows read; invalid: 2, invalid_bad_messages: 1, invalid_missing"):
+        _run([str(source)], run_context)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from rlhf_components.core.errors import ConfigError, UserError
-from rlhf_pipelines.config import PipelineConfig, load_pipeline_config
+from rlhf_pipelines.config import PipelineConfig, load_pipeline_config, with_absolute_paths
 
 from ._helpers import CliResult
 
@@ -174,6 +174,20 @@ def test_a_dpo_pipeline_cannot_gate_on_a_reward_model_it_does_not_train(tmp_path
         load_pipeline_config(path)
     data["register_and_promote"]["gate"]["metric"] = "gold_win_rate"
     assert load_pipeline_config(write_yaml(tmp_path / "ok.yaml", data)).pipeline == "dpo"
+
+
+def test_a_pretrained_reward_model_is_for_rlhf_and_paths_are_made_absolute(tmp_path: Path) -> None:
+    data = demo_mapping()
+    data["reward_model"] = "rm"
+    data["ppo"]["chat_template"] = "templates/chat.jinja"
+    config = with_absolute_paths(load_pipeline_config(write_yaml(tmp_path / "rm.yaml", data)))
+    assert config.reward_model == str(Path("rm").resolve())
+    assert config.ppo.chat_template == str(Path("templates/chat.jinja").resolve())
+    assert config.evaluate.chat_template == "auto"
+    data["pipeline"] = "dpo"
+    data["register_and_promote"]["gate"]["metric"] = "gold_win_rate"
+    with pytest.raises(ConfigError, match="reward_model: the dpo pipeline uses no reward model"):
+        load_pipeline_config(write_yaml(tmp_path / "dpo.yaml", data))
 
 
 def test_missing_required_section_names_it(tmp_path: Path) -> None:

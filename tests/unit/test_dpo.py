@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_components import dpo
-from rlhf_components.core.generation import encode_prompt_response
 from rlhf_components.core.losses import preference_loss
 from rlhf_components.core.models import load_policy
 from rlhf_components.core.records import PreferencePair
@@ -62,11 +61,12 @@ def test_every_loss_equals_its_formula(loss: str, smoothing: float, beta: float)
 
 
 def test_a_policy_equal_to_its_reference_has_zero_rewards_and_loss_log_2(tiny_assets: DemoAssets) -> None:
-    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    policy, fmt = load_policy(tiny_assets.sft_model_dir)
     pairs = [PreferencePair(**pair) for pair in sentiment_pairs(6, seed=1)]
+    encoded = [(*fmt.answer_ids(p.prompt, p.chosen), fmt.answer_ids(p.prompt, p.rejected)[1]) for p in pairs]
     config = dpo.Config()
     with torch.no_grad():
-        chosen, rejected, _ = pair_logps(policy, tokenizer, pairs, config)
+        chosen, rejected, _ = pair_logps(policy, fmt, encoded)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             chosen, rejected, chosen, rejected, config.loss, config.beta)
     assert torch.equal(chosen_rewards, torch.zeros(6)) and torch.equal(rejected_rewards, torch.zeros(6))
@@ -74,21 +74,21 @@ def test_a_policy_equal_to_its_reference_has_zero_rewards_and_loss_log_2(tiny_as
 
 
 def test_only_response_tokens_count_and_padding_changes_nothing(tiny_assets: DemoAssets) -> None:
-    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    model, fmt = load_policy(tiny_assets.sft_model_dir)
+    tokenizer = fmt.tokenizer
     prompts = ["Review of the ramen:", "Review of the tiny corner bakery on the main street:"]
     responses = [" Great.", " The bread was fresh and the staff were kind."]
-    ids, _, response_mask = encode_prompt_response(tokenizer, prompts, responses, 256)
+    answers = [fmt.answer_ids(p, r) for p, r in zip(prompts, responses, strict=True)]
+    ids, _, response_mask = fmt.right_padded(answers)
     for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         n_response = len(tokenizer(response, add_special_tokens=False)["input_ids"]) + 1  # and EOS
         assert response_mask[row].tolist() == [0] * n_prompt + [1] * n_response + [0] * (
             ids.shape[1] - n_prompt - n_response)
         assert ids[row, n_prompt + n_response - 1] == tokenizer.eos_token_id
-    config = dpo.Config()
     with torch.no_grad():
-        together, counts = response_logps(model, tokenizer, prompts, responses, config)
-        alone = [response_logps(model, tokenizer, [p], [r], config)[0]
-                 for p, r in zip(prompts, responses, strict=True)]
+        together, counts = response_logps(model, fmt, answers)
+        alone = [response_logps(model, fmt, [answer])[0] for answer in answers]
         # The answer's log-prob token by token, from a forward pass over the prompt and answer alone.
         expected = []
         for prompt, response in zip(prompts, responses, strict=True):

@@ -70,7 +70,7 @@ def eval_prompts(tmp_path: Path, tiny_assets: DemoAssets) -> Path:
 def _config(**overrides: object) -> evaluate.Config:
     return evaluate.Config.model_validate({
         "max_prompts": 40, "sampling": SamplingConfig(max_new_tokens=16, temperature=0.7),
-        "batch_size": 16, "bootstrap_samples": 200, "gold_judge": GOLD_JUDGE_NAME, "max_reward_tokens": 64,
+        "batch_size": 16, "bootstrap_samples": 200, "gold_judge": GOLD_JUDGE_NAME,
         **overrides,
     })
 
@@ -161,12 +161,12 @@ def test_answers_are_near_greedy_and_kl_comes_from_its_own_sampled_pass(
 
     # Near-greedy answers are mostly the greedy answers (the demo grammar's word choices are near-ties, so not
     # all); answers sampled at PPO's temperature almost never are.
-    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
-    prompts = [row["prompt"] for row in read_jsonl(eval_prompts)]
+    policy, fmt = load_policy(tiny_assets.sft_model_dir)
+    prompts = [fmt.prompt_ids(row["prompt"]) for row in read_jsonl(eval_prompts)]
 
     def answers(sampling: SamplingConfig) -> list[str]:
         config = _config(sampling=sampling)
-        return answer(policy, tokenizer, prompts, config, torch.Generator().manual_seed(0)).texts
+        return answer(policy, fmt, prompts, config, torch.Generator().manual_seed(0)).texts
 
     greedy = answers(near_greedy.model_copy(update={"greedy": True}))
     agreement = [sum(a == g for a, g in zip(answers(s), greedy, strict=True)) / len(greedy)
@@ -180,7 +180,7 @@ def test_answers_are_near_greedy_and_kl_comes_from_its_own_sampled_pass(
     with torch.no_grad():
         for parameter in policy.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    save_checkpoint(policy, tokenizer, str(tmp_path / "perturbed"))
+    save_checkpoint(policy, fmt, str(tmp_path / "perturbed"))
     perturbed = itself.model_copy(update={"candidate": str(tmp_path / "perturbed")})
     kl_passes = [near_greedy.model_copy(update={"temperature": t}) for t in (0.7, 1.0)]
     at_07, at_10 = (evaluate.run(_config(sampling=near_greedy, kl_sampling=kl), perturbed, run_context)

@@ -3,6 +3,8 @@ worked out by hand here."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from itertools import combinations
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 
 from rlhf_components import ingest_feedback
+from rlhf_components.core.records import Message
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.ingest_feedback.formats import (
     Invalid,
@@ -61,17 +64,42 @@ def test_a_ranking_becomes_every_pair_in_its_order() -> None:
 def test_hh_rlhf_conversations_split_at_the_last_assistant_turn() -> None:
     shared = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Review the diner?\n\nAssistant:"
     [found] = judged({"chosen": shared + " It was lovely.", "rejected": shared + " No."})
-    assert found.prompt == shared
+    assert found.prompt == [Message(role="user", content="Hi"), Message(role="assistant", content="Hello!"),
+                            Message(role="user", content="Review the diner?")]
     assert preferred([found]) == {("It was lovely.", "No.")}
     with pytest.raises(Invalid) as raised:
         judged({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"})
     assert raised.value.code == "bad_conversation"
 
 
+def test_trl_conversational_preferences_are_pairs_of_their_assistant_answers() -> None:
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Review the diner?"}]
+    explicit = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "Lovely."}],
+                "rejected": [{"role": "assistant", "content": "Bad."}]}
+    implicit = {"prompt": prompt, "chosen": [*prompt, {"role": "assistant", "content": "Lovely."}],
+                "rejected": [*prompt, {"role": "assistant", "content": "Bad."}]}
+    for raw in (explicit, implicit):
+        [found] = judged(raw)
+        assert found.prompt == [Message(**m) for m in prompt]
+        assert preferred([found]) == {("Lovely.", "Bad.")}
+    with pytest.raises(Invalid) as raised:
+        judged({**explicit, "chosen": [{"role": "user", "content": "Lovely."}]})
+    assert raised.value.code == "bad_value" and "assistant" in str(raised.value)
+    # A conversation in a CSV cell is its JSON text.
+    table = io.StringIO()
+    writer = csv.DictWriter(table, list(explicit))
+    writer.writeheader()
+    writer.writerow({key: json.dumps(value) for key, value in explicit.items()})
+    [(_, record)] = list(records("feedback.csv", table.getvalue().encode()))
+    assert isinstance(record, dict) and judged(record)[0].prompt == [Message(**m) for m in prompt]
+
+
 @pytest.mark.parametrize(
     ("raw", "code"),
     [
         ({"prompt": P, "chosen": "same", "rejected": " same "}, "self_pair"),
+        ({"prompt": [{"role": "user", "content": " "}], "chosen": "yes", "rejected": "no"}, "empty_text"),
+        ({"prompt": [{"role": "user"}], "chosen": "yes", "rejected": "no"}, "missing_field"),
         ({"prompt": P, "chosen": "", "rejected": "no"}, "empty_text"),
         ({"prompt": " ", "chosen": "yes", "rejected": "no"}, "empty_text"),
         ({"prompt": P, "response": "ok", "rating": 6, "annotator": "a"}, "rating_out_of_range"),

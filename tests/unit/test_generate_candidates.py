@@ -9,11 +9,13 @@ from collections import Counter
 from itertools import combinations
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from rlhf_components import generate_candidates
 from rlhf_components.core.config import SamplingConfig
 from rlhf_components.core.errors import UserError
+from rlhf_components.core.models import load_policy
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.demo import DemoAssets
 
@@ -143,3 +145,39 @@ def test_empty_prompts_file_is_a_user_error(
 def test_k_below_two_is_rejected() -> None:
     with pytest.raises(ValueError, match="samples_per_prompt"):
         generate_candidates.Config(samples_per_prompt=1)
+
+
+def test_conversations_are_answered_and_shown_to_annotators_as_turns(
+    tmp_path: Path, tiny_assets: DemoAssets, run_context: RunContext
+) -> None:
+    conversation = [{"role": "system", "content": "Be kind."},
+                    {"role": "user", "content": "Review of the ramen:"}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "c", "prompt": conversation}])
+    inputs = generate_candidates.Inputs(policy=tiny_assets.sft_model_dir, prompts=str(prompts),
+                                        inbox=str(tmp_path / "inbox"))
+    outputs = generate_candidates.run(_config(samples_per_prompt=4), inputs, run_context)
+    assert all(c["prompt"] == conversation for c in read_jsonl(outputs.candidates))
+    assert outputs.num_tasks > 0 and all(t["prompt"] == conversation for t in read_jsonl(outputs.tasks))
+    shown = {task["data"]["prompt"] for task in json.loads(Path(outputs.label_studio_tasks).read_text())}
+    assert shown == {"System: Be kind.\n\nUser: Review of the ramen:"}
+
+
+def test_prompts_longer_than_the_limit_are_left_out_counted_and_listed(
+    tmp_path: Path, tiny_assets: DemoAssets, run_context: RunContext
+) -> None:
+    rows = [{"id": "short", "prompt": "Review of the ramen:"},
+            {"id": "long", "prompt": "Review of the ramen and the cafe and the diner and the bakery:"}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    inputs = generate_candidates.Inputs(policy=tiny_assets.sft_model_dir, prompts=str(prompts),
+                                        inbox=str(tmp_path / "inbox"))
+    _, fmt = load_policy(tiny_assets.sft_model_dir)
+    limit = len(fmt.prompt_ids(rows[0]["prompt"]))
+    assert len(fmt.prompt_ids(rows[1]["prompt"])) > limit
+    outputs = generate_candidates.run(_config(max_prompt_tokens=limit), inputs, run_context)
+    assert {c["prompt_id"] for c in read_jsonl(outputs.candidates)} == {"short"}, "never cut, left out"
+    [run] = child_runs(run_context, "generate_candidates")
+    assert run.data.metrics["prompts_too_long"] == 1
+    listed = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/prompts_too_long.json")
+    assert [entry["id"] for entry in listed] == ["long"] and listed[0]["tokens"] > limit
+    with pytest.raises(UserError, match=r"no prompts to generate from \(2 read\)"):
+        generate_candidates.run(_config(max_prompt_tokens=limit - 1), inputs, make_context(tmp_path / "2"))

@@ -10,7 +10,7 @@ import torch
 
 from rlhf_components import ppo
 from rlhf_components.core.config import SamplingConfig
-from rlhf_components.core.generation import encode_prompts, response_logprobs, sample
+from rlhf_components.core.generation import response_logprobs, sample
 from rlhf_components.core.losses import (
     KLController,
     gae,
@@ -23,6 +23,8 @@ from rlhf_components.core.losses import (
 from rlhf_components.core.models import load_policy
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.demo import DemoAssets
+
+from ._helpers import encoded
 
 
 def reference_gae(
@@ -125,31 +127,30 @@ def test_adaptive_kl_controller_follows_ziegler_update() -> None:
 
 
 def test_left_padded_greedy_batch_equals_each_prompt_alone(tiny_assets: DemoAssets) -> None:
-    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
-    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    model, fmt = load_policy(tiny_assets.sft_model_dir)
+    assert fmt.pad_id not in fmt.stop_ids  # the demo tokenizer has its own pad token
     prompts = ["Review of the ramen:", "Review of the tiny corner bakery on the main street:"]
     greedy = SamplingConfig(greedy=True, max_new_tokens=12)
-    ids, mask = encode_prompts(tokenizer, prompts, 64)
-    assert mask[0, 0] == 0 and ids[0, 0] == tokenizer.pad_token_id  # the shorter prompt is left-padded
-    together = sample(model, ids, mask, greedy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    ids, mask = encoded(fmt, prompts)
+    assert mask[0, 0] == 0 and ids[0, 0] == fmt.pad_id  # the shorter prompt is left-padded
+    together = sample(model, ids, mask, greedy, fmt)
     for row, prompt in enumerate(prompts):
-        alone_ids, alone_mask = encode_prompts(tokenizer, [prompt], 64)
-        alone = sample(model, alone_ids, alone_mask, greedy, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        alone_ids, alone_mask = encoded(fmt, [prompt])
+        alone = sample(model, alone_ids, alone_mask, greedy, fmt)
         n = int(alone.response_mask.sum())
         assert together.response_ids[row, :n].tolist() == alone.response_ids[0, :n].tolist()
 
 
 def test_generation_logprobs_equal_recomputed_logprobs(tiny_assets: DemoAssets) -> None:
-    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
-    ids, mask = encode_prompts(tokenizer, ["Review of the ramen:", "Review of a small cafe:"] * 4, 64)
+    model, fmt = load_policy(tiny_assets.sft_model_dir)
+    ids, mask = encoded(fmt, ["Review of the ramen:", "Review of a small cafe:"] * 4)
     config = SamplingConfig(temperature=0.7, max_new_tokens=16)
     batch = sample(
         model,
         ids,
         mask,
         config,
-        tokenizer.eos_token_id,
-        tokenizer.pad_token_id,
+        fmt,
         torch.Generator().manual_seed(3),
     )
     with torch.no_grad():
@@ -157,7 +158,7 @@ def test_generation_logprobs_equal_recomputed_logprobs(tiny_assets: DemoAssets) 
     assert torch.allclose(recomputed, batch.logprobs, atol=1e-5)
     # Tokens after the first EOS are pad and masked out.
     for row in range(batch.response_ids.shape[0]):
-        eos = (batch.response_ids[row] == tokenizer.eos_token_id).nonzero()
+        eos = torch.isin(batch.response_ids[row], torch.tensor(fmt.stop_ids)).nonzero()
         if len(eos):
             first = int(eos[0])
             assert batch.response_mask[row, : first + 1].all()
@@ -165,12 +166,12 @@ def test_generation_logprobs_equal_recomputed_logprobs(tiny_assets: DemoAssets) 
 
 
 def test_a_minibatch_drops_the_pad_columns_its_rows_do_not_use(tiny_assets: DemoAssets) -> None:
-    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    model, fmt = load_policy(tiny_assets.sft_model_dir)
     prompts = ["Review of the ramen:", "Review of the tiny corner bakery on the main street:"] * 4
-    ids, mask = encode_prompts(tokenizer, prompts, 64)
+    ids, mask = encoded(fmt, prompts)
     config = SamplingConfig(temperature=0.7, max_new_tokens=24)
     generator = torch.Generator().manual_seed(5)
-    batch = sample(model, ids, mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+    batch = sample(model, ids, mask, config, fmt, generator)
     short_prompts = torch.tensor([0, 2, 4, 6])  # the left-padded rows
     rows = batch.rows(short_prompts)
     assert rows.query_mask.all()  # no prompt column is pad in every row

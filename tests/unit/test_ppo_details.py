@@ -9,31 +9,33 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.activations import NewGELUActivation
 
 from rlhf_components import ppo
+from rlhf_components.core.chat import ChatFormat
 from rlhf_components.core.config import SamplingConfig
-from rlhf_components.core.generation import encode_prompts, response_logprobs, sample
+from rlhf_components.core.generation import response_logprobs, sample
 from rlhf_components.core.models import load_policy, load_scalar_model, save_checkpoint, sequence_scores
 from rlhf_components.core.runtime import process_rank, sampling_generator, seed_everything, seeded_generator
 from rlhf_components.demo import DemoAssets
 from rlhf_components.distributed.collectives import Workers
-from rlhf_components.ppo.step import Rollout, collect_rollout, ppo_kernel, ppo_update
+from rlhf_components.ppo.step import Models, RewardScorer, Rollout, collect_rollout, ppo_kernel, ppo_update
+
+from ._helpers import encoded
 
 PROMPTS = ["Review of the ramen:", "Review of a small cafe near the station:", "My review of the lamp:"] * 2
 
 
 def test_log_probs_divide_logits_by_the_sampling_temperature(tiny_assets: DemoAssets) -> None:
-    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
-    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
+    model, fmt = load_policy(tiny_assets.sft_model_dir)
+    ids, mask = encoded(fmt, PROMPTS)
     batch = sample(
         model,
         ids,
         mask,
         SamplingConfig(temperature=0.5, max_new_tokens=6),
-        tokenizer.eos_token_id,
-        tokenizer.pad_token_id,
+        fmt,
         torch.Generator().manual_seed(0),
     )
     sequence, attention, position = batch.sequence()
@@ -50,19 +52,19 @@ def test_log_probs_divide_logits_by_the_sampling_temperature(tiny_assets: DemoAs
 
 
 def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tiny_assets: DemoAssets) -> None:
-    reward_model, tokenizer = load_scalar_model(tiny_assets.sft_model_dir)
+    reward_model, fmt = load_scalar_model(tiny_assets.sft_model_dir)
     texts = ["Review of the ramen: great soup", "My review of the small lamp I bought: it was bad"]
     alone = []
     for text in texts:
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        ids = torch.tensor([fmt.tokenizer(text, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
             alone.append(
                 sequence_scores(reward_model, ids, torch.ones_like(ids), torch.tensor([ids.shape[1] - 1]))
             )
     # Left padding of the prompt and right padding after the response, as a PPO rollout has both.
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    rows = [fmt.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     width = max(len(r) for r in rows) + 3
-    ids = torch.full((2, width), tokenizer.pad_token_id)
+    ids = torch.full((2, width), fmt.pad_id)
     mask = torch.zeros((2, width), dtype=torch.long)
     last = []
     for index, row in enumerate(rows):
@@ -79,28 +81,28 @@ def rollout_with(
     policy: PreTrainedModel,
     reference: PreTrainedModel,
     scorer: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    fmt: ChatFormat,
     query: tuple[torch.Tensor, torch.Tensor],
     config: ppo.Config,
     kl_coef: float,
     generator: torch.Generator,
 ) -> Rollout:
-    """A rollout of the encoded prompts `query` (ids, mask); the scalar model `scorer` serves as both the
+    """A rollout of PROMPTS, encoded as `query` (ids, mask); the scalar model `scorer` serves as both the
     reward model and the value model."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    return collect_rollout(policy, reference, scorer, scorer, *query, config, kl_coef, eos, pad, generator)
+    models = Models(policy, reference, RewardScorer(scorer, fmt, fmt), scorer, fmt)
+    return collect_rollout(models, query, PROMPTS, config, kl_coef, generator)
 
 
 def rollout_of_policy_against_itself(
     assets: DemoAssets, config: ppo.Config, kl_coef: float, seed: int
 ) -> Rollout:
     """A rollout where the reference is the policy itself and the reward model its backbone with a head."""
-    policy, tokenizer = load_policy(assets.sft_model_dir)
+    policy, fmt = load_policy(assets.sft_model_dir)
     torch.manual_seed(0)  # the scalar head is new: the same seed gives the same reward model every call
     reward_model, _ = load_scalar_model(assets.sft_model_dir)
-    query = encode_prompts(tokenizer, PROMPTS, 64)
+    query = encoded(fmt, PROMPTS)
     generator = torch.Generator().manual_seed(seed)
-    return rollout_with(policy, policy, reward_model, tokenizer, query, config, kl_coef, generator)
+    return rollout_with(policy, policy, reward_model, fmt, query, config, kl_coef, generator)
 
 
 def test_missing_eos_is_penalised_by_exactly_the_configured_amount(tiny_assets: DemoAssets) -> None:
@@ -136,13 +138,13 @@ def test_score_is_added_at_the_last_response_token_only(tiny_assets: DemoAssets)
 
 
 def test_dropout_is_disabled_in_every_loaded_model(tiny_assets: DemoAssets) -> None:
-    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    policy, fmt = load_policy(tiny_assets.sft_model_dir)
     scalar, _ = load_scalar_model(tiny_assets.sft_model_dir)
     for model in (policy, scalar):
         dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
         assert dropouts and all(m.p == 0.0 for m in dropouts)
         model.train()  # even in training mode two forward passes must agree
-        ids = torch.tensor([tokenizer("Review of the ramen: great", add_special_tokens=False)["input_ids"]])
+        ids = torch.tensor([fmt.prompt_ids("Review of the ramen: great")])
         with torch.no_grad():
             first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
         assert torch.equal(first, second)
@@ -151,17 +153,16 @@ def test_dropout_is_disabled_in_every_loaded_model(tiny_assets: DemoAssets) -> N
 def test_loaded_models_compute_gpt2_gelu_with_the_fused_kernel(
     tiny_assets: DemoAssets, tmp_path: Path
 ) -> None:
-    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    policy, fmt = load_policy(tiny_assets.sft_model_dir)
     as_saved = AutoModelForCausalLM.from_pretrained(tiny_assets.sft_model_dir, dtype=torch.float64)
-    as_saved.resize_token_embeddings(len(tokenizer))
     assert policy.config.activation_function == "gelu_new"
     assert not any(isinstance(m, NewGELUActivation) for m in policy.modules())
     assert any(isinstance(m, NewGELUActivation) for m in as_saved.modules())
-    ids = torch.tensor([tokenizer("Review of the ramen: great soup", add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([fmt.prompt_ids("Review of the ramen: great soup")])
     with torch.no_grad():
         fused, reference = policy(input_ids=ids).logits, as_saved(input_ids=ids).logits
     assert torch.allclose(fused.double(), reference, atol=1e-5)
-    save_checkpoint(policy, tokenizer, str(tmp_path / "saved"))
+    save_checkpoint(policy, fmt, str(tmp_path / "saved"))
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["activation_function"] == "gelu_new"
 
 
@@ -178,13 +179,12 @@ class _NoLogitsToKeep(torch.nn.Module):
 
 
 def test_response_log_probs_agree_with_and_without_logits_to_keep(tiny_assets: DemoAssets) -> None:
-    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
-    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
+    model, fmt = load_policy(tiny_assets.sft_model_dir)
+    ids, mask = encoded(fmt, PROMPTS)
     config = SamplingConfig(temperature=0.7, max_new_tokens=6)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    kept = sample(model, ids, mask, config, eos, pad, torch.Generator().manual_seed(0))
+    kept = sample(model, ids, mask, config, fmt, torch.Generator().manual_seed(0))
     wrapped = _NoLogitsToKeep(model)
-    full = sample(wrapped, ids, mask, config, eos, pad, torch.Generator().manual_seed(0))
+    full = sample(wrapped, ids, mask, config, fmt, torch.Generator().manual_seed(0))
     assert torch.equal(kept.response_ids, full.response_ids)
     with torch.no_grad():
         with_kept = response_logprobs(model, kept, 0.7)
@@ -194,8 +194,8 @@ def test_response_log_probs_agree_with_and_without_logits_to_keep(tiny_assets: D
 
 
 def test_greedy_evaluation_sampling_is_deterministic(tiny_assets: DemoAssets) -> None:
-    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
-    ids, mask = encode_prompts(tokenizer, PROMPTS, 64)
+    model, fmt = load_policy(tiny_assets.sft_model_dir)
+    ids, mask = encoded(fmt, PROMPTS)
     greedy = SamplingConfig(greedy=True, max_new_tokens=10)
     runs = [
         sample(
@@ -203,8 +203,7 @@ def test_greedy_evaluation_sampling_is_deterministic(tiny_assets: DemoAssets) ->
             ids,
             mask,
             greedy,
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
+            fmt,
             torch.Generator().manual_seed(seed),
         )
         for seed in (0, 1)
@@ -217,10 +216,10 @@ def test_minibatch_and_accumulation_shape_of_an_update(
     tiny_assets: DemoAssets, accumulation: int, tmp_path: Path
 ) -> None:
     """Every PPO epoch visits each episode once; ratio starts at exactly 1 and moves after the first step."""
-    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    policy, fmt = load_policy(tiny_assets.sft_model_dir)
     value, _ = load_scalar_model(tiny_assets.sft_model_dir)
     reference, _ = load_policy(tiny_assets.sft_model_dir)
-    query = encode_prompts(tokenizer, PROMPTS, 64)
+    query = encoded(fmt, PROMPTS)
     config = ppo.Config(
         rollout_batch_size=6,
         num_minibatches=2,
@@ -230,7 +229,7 @@ def test_minibatch_and_accumulation_shape_of_an_update(
         sampling=SamplingConfig(max_new_tokens=8),
     )
     generator = torch.Generator().manual_seed(3)
-    rollout = rollout_with(policy, reference, value, tokenizer, query, config, 0.1, generator)
+    rollout = rollout_with(policy, reference, value, fmt, query, config, 0.1, generator)
     kernel = ppo_kernel(config, policy, value, Workers(), iterations=1, checkpoint_uri=str(tmp_path))
     optimizer = kernel.optimizer
     stats = ppo_update(policy, value, kernel, rollout, config, generator)
@@ -247,17 +246,17 @@ def test_a_ppo_iteration_creates_every_tensor_on_its_inputs_device(
     """With the default device set to `meta`, any tensor made without naming its device lands on `meta` and
     cannot mix with the CPU tensors of the models and the batch: the mistake that breaks a GPU run, caught
     without a GPU. Models and data are on the CPU here, as a GPU run has them on its GPU."""
-    policy, tokenizer = load_policy(tiny_assets.sft_model_dir)
+    policy, fmt = load_policy(tiny_assets.sft_model_dir)
     value, _ = load_scalar_model(tiny_assets.sft_model_dir)
     reference, _ = load_policy(tiny_assets.sft_model_dir)
     reference.requires_grad_(False)
-    query = encode_prompts(tokenizer, PROMPTS, 64)
+    query = encoded(fmt, PROMPTS)
     config = ppo.Config(rollout_batch_size=6, num_minibatches=2, sampling=SamplingConfig(max_new_tokens=6))
     kernel = ppo_kernel(config, policy, value, Workers(), iterations=1, checkpoint_uri=str(tmp_path))
     sampler, data_order = sampling_generator(0, 0, 1), seeded_generator(1)
     torch.set_default_device("meta")
     try:
-        rollout = rollout_with(policy, reference, value, tokenizer, query, config, 0.1, sampler)
+        rollout = rollout_with(policy, reference, value, fmt, query, config, 0.1, sampler)
         stats = ppo_update(policy, value, kernel, rollout, config, data_order)
     finally:
         torch.set_default_device(None)
@@ -270,14 +269,14 @@ def test_each_rank_samples_different_responses_to_the_same_prompts(
     tiny_assets: DemoAssets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ranks share weights, prompts and data order; only their sampling seeds tell their rollouts apart."""
-    model, tokenizer = load_policy(tiny_assets.sft_model_dir)
-    ids, mask = encode_prompts(tokenizer, PROMPTS * 4, 64)
+    model, fmt = load_policy(tiny_assets.sft_model_dir)
+    ids, mask = encoded(fmt, PROMPTS * 4)
     config = SamplingConfig(max_new_tokens=12)
 
     def responses(rank: int) -> torch.Tensor:
         monkeypatch.setenv("RANK", str(rank))
         generator = sampling_generator(seed=7, rank=process_rank())
-        batch = sample(model, ids, mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+        batch = sample(model, ids, mask, config, fmt, generator)
         return batch.response_ids
 
     rank0, rank1 = responses(0), responses(1)

@@ -12,12 +12,12 @@ import torch
 from mlflow import MlflowClient
 
 from rlhf_components import train_reward_model
+from rlhf_components.core.chat import ChatFormat
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.losses import bradley_terry_loss
 from rlhf_components.core.models import (
     REWARD_MEAN_KEY,
     REWARD_STD_KEY,
-    encode_answers,
     fold_reward_normalization,
     load_scalar_model,
     load_tokenizer,
@@ -69,33 +69,28 @@ def test_bradley_terry_gradient() -> None:
         torch.tensor([1.0]), torch.tensor([0.0]))
 
 
-def test_encode_answers_ends_with_eos_and_right_pads(tiny_assets: DemoAssets) -> None:
-    tokenizer = load_tokenizer(Path(tiny_assets.sft_model_dir))
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+def test_answers_end_with_the_stop_token_and_right_pad(tiny_assets: DemoAssets) -> None:
+    fmt = ChatFormat.of(load_tokenizer(Path(tiny_assets.sft_model_dir)))
+    tokenizer = fmt.tokenizer
+    eos, pad = tokenizer.eos_token_id, fmt.pad_id
     assert pad != eos
     prompts = ["Review of the diner downtown:", "My review of the blender I bought last month:", "Hi"]
     responses = [" The food was great.", " It was okay and the price was fine. It did the job.", ""]
-    ids, mask, last = encode_answers(tokenizer, prompts, responses, max_length=256)
-    assert ids.shape == mask.shape
-    assert last.shape == (3,)
+    ids, mask, answer_mask = fmt.answers(prompts, responses)
+    assert ids.shape == mask.shape == answer_mask.shape
     for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         length = len(prompt_ids) + len(response_ids) + 1
-        assert int(last[row]) == length - 1
+        assert int(mask[row].sum()) - 1 == length - 1
         assert ids[row, : length].tolist() == [*prompt_ids, *response_ids, eos]
-        assert int(ids[row, int(last[row])]) == eos
         assert mask[row, :length].tolist() == [1] * length
         assert mask[row, length:].sum() == 0
+        assert answer_mask[row].tolist() == [0] * len(prompt_ids) + [1] * (length - len(prompt_ids)) + [0] * (
+            ids.shape[1] - length)
         assert ids[row, length:].tolist() == [pad] * (ids.shape[1] - length)
     assert int(mask.sum(-1).max()) == ids.shape[1], "the longest row has no padding"
     assert (ids[mask.bool()] != pad).all(), "pad never appears among real tokens"
-
-    # Truncation keeps the end: the EOS stays the last real token.
-    ids, mask, last = encode_answers(tokenizer, prompts[:2], responses[:2], max_length=8)
-    assert ids.shape == (2, 8)
-    assert last.tolist() == [7, 7]
-    assert ids[:, 7].tolist() == [eos, eos]
 
 
 @dataclass(frozen=True)
@@ -129,13 +124,13 @@ def test_tiny_reward_model_learns_easy_preferences(trained: Trained) -> None:
     assert outputs.train_accuracy >= 0.8
 
     # The saved checkpoint scores the held-out pairs the same way (reloaded, independently).
-    model, tokenizer = load_scalar_model(outputs.reward_model)
+    model, fmt = load_scalar_model(outputs.reward_model)
     model.eval()
     pairs = read_jsonl(trained.eval)
     prompts = [p["prompt"] for p in pairs]
     with torch.no_grad():
-        chosen = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], 64)
-        rejected = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], 64)
+        chosen = score_texts(model, fmt, prompts, [p["chosen"] for p in pairs])
+        rejected = score_texts(model, fmt, prompts, [p["rejected"] for p in pairs])
     accuracy = (chosen > rejected).float().mean().item()
     assert accuracy == pytest.approx(outputs.eval_accuracy, abs=1e-6)
 
@@ -150,15 +145,15 @@ def test_checkpoint_is_safetensors_with_normalization(trained: Trained) -> None:
     assert config[REWARD_STD_KEY] > 0
     assert len(config["id2label"]) == 1, "one scalar output"
 
-    model, tokenizer = load_scalar_model(outputs.reward_model)
+    model, fmt = load_scalar_model(outputs.reward_model)
     model.eval()
     assert reward_normalization(model) == (config[REWARD_MEAN_KEY], config[REWARD_STD_KEY])
     pairs = read_jsonl(trained.train)
     prompts = [p["prompt"] for p in pairs]
     with torch.no_grad():
         raw = torch.cat([
-            score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], 64),
-            score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], 64),
+            score_texts(model, fmt, prompts, [p["chosen"] for p in pairs]),
+            score_texts(model, fmt, prompts, [p["rejected"] for p in pairs]),
         ])
     rewards = normalized_rewards(model, raw)
     assert abs(rewards.mean().item()) < 0.1
@@ -172,7 +167,7 @@ def test_checkpoint_is_safetensors_with_normalization(trained: Trained) -> None:
     value_model, _ = load_scalar_model(outputs.reward_model)
     fold_reward_normalization(value_model)
     with torch.no_grad():
-        values = score_texts(value_model, tokenizer, prompts, [p["chosen"] for p in pairs], 64)
+        values = score_texts(value_model, fmt, prompts, [p["chosen"] for p in pairs])
     mean, std = reward_normalization(model)
     assert std != pytest.approx(1.0)
     assert torch.allclose(values, rewards[:n] + mean / std, atol=1e-5)
@@ -202,3 +197,24 @@ def test_empty_training_set_is_a_user_error(tmp_path: Path, tiny_assets: DemoAss
                                       eval=str(empty)),
             make_context(tmp_path),
         )
+
+
+def test_a_pretrained_reward_model_is_scored_on_the_pairs_and_passed_on_untrained(
+    trained: Trained, tmp_path: Path
+) -> None:
+    context = make_context(tmp_path)
+    outputs = train_reward_model.run(
+        train_reward_model.Config(batch_size=16, max_length=64),
+        train_reward_model.Inputs(pretrained=trained.outputs.reward_model, train=str(trained.train),
+                                  eval=str(trained.eval)),
+        context,
+    )
+    assert outputs.trained is False and outputs.reward_model == trained.outputs.reward_model
+    assert outputs.eval_accuracy == pytest.approx(trained.outputs.eval_accuracy, abs=1e-6)
+    assert outputs.num_train_pairs == 96
+    assert not (Path(context.output_root) / context.parent_run_id / "train_reward_model").exists()
+    [run] = child_runs(context, "train_reward_model")
+    assert run.data.metrics["eval_accuracy"] == pytest.approx(outputs.eval_accuracy)
+    with pytest.raises(UserError, match="no backbone to train"):
+        train_reward_model.run(train_reward_model.Config(), train_reward_model.Inputs(train="t", eval="e"),
+                               context)
