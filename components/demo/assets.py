@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import time
 import uuid
@@ -24,7 +25,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .grammar import build_corpus, build_prompts
+from ..core.records import Message, Prompt
+from .grammar import SYSTEM_PROMPTS, as_conversation, build_corpus, build_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,10 @@ class DemoAssetsSpec(BaseModel):
     sft_steps: int = Field(default=400, ge=1)
     sft_batch_size: int = Field(default=32, ge=1)
     sft_lr: float = Field(default=3e-3, gt=0)
+    chat: bool = Field(
+        default=False,
+        description="conversations: each prompt a system turn and a user turn, read through ChatML",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> DemoAssetsSpec:
@@ -119,17 +125,24 @@ def _build_into(staging: Path, spec: DemoAssetsSpec, spec_hash: str) -> None:
     from .sft import train_sft_policy
     from .tokenizer import train_tokenizer
 
-    corpus = build_corpus(spec.n_corpus, seed=spec.seed)
+    texts = build_corpus(spec.n_corpus, seed=spec.seed)
     # A different stream from the corpus, so the RLHF prompts are not the SFT prompts in order.
-    prompts = build_prompts(spec.n_prompts, seed=spec.seed + 1)
+    prompt_texts = build_prompts(spec.n_prompts, seed=spec.seed + 1)
+    rng = random.Random(spec.seed + 2)
+    corpus: list[tuple[Any, str]] = [(as_conversation(p, rng) if spec.chat else p, r) for p, r in texts]
+    prompts = [as_conversation(p, rng) if spec.chat else p for p in prompt_texts]
     _write_jsonl(staging / CORPUS_NAME, ({"prompt": p, "response": r} for p, r in corpus))
     _write_jsonl(staging / PROMPTS_NAME, ({"prompt": p} for p in prompts))
     model_dir = staging / SFT_MODEL_NAME
+    system_turns = SYSTEM_PROMPTS if spec.chat else ()
     tokenizer = train_tokenizer(
-        (prompt + response for prompt, response in corpus), model_dir, vocab_size=spec.vocab_size
+        [*(prompt + response for prompt, response in texts), *system_turns],
+        model_dir,
+        vocab_size=spec.vocab_size,
+        chat=spec.chat,
     )
     train_sft_policy(
-        corpus,
+        [(_prompt(p), r) for p, r in corpus],
         tokenizer,
         model_dir,
         n_layer=spec.n_layer,
@@ -153,6 +166,10 @@ def _build_into(staging: Path, spec: DemoAssetsSpec, spec_hash: str) -> None:
             },
         },
     )
+
+
+def _prompt(prompt: str | list[dict[str, str]]) -> Prompt:
+    return prompt if isinstance(prompt, str) else [Message.model_validate(m) for m in prompt]
 
 
 def _new_sibling_dir(root: Path, purpose: str) -> Path:

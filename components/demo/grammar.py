@@ -239,6 +239,18 @@ def build_corpus(n: int, seed: int) -> list[tuple[str, str]]:
     return corpus
 
 
+SYSTEM_PROMPTS = (
+    "You write short reviews.",
+    "You are a reviewer. Be brief.",
+    "Write one short review, one or two sentences.",
+)
+
+
+def as_conversation(prompt: str, rng: random.Random) -> list[dict[str, str]]:
+    """The chat demo's form of a prompt: a system turn from SYSTEM_PROMPTS, then the prompt as the user's."""
+    return [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, {"role": "user", "content": prompt}]
+
+
 def build_prompts(n: int, seed: int) -> list[str]:
     """``n`` prompts drawn with replacement (the grammar has 270 distinct prompts)."""
     rng = random.Random(seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,23 +11,26 @@ import torch
 from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from ..core.chat import ChatFormat
+from ..core.records import Prompt
 from ..core.runtime import progress_disabled
 
 logger = logging.getLogger(__name__)
 
-# Positions beyond the longest prompt + review + EOS (about 35 tokens with the default tokenizer).
+# Positions beyond the longest prompt + review + EOS (about 35 tokens with the default tokenizer), in steps
+# of which a longer corpus (the chat demo's) gets its room.
 N_POSITIONS = 64
 IGNORE_INDEX = -100
 WARMUP_FRACTION = 0.1
 
 
 def build_policy(
-    tokenizer: PreTrainedTokenizerFast, n_layer: int, n_head: int, n_embd: int
+    tokenizer: PreTrainedTokenizerFast, n_layer: int, n_head: int, n_embd: int, n_positions: int = N_POSITIONS
 ) -> GPT2LMHeadModel:
     """A randomly initialized GPT-2 sized to the tokenizer, with its special token ids set."""
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=N_POSITIONS,
+        n_positions=n_positions,
         n_layer=n_layer,
         n_head=n_head,
         n_embd=n_embd,
@@ -38,23 +42,14 @@ def build_policy(
 
 
 def encode_examples(
-    tokenizer: PreTrainedTokenizerFast, corpus: Sequence[tuple[str, str]]
+    fmt: ChatFormat, corpus: Sequence[tuple[Prompt, str]]
 ) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per example: prompt + response + EOS, the loss only on response + EOS.
-
-    Prompt and response are tokenized separately, exactly as a policy sees them at generation time.
-    """
+    """(input ids, labels) per example: the prompt as the policy reads it (its chat template, if any), then
+    the response and its stop token; the loss only on response and stop token, as PPO will sample them."""
     examples = []
     for prompt, response in corpus:
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        target_ids = [*tokenizer(response)["input_ids"], tokenizer.eos_token_id]
-        input_ids = prompt_ids + target_ids
-        if len(input_ids) > N_POSITIONS:
-            raise ValueError(
-                f"example of {len(input_ids)} tokens exceeds the model's {N_POSITIONS} positions: "
-                f"{prompt + response!r}"
-            )
-        examples.append((input_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids))
+        prompt_ids, target_ids = fmt.answer_ids(prompt, response)
+        examples.append((prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids))
     return examples
 
 
@@ -85,7 +80,7 @@ def _batches(n_examples: int, batch_size: int, steps: int, seed: int) -> list[to
 
 
 def train_sft_policy(
-    corpus: Sequence[tuple[str, str]],
+    corpus: Sequence[tuple[Prompt, str]],
     tokenizer: PreTrainedTokenizerFast,
     out_dir: str | Path,
     *,
@@ -104,9 +99,11 @@ def train_sft_policy(
     """
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer needs both a pad token and an EOS token")
+    examples = encode_examples(ChatFormat.of(tokenizer), corpus)
+    # Room for the longest example, in steps of 64 positions (the plain demo needs 64, the chat demo 128).
+    n_positions = N_POSITIONS * math.ceil(max(len(ids) for ids, _ in examples) / N_POSITIONS)
     torch.manual_seed(seed)
-    model = build_policy(tokenizer, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-    examples = encode_examples(tokenizer, corpus)
+    model = build_policy(tokenizer, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     warmup = max(1, int(WARMUP_FRACTION * steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -139,7 +136,7 @@ def train_sft_policy(
     logger.info("SFT done, final batch loss %.3f", loss.item())
     model.eval()
     # Generation and truncation defaults that downstream loaders read from the checkpoint.
-    tokenizer.model_max_length = N_POSITIONS
+    tokenizer.model_max_length = n_positions
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     return model

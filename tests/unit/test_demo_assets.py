@@ -338,3 +338,24 @@ def test_default_sft_policy_is_fluent_and_balanced(tmp_path: Path) -> None:
     # A balanced mix, not a policy that always writes neutral text.
     assert statistics.pstdev(scores) > 0.3
     assert fluent / len(prompts) >= 0.8
+
+
+def test_the_chat_demo_is_conversations_read_through_chatml(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from rlhf_components.core.models import load_policy
+    from rlhf_components.core.records import Message
+    from rlhf_components.demo.grammar import SYSTEM_PROMPTS
+
+    spec = SMALL_SPEC.model_copy(update={"chat": True})
+    assert spec.spec_hash() != SMALL_SPEC.spec_hash()
+    assets = build_demo_assets(tmp_path_factory.mktemp("chat") / "assets", spec)
+    prompts = _read_jsonl(assets.prompts_file)
+    assert all([turn["role"] for turn in row["prompt"]] == ["system", "user"] for row in prompts)
+    assert {row["prompt"][0]["content"] for row in prompts} <= set(SYSTEM_PROMPTS)
+    model, fmt = load_policy(assets.sft_model_dir)
+    assert fmt.template is not None and model.config.n_positions == 128
+    im_end = fmt.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in fmt.stop_ids
+    conversation = [Message.model_validate(turn) for turn in prompts[0]["prompt"]]
+    rendered = fmt.render(conversation)
+    assert rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_start|>assistant\n")
+    assert fmt.answer_ids(conversation, " Great food.")[1][-1] == im_end
