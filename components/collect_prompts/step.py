@@ -11,11 +11,10 @@ over `max_prompts`.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -33,50 +32,23 @@ from rlhf_components.core.records import (
     prompt_key,
     prompt_text,
 )
+from rlhf_components.core.rows import Invalid, file_kind, read_rows
 from rlhf_components.core.splits import is_eval
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SUFFIXES = (".jsonl", ".csv", ".parquet")
 HF_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 
 
-def _rows(uri: str) -> list[tuple[str, Any]]:
-    """(location, raw row) for every row of one source; parse errors become rows the caller quarantines.
-    A source without a file suffix is a saved dataset (`_source_files` checked)."""
-    if not uri.endswith(SUPPORTED_SUFFIXES):
-        return _hf_dataset_rows(uri)
-    data = storage.read_bytes(uri)
-    if uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return [
-            (f"{uri}#row{n}", row) for n, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), 1)
-        ]
-    # utf-8-sig: spreadsheet exports often start with a byte-order mark that would corrupt the header.
-    text = data.decode("utf-8-sig")
-    if uri.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text))
-        return [(f"{uri}:{reader.line_num}", row) for row in reader]
-    rows: list[tuple[str, Any]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{uri}:{number}", json.loads(line)))
-        except json.JSONDecodeError as error:
-            rows.append((f"{uri}:{number}", ValueError(f"invalid JSON: {error.msg}")))
-    return rows
-
-
-class Invalid(ValueError):
-    """A row that holds no usable prompt: `code` is counted (`invalid_<code>`), the message says why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+def _rows(uri: str) -> Iterator[tuple[str, Any]]:
+    """(location, raw row or Invalid) for every row of one source (core.rows); a source without a file
+    suffix is a saved dataset (`_source_files` checked)."""
+    if file_kind(uri) is None:
+        yield from _hf_dataset_rows(uri)
+    else:
+        yield from read_rows(uri, storage.read_bytes(uri))
 
 
 _MESSAGES: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
@@ -86,8 +58,8 @@ def _prompt(row: Any, field: str) -> Prompt:
     """The prompt in one row: the text in `field`, or a conversation there or in `messages` (a list of
     {role, content}, or its JSON text in a CSV cell) without its trailing assistant turns. The text is kept
     exactly as written."""
-    if isinstance(row, Exception):
-        raise Invalid("unreadable", str(row))
+    if isinstance(row, Invalid):
+        raise row
     if not isinstance(row, dict):
         raise Invalid("not_an_object", f"the row is not an object with a {field!r} field")
     conversation_only = field not in row  # then `messages`, which must be a conversation
@@ -128,18 +100,17 @@ def _is_hf_dataset(uri: str) -> bool:
     return any(storage.exists(storage.join(uri, marker)) for marker in HF_DATASET_MARKERS)
 
 
-def _hf_dataset_rows(uri: str) -> list[tuple[str, Any]]:
-    """Every row of a `datasets` Dataset or DatasetDict saved with `save_to_disk`, every split."""
+def _hf_dataset_rows(uri: str) -> Iterator[tuple[str, Any]]:
+    """Every row of a `datasets` Dataset or DatasetDict saved with `save_to_disk`, every split, one at a time
+    (the dataset itself stays memory-mapped Arrow)."""
     from datasets import DatasetDict, load_from_disk
 
     local = storage.local_dir(uri) if storage.is_s3(uri) else uri
     loaded = load_from_disk(str(local))
     splits = loaded.items() if isinstance(loaded, DatasetDict) else [("", loaded)]
-    return [
-        (f"{uri}[{split}]#row{number}" if split else f"{uri}#row{number}", row)
-        for split, dataset in splits
-        for number, row in enumerate(dataset, 1)
-    ]
+    for split, dataset in splits:
+        for number, row in enumerate(dataset, 1):
+            yield (f"{uri}[{split}]#row{number}" if split else f"{uri}#row{number}"), row
 
 
 def _source_files(sources: list[str]) -> list[str]:
@@ -148,7 +119,7 @@ def _source_files(sources: list[str]) -> list[str]:
         if _is_hf_dataset(source):
             files.append(source)
             continue
-        found = [f for f in storage.list_files(source) if f.endswith(SUPPORTED_SUFFIXES)]
+        found = [f for f in storage.list_files(source) if file_kind(f) in {"jsonl", "csv", "parquet"}]
         if not found:
             raise UserError(
                 f"{source}: no prompt files (.jsonl, .csv, .parquet), and not a dataset saved with "

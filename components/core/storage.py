@@ -113,6 +113,37 @@ def write_bytes(uri: str, data: bytes) -> None:
     os.replace(temp_name, path)
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create `uri` with `data` only if nothing is there; False when something is (another writer was
+    first). Locally a complete temporary file is hard-linked into place; on S3 a conditional PUT
+    (If-None-Match: *) does the same."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in {
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            }:
+                return False
+            raise UserError(f"{uri}: S3 PUT failed: {error}") from None
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(data)
+    try:
+        os.link(handle.name, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(handle.name)
+
+
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
@@ -247,17 +278,28 @@ def staging_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) for every non-empty line of JSONL text. Lines end at "\\n" only (a trailing "\\r"
+    is dropped): U+2028, U+0085 and the like inside a JSON string are text, which `str.splitlines` would
+    split a record at."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            yield number, line.removesuffix("\r")
+
+
 def read_jsonl(uri: str) -> Iterator[tuple[int, str]]:
     """(line number, raw line) for every non-empty line: parsing is the caller's, so it can quarantine."""
-    for number, line in enumerate(read_text(uri).splitlines(), start=1):
-        if line.strip():
-            yield number, line
+    yield from jsonl_lines(read_text(uri))
+
+
+def jsonl_text(rows: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows)
 
 
 def write_jsonl(uri: str, rows: Iterable[dict[str, Any]]) -> int:
-    lines = [json.dumps(row, sort_keys=True, ensure_ascii=False) for row in rows]
-    write_text(uri, "".join(line + "\n" for line in lines))
-    return len(lines)
+    text = jsonl_text(rows)
+    write_text(uri, text)
+    return text.count("\n")
 
 
 def sha256_hex(data: bytes) -> str:

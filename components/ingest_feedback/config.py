@@ -35,6 +35,17 @@ class Config(StrictModel):
     rating_min_difference: float = Field(
         default=1.0, gt=0.0, description="Likert: the rating gap that makes a pair (equal ratings: a tie)"
     )
+    max_pairs_per_ranking: int = Field(
+        default=1000,
+        ge=1,
+        description="a ranking of K answers holds K(K-1)/2 pairs: keep at most this many (neighbours first); "
+        "the rest are counted as capped",
+    )
+    max_rating_pairs: int = Field(
+        default=1000,
+        ge=1,
+        description="pairs from one annotator's ratings of one prompt's answers, at most (closest first)",
+    )
 
     @model_validator(mode="after")
     def _rating_range(self) -> Config:

@@ -21,30 +21,26 @@ everywhere but Likert, where ratings only compare within one annotator's scale.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel
-from rlhf_components.core.records import AnnotationTask, Prompt, answer_text, hh_messages, prompt_text
+from rlhf_components.core.records import (
+    AnnotationTask,
+    Prompt,
+    answer_text,
+    hh_messages,
+    prompt_key,
+    prompt_text,
+)
+from rlhf_components.core.rows import Invalid, decoded, file_kind, parse_json, read_rows, unpacked
 
-SUFFIXES = (".jsonl", ".csv", ".parquet", ".json")
 HH_ASSISTANT = "\n\nAssistant:"
-
-
-class Invalid(ValueError):
-    """A record we cannot use: `code` is the reason counted in MLflow, the message says what is wrong."""
-
-    def __init__(self, code: str, message: str, text: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.text = text
-        """the record as it was read, where it could not be parsed at all"""
 
 
 class PairJudgement(StrictModel):
@@ -71,6 +67,14 @@ class RatingJudgement(StrictModel):
 
 
 Judgement = PairJudgement | RatingJudgement
+
+
+def identity(judgement: Judgement) -> tuple[str, ...]:
+    """What one annotator can judge only once: a pair of answers, or one answer's rating."""
+    if isinstance(judgement, PairJudgement):
+        key = prompt_key(judgement.prompt)
+        return "pair", judgement.annotator, key, judgement.response_a, judgement.response_b
+    return "rating", judgement.annotator, prompt_key(judgement.prompt), judgement.response
 
 
 class _Common(BaseModel):
@@ -112,6 +116,13 @@ class Rating(_Common):
     response: str
     rating: float
     annotator: str = Field(min_length=1)
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _a_number(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # `true` is not a rating of 1
+            raise ValueError("a rating is a number, not true or false")
+        return value
 
 
 class Ranking(_Common):
@@ -159,12 +170,30 @@ def _choice(choice: Literal["a", "b", "tie"]) -> Literal["first", "second", "tie
     return "tie" if choice == "tie" else "first" if choice == "a" else "second"
 
 
+@dataclass(frozen=True)
+class Limits:
+    rating_range: tuple[float, float] = (1.0, 5.0)
+    max_pairs_per_ranking: int = 1000
+
+
 def judgements(
-    raw: object, source: str, tasks: dict[str, AnnotationTask], rating_range: tuple[float, float]
-) -> list[Judgement]:
-    """The judgements in one record, or Invalid."""
+    raw: object, source: str, tasks: dict[str, AnnotationTask], limits: Limits = Limits()
+) -> tuple[list[Judgement], int]:
+    """(the judgements in one record, how many pairs a cap left out), or Invalid."""
     if not isinstance(raw, dict):
         raise Invalid("not_an_object", "record is not an object")
+    if "ranking" in raw or "responses" in raw:
+        try:
+            return _ranking(Ranking.model_validate(raw), source, limits.max_pairs_per_ranking)
+        except ValidationError as error:
+            raise Invalid(_validation_code(error), _validation_message(error)) from None
+    return _single(raw, source, tasks, limits), 0
+
+
+def _single(
+    raw: dict[str, Any], source: str, tasks: dict[str, AnnotationTask], limits: Limits
+) -> list[Judgement]:
+    """The judgement in a record of any shape but a ranking."""
     try:
         if "task_id" in raw:
             judged = TaskChoice.model_validate(raw)
@@ -177,10 +206,8 @@ def judgements(
         if "response_a" in raw or "response_b" in raw:
             two = ChoiceOfTwo.model_validate(raw)
             return [pair(two.prompt, two.response_a, two.response_b, _choice(two.choice), two, source)]
-        if "ranking" in raw or "responses" in raw:
-            return _ranking(Ranking.model_validate(raw), source)
         if "rating" in raw:
-            return [_rating(Rating.model_validate(raw), source, rating_range)]
+            return [_rating(Rating.model_validate(raw), source, limits.rating_range)]
         if "prompt" in raw:
             cr = ChosenRejected.model_validate(raw)
             return [pair(cr.prompt, cr.chosen, cr.rejected, "first", cr, source)]
@@ -207,7 +234,7 @@ def _rating(rating: Rating, source: str, rating_range: tuple[float, float]) -> R
     )
 
 
-def _ranking(ranking: Ranking, source: str) -> list[Judgement]:
+def _ranking(ranking: Ranking, source: str, cap: int) -> tuple[list[Judgement], int]:
     if sorted(ranking.ranking) != list(range(len(ranking.responses))):
         raise Invalid(
             "bad_ranking",
@@ -216,11 +243,21 @@ def _ranking(ranking: Ranking, source: str) -> list[Judgement]:
     order = [ranking.responses[i] for i in ranking.ranking]
     if len({r.strip() for r in order}) < len(order):
         raise Invalid("self_pair", "the ranking lists the same response twice")
-    return [
-        pair(ranking.prompt, better, worse, "first", ranking, source)
-        for position, better in enumerate(order)
-        for worse in order[position + 1 :]
-    ]
+    kept, capped = pairs_by_gap(len(order), cap)
+    return [pair(ranking.prompt, order[i], order[j], "first", ranking, source) for i, j in kept], capped
+
+
+def pairs_by_gap(count: int, cap: int) -> tuple[list[tuple[int, int]], int]:
+    """(up to `cap` index pairs i < j of `count` ranked items, how many were left out): neighbours first,
+    then items two apart, and so on, so every item is in a pair before any pair of distant ones is kept.
+    A ranking of K answers holds K·(K−1)/2 pairs: 1000 answers would be half a million."""
+    kept: list[tuple[int, int]] = []
+    for gap in range(1, count):
+        for i in range(count - gap):
+            if len(kept) == cap:
+                return kept, count * (count - 1) // 2 - cap
+            kept.append((i, i + gap))
+    return kept, 0
 
 
 def _conversations(record: Conversations, source: str) -> PairJudgement:
@@ -257,45 +294,30 @@ def _validation_message(error: ValidationError) -> str:
 
 
 def records(uri: str, data: bytes) -> Iterator[tuple[str, object]]:
-    """(location, record) for each record of a feedback file; a record that is not even parseable is an
-    Invalid instance in place of the record."""
-    if uri.endswith(".jsonl"):
-        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
-            if line.strip():
-                yield f"{uri}:{number}", _json_or_invalid(line)
-    elif uri.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig", "replace")))
-        for number, row in enumerate(reader, 2):
-            yield f"{uri}:{number}", _from_csv(row)
-    elif uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for number, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), 1):
-            yield f"{uri}#row{number}", {k: v for k, v in row.items() if v is not None}
-    elif uri.endswith(".json"):
-        yield from _label_studio(uri, data)
-
-
-def _json_or_invalid(text: str) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        return Invalid("invalid_json", f"invalid JSON: {error.msg}", text)
+    """(location, record) for each record of a feedback file (core.rows: JSONL, CSV, Parquet, gzipped or not,
+    and here Label Studio's JSON exports); a record that cannot be read at all is an Invalid in its place."""
+    if file_kind(uri) != "json":
+        for location, row in read_rows(uri, data):
+            yield location, _from_csv(row) if file_kind(uri) == "csv" and isinstance(row, dict) else row
+        return
+    unpacked_data = unpacked(uri, data)
+    if isinstance(unpacked_data, Invalid):
+        yield uri, unpacked_data
+    else:
+        yield from _label_studio(uri, unpacked_data)
 
 
 def _from_csv(row: dict[str, Any]) -> object:
-    if None in row:
-        return Invalid("bad_csv_row", "more values than columns", json.dumps(row, default=str))
     record: dict[str, Any] = {k: v for k, v in row.items() if v not in ("", None)}
     for field in ("responses", "ranking"):
         if isinstance(record.get(field), str):
-            record[field] = _json_or_invalid(record[field])
+            record[field] = parse_json(record[field])
             if isinstance(record[field], Invalid):
                 return Invalid("bad_value", f"{field}: {record[field]}", json.dumps(row))
     for field in ("prompt", "chosen", "rejected"):  # a conversation's messages, as JSON text
         value = record.get(field)
         if isinstance(value, str) and value.lstrip().startswith("["):
-            parsed = _json_or_invalid(value)
+            parsed = parse_json(value)
             if isinstance(parsed, list):
                 record[field] = parsed
     if "rating" in record:
@@ -313,7 +335,8 @@ LABEL_STUDIO_CHOICES = {"a": "a", "b": "b", "tie": "tie", "response a": "a", "re
 
 def _label_studio(uri: str, data: bytes) -> Iterator[tuple[str, object]]:
     """A Label Studio export of our pairwise-choice config: one record per (non-cancelled) annotation."""
-    export = _json_or_invalid(data.decode("utf-8", "replace"))
+    text = decoded(uri, data)
+    export = text if isinstance(text, Invalid) else parse_json(text)
     if not isinstance(export, list):
         yield uri, export if isinstance(export, Invalid) else Invalid("not_an_export", "not a list of tasks")
         return
@@ -331,12 +354,14 @@ def _label_studio(uri: str, data: bytes) -> Iterator[tuple[str, object]]:
 def _label_studio_record(data: dict[str, Any], annotation: object) -> object:
     if not isinstance(annotation, dict):
         return Invalid("not_an_export", "annotation is not an object")
-    choices = [
-        choice
-        for result in annotation.get("result") or []
-        if isinstance(result, dict) and result.get("type") == "choices"
-        for choice in (result.get("value") or {}).get("choices") or []
-    ]
+    results = annotation.get("result") or []
+    if not isinstance(results, list):
+        return Invalid("bad_value", "an annotation's result is not a list")
+    values = [r.get("value") for r in results if isinstance(r, dict) and r.get("type") == "choices"]
+    choice_values = [v for v in values if isinstance(v, dict)]
+    if len(choice_values) < len(values):
+        return Invalid("bad_value", "a choices result's value is not an object with `choices`")
+    choices = [choice for value in choice_values for choice in (value.get("choices") or [])]
     if len(choices) != 1 or str(choices[0]).lower() not in LABEL_STUDIO_CHOICES:
         return Invalid("bad_value", f"expected one choice of A, B or Tie, got {choices}")
     completed_by = annotation.get("completed_by")
@@ -351,7 +376,9 @@ def _label_studio_record(data: dict[str, Any], annotation: object) -> object:
     return {**record, **{k: data.get(k) for k in ("prompt", "response_a", "response_b")}}
 
 
-def list_sources(prefixes: list[str]) -> list[str]:
-    """The feedback files under each prefix (a file, a directory or an s3:// prefix), sorted, deduplicated."""
-    found = {uri for prefix in prefixes for uri in storage.list_files(prefix) if uri.endswith(SUFFIXES)}
-    return sorted(found)
+def list_sources(prefixes: list[str]) -> tuple[list[str], list[str]]:
+    """(the feedback files under each prefix — a file, a directory or an s3:// prefix —, the other files
+    there, which are reported as skipped), each sorted and deduplicated."""
+    found = {uri for prefix in prefixes for uri in storage.list_files(prefix)}
+    readable = sorted(uri for uri in found if file_kind(uri) is not None)
+    return readable, sorted(found - set(readable))

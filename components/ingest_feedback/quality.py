@@ -18,7 +18,7 @@ from typing import Literal
 
 from rlhf_components.core.config import StrictModel
 from rlhf_components.core.records import Preference, prompt_key
-from rlhf_components.ingest_feedback.formats import PairJudgement, RatingJudgement
+from rlhf_components.ingest_feedback.formats import PairJudgement, RatingJudgement, pairs_by_gap
 
 PairKey = tuple[str, str, str]
 
@@ -47,13 +47,22 @@ def pair_key(judgement: PairJudgement) -> PairKey:
     return prompt_key(judgement.prompt), judgement.response_a, judgement.response_b
 
 
-def pairs_from_ratings(ratings: list[RatingJudgement], min_difference: float) -> list[PairJudgement]:
+def pairs_from_ratings(
+    ratings: list[RatingJudgement], min_difference: float, max_pairs: int
+) -> tuple[list[PairJudgement], int]:
+    """(pair judgements from each annotator's ratings of one prompt's answers, how many a cap left out):
+    n ratings hold n·(n−1)/2 pairs, so at most `max_pairs` per prompt and annotator are kept, answers
+    closest in rank first."""
     by_scale: dict[tuple[str, str], list[RatingJudgement]] = defaultdict(list)
     for rating in ratings:
         by_scale[(prompt_key(rating.prompt), rating.annotator)].append(rating)
-    pairs = []
+    pairs, capped = [], 0
     for group in by_scale.values():
-        for first, second in combinations(sorted(group, key=lambda r: r.response), 2):
+        ranked = sorted(group, key=lambda r: (-r.rating, r.response))
+        kept, left_out = pairs_by_gap(len(ranked), max_pairs)
+        capped += left_out
+        for i, j in kept:
+            first, second = sorted((ranked[i], ranked[j]), key=lambda r: r.response)
             gap = first.rating - second.rating
             if 0 < abs(gap) < min_difference:
                 continue
@@ -69,7 +78,7 @@ def pairs_from_ratings(ratings: list[RatingJudgement], min_difference: float) ->
                     sources=[*first.sources, *second.sources],
                 )
             )
-    return pairs
+    return pairs, capped
 
 
 def preferences(

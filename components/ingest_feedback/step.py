@@ -7,7 +7,9 @@
    contradicts that annotator's earlier judgement of the same pair or answer is quarantined.
 3. When more than `max_invalid_fraction` of the new records are invalid, the step fails, naming the worst
    files, and writes no dataset version: fix the files and run again, nothing is lost.
-4. Otherwise the new judgements and ledger entries become the next dataset version (store.py).
+4. Otherwise the new judgements and ledger entries become the next dataset version (store.py). Two
+   ingestions at once cannot share a version: the loser reads the winner's version and tries the next one,
+   so both runs' judgements end in the dataset.
 5. Training pairs are the majority votes over every judgement so far (quality.py), split train/eval by a
    hash of the pair; agreement and per-annotator statistics go to MLflow.
 """
@@ -16,27 +18,33 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import time
 from collections import Counter
 
 from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.records import AnnotationTask, prompt_key, read_records
+from rlhf_components.core.records import AnnotationTask, read_records
 from rlhf_components.core.splits import is_eval
 from rlhf_components.core.step import step_output
-from rlhf_components.core.tracking import RunContext, log_metrics, step_run
+from rlhf_components.core.tracking import RunContext, log_dict, log_metrics, step_run
 from rlhf_components.ingest_feedback import quality, simulated, store
 from rlhf_components.ingest_feedback.config import Config, Inputs, Outputs
 from rlhf_components.ingest_feedback.formats import (
     Invalid,
     Judgement,
+    Limits,
     PairJudgement,
     RatingJudgement,
+    identity,
     judgements,
     list_sources,
     records,
 )
 
 log = logging.getLogger(__name__)
+
+SAVE_ATTEMPTS = 6
 
 
 def _load_tasks(inbox: str) -> dict[str, AnnotationTask]:
@@ -47,19 +55,6 @@ def _load_tasks(inbox: str) -> dict[str, AnnotationTask]:
     return tasks
 
 
-def _identity(judgement: Judgement) -> tuple[str, ...]:
-    """What one annotator can judge only once: a pair of answers, or one answer's rating."""
-    if isinstance(judgement, PairJudgement):
-        return (
-            "pair",
-            judgement.annotator,
-            prompt_key(judgement.prompt),
-            judgement.response_a,
-            judgement.response_b,
-        )
-    return "rating", judgement.annotator, prompt_key(judgement.prompt), judgement.response
-
-
 def _verdict(judgement: Judgement) -> str | float:
     return judgement.choice if isinstance(judgement, PairJudgement) else judgement.rating
 
@@ -68,7 +63,9 @@ class Ingestion:
     """The judgements so far, indexed by identity, and what this run added or refused."""
 
     def __init__(self, existing: list[Judgement]) -> None:
-        self.judgements: dict[tuple[str, ...], Judgement] = {_identity(j): j for j in existing}
+        self.judgements: dict[tuple[str, ...], Judgement] = {identity(j): j for j in existing}
+        self.changed: set[tuple[str, ...]] = set()
+        """the judgements this run added, or gave another source: what the next version holds"""
         self.quarantine: list[dict[str, str]] = []
         self.counts: Counter[str] = Counter(
             dict.fromkeys(
@@ -82,7 +79,7 @@ class Ingestion:
     def add(self, uri: str, location: str, raw: object, found: list[Judgement]) -> None:
         """Merge a record's judgements, or quarantine the whole record if any contradicts an earlier one."""
         for judgement in found:
-            earlier = self.judgements.get(_identity(judgement))
+            earlier = self.judgements.get(identity(judgement))
             if earlier is not None and _verdict(earlier) != _verdict(judgement):
                 self.refuse(
                     uri,
@@ -101,12 +98,14 @@ class Ingestion:
                 )
                 return
         for judgement in found:
-            earlier = self.judgements.get(_identity(judgement))
+            key = identity(judgement)
+            earlier = self.judgements.get(key)
             if earlier is None:
-                self.judgements[_identity(judgement)] = judgement
+                self.judgements[key] = judgement
             else:
                 earlier.sources.append(location)
                 self.counts["duplicates"] += 1
+            self.changed.add(key)
         self.counts["accepted"] += 1
 
     def refuse(self, uri: str, location: str, raw: object, invalid: Invalid) -> None:
@@ -121,6 +120,108 @@ class Ingestion:
         self.counts["quarantined"] += 1
         self.reasons[invalid.code] += 1
         self.invalid_by_source[uri] += 1
+
+
+def _read_new_files(
+    snapshot: store.Snapshot, sources: list[str], tasks: dict[str, AnnotationTask], limits: Limits
+) -> tuple[Ingestion, list[store.LedgerEntry]]:
+    """Every record of every file the ledger has not seen, merged into the snapshot's judgements."""
+    ingestion = Ingestion(snapshot.judgements)
+    seen = snapshot.ingested()
+    new_entries: list[store.LedgerEntry] = []
+    for uri in sources:
+        data = storage.read_bytes(uri)
+        content_hash = storage.sha256_hex(data)
+        if content_hash in seen:
+            ingestion.counts["files_already_ingested"] += 1
+            continue
+        seen.add(content_hash)
+        before = Counter(ingestion.counts)
+        for location, raw in records(uri, data):
+            ingestion.counts["read"] += 1
+            if isinstance(raw, Invalid):
+                ingestion.refuse(uri, location, raw, raw)
+                continue
+            try:
+                found, capped = judgements(raw, location, tasks, limits)
+            except Invalid as invalid:
+                ingestion.refuse(uri, location, raw, invalid)
+                continue
+            ingestion.counts["ranking_pairs_capped"] += capped
+            ingestion.add(uri, location, raw, found)
+        new_entries.append(
+            store.LedgerEntry(
+                content_hash=content_hash,
+                uri=uri,
+                records=ingestion.counts["read"] - before["read"],
+                accepted=ingestion.counts["accepted"] - before["accepted"],
+                quarantined=ingestion.counts["quarantined"] - before["quarantined"],
+                version=snapshot.version + 1,
+            )
+        )
+        ingestion.counts["files_ingested"] += 1
+    return ingestion, new_entries
+
+
+def _refuse_too_many_invalid(ingestion: Ingestion, config: Config, quarantine_uri: str) -> None:
+    """The quarantine is written and counted; too many invalid records stop the run before any version."""
+    counts = ingestion.counts
+    storage.write_jsonl(quarantine_uri, ingestion.quarantine)
+    invalid_fraction = counts["quarantined"] / max(1, counts["read"])
+    log_metrics(
+        dict(counts)
+        | {f"invalid_{code}": n for code, n in ingestion.reasons.items()}
+        | {"invalid_fraction": invalid_fraction}
+    )
+    if invalid_fraction > config.max_invalid_fraction:
+        worst = ", ".join(f"{uri} ({n})" for uri, n in ingestion.invalid_by_source.most_common(3))
+        raise UserError(
+            f"ingest_feedback: {invalid_fraction:.1%} of {counts['read']} new records are invalid "
+            f"(limit {config.max_invalid_fraction:.1%}); worst sources: {worst}; reasons in "
+            f"{quarantine_uri}; no dataset version was written"
+        )
+
+
+def _fold_in(
+    root: str, sources: list[str], tasks: dict[str, AnnotationTask], config: Config, context: RunContext
+) -> tuple[store.Snapshot, Ingestion, str]:
+    """(the dataset version this run ends on, what it read, that version's manifest). A version another
+    ingestion took first is read back, and this run's files are folded into the next one."""
+    limits = Limits((config.rating_min, config.rating_max), config.max_pairs_per_ranking)
+    quarantine_uri = step_output(context, "ingest_feedback", "quarantine.jsonl")
+    for attempt in range(1, SAVE_ATTEMPTS + 1):
+        snapshot = store.load(root)
+        ingestion, new_entries = _read_new_files(snapshot, sources, tasks, limits)
+        _refuse_too_many_invalid(ingestion, config, quarantine_uri)
+        merged = list(ingestion.judgements.values())
+        if not new_entries:
+            return snapshot, ingestion, store.manifest_uri(root, snapshot.version)
+        # In the dataset's order: loading merges versions back into exactly this order, which the content
+        # hash covers.
+        changed = [j for key, j in ingestion.judgements.items() if key in ingestion.changed]
+        summary = {
+            "pair_judgements": sum(isinstance(j, PairJudgement) for j in merged),
+            "ratings": sum(isinstance(j, RatingJudgement) for j in merged),
+            "files": len(snapshot.ledger) + len(new_entries),
+            "new_files": [entry.uri for entry in new_entries],
+            "contains_simulated_labels": any(j.simulated for j in merged),
+        }
+        try:
+            manifest = store.save(
+                root, snapshot, changed, new_entries, merged, summary, context.parent_run_id
+            )
+        except store.VersionTaken as taken:
+            log.warning(
+                "ingest_feedback: %s; reading it and trying again (%d/%d)", taken, attempt, SAVE_ATTEMPTS
+            )
+            time.sleep(min(2.0**attempt, 30.0) * random.uniform(0.5, 1.0))
+            continue
+        version = store.Snapshot(version=snapshot.version + 1, judgements=merged, ledger=[])
+        return version, ingestion, manifest
+    raise UserError(
+        f"ingest_feedback: other ingestions took {SAVE_ATTEMPTS} dataset versions of {root} in a row while "
+        "this one was writing; nothing of this run was written: run it again"
+    )
 
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
@@ -139,97 +240,34 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 config.simulated_annotator,
                 labelled,
             )
-        tasks = _load_tasks(inputs.inbox)
-        dataset_root = config.dataset or storage.join(inputs.inbox, "dataset")
-        snapshot = store.load(dataset_root)
-        ingestion = Ingestion(snapshot.judgements)
-        seen = snapshot.ingested()
-        new_entries: list[store.LedgerEntry] = []
-        for uri in list_sources([labels_dir, *config.sources]):
-            data = storage.read_bytes(uri)
-            content_hash = storage.sha256_hex(data)
-            if content_hash in seen:
-                ingestion.counts["files_already_ingested"] += 1
-                continue
-            seen.add(content_hash)
-            before = Counter(ingestion.counts)
-            for location, raw in records(uri, data):
-                ingestion.counts["read"] += 1
-                if isinstance(raw, Invalid):
-                    ingestion.refuse(uri, location, raw, raw)
-                    continue
-                try:
-                    found = judgements(raw, location, tasks, (config.rating_min, config.rating_max))
-                except Invalid as invalid:
-                    ingestion.refuse(uri, location, raw, invalid)
-                    continue
-                ingestion.add(uri, location, raw, found)
-            new_entries.append(
-                store.LedgerEntry(
-                    content_hash=content_hash,
-                    uri=uri,
-                    records=ingestion.counts["read"] - before["read"],
-                    accepted=ingestion.counts["accepted"] - before["accepted"],
-                    quarantined=ingestion.counts["quarantined"] - before["quarantined"],
-                    version=snapshot.version + 1,
-                )
+        sources, skipped = list_sources([labels_dir, *config.sources])
+        if skipped:
+            log.warning(
+                "ingest_feedback: skipped %d files that are no feedback format: %s",
+                len(skipped),
+                ", ".join(skipped[:5]),
             )
-            ingestion.counts["files_ingested"] += 1
-
-        counts = ingestion.counts
-        quarantine_uri = step_output(context, "ingest_feedback", "quarantine.jsonl")
-        storage.write_jsonl(quarantine_uri, ingestion.quarantine)
-        invalid_fraction = counts["quarantined"] / max(1, counts["read"])
-        log_metrics(
-            dict(counts)
-            | {f"invalid_{code}": n for code, n in ingestion.reasons.items()}
-            | {"invalid_fraction": invalid_fraction}
+            log_dict(skipped, "skipped_files.json")
+        root = config.dataset or storage.join(inputs.inbox, "dataset")
+        snapshot, ingestion, dataset_manifest = _fold_in(
+            root, sources, _load_tasks(inputs.inbox), config, context
         )
-        if invalid_fraction > config.max_invalid_fraction:
-            worst = ", ".join(f"{uri} ({n})" for uri, n in ingestion.invalid_by_source.most_common(3))
-            raise UserError(
-                f"ingest_feedback: {invalid_fraction:.1%} of {counts['read']} new records are invalid "
-                f"(limit {config.max_invalid_fraction:.1%}); worst sources: {worst}; reasons in "
-                f"{quarantine_uri}; no dataset version was written"
-            )
-
-        all_judgements = list(ingestion.judgements.values())
+        ingestion.counts["files_skipped"] = len(skipped)
+        all_judgements = snapshot.judgements
         pair_judgements = [j for j in all_judgements if isinstance(j, PairJudgement)]
         ratings = [j for j in all_judgements if isinstance(j, RatingJudgement)]
-        votes = pair_judgements + quality.pairs_from_ratings(ratings, config.rating_min_difference)
+        rating_pairs, rating_pairs_capped = quality.pairs_from_ratings(
+            ratings, config.rating_min_difference, config.max_rating_pairs
+        )
+        votes = pair_judgements + rating_pairs
         pairs, dropped_ties = quality.preferences(votes, config.tie_policy)
         agreement = quality.agreement(votes)
-        dataset_hash = storage.content_hash(
-            [j.model_dump(mode="json", exclude={"sources"}) for j in all_judgements]
-        )
-        if new_entries:
-            snapshot = store.Snapshot(
-                version=snapshot.version + 1,
-                judgements=all_judgements,
-                ledger=[*snapshot.ledger, *new_entries],
-            )
-            dataset_manifest = store.save(
-                dataset_root,
-                snapshot,
-                {
-                    "version": snapshot.version,
-                    "content_hash": dataset_hash,
-                    "judgements": len(all_judgements),
-                    "pair_judgements": len(pair_judgements),
-                    "ratings": len(ratings),
-                    "files": len(snapshot.ledger),
-                    "new_files": [entry.uri for entry in new_entries],
-                    "contains_simulated_labels": any(j.simulated for j in all_judgements),
-                },
-            )
-        else:
-            dataset_manifest = store.manifest_uri(dataset_root, snapshot.version)
         if len(pairs) < 2:
             raise UserError(
                 f"ingest_feedback: only {len(pairs)} usable preference pairs in dataset version "
                 f"{snapshot.version} ({labels_dir})"
             )
-
+        counts = ingestion.counts
         train = [p.model_dump() for p in pairs if not is_eval(p.id, config.eval_fraction)]
         evaluation = [p.model_dump() for p in pairs if is_eval(p.id, config.eval_fraction)]
         counts.update(
@@ -239,12 +277,13 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             train=len(train),
             eval=len(evaluation),
             simulated=sum(p.simulated for p in pairs),
+            rating_pairs_capped=rating_pairs_capped,
         )
         pairs_hash = storage.content_hash([p.model_dump(exclude={"sources"}) for p in pairs])
         outputs = Outputs(
             train=step_output(context, "ingest_feedback", "train.jsonl"),
             eval=step_output(context, "ingest_feedback", "eval.jsonl"),
-            quarantine=quarantine_uri,
+            quarantine=step_output(context, "ingest_feedback", "quarantine.jsonl"),
             manifest=step_output(context, "ingest_feedback", "manifest.json"),
             content_hash=pairs_hash,
             counts=dict(counts),
@@ -259,7 +298,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 "row_count": len(pairs),
                 "content_hash": pairs_hash,
                 "dataset_version": snapshot.version,
-                "dataset_content_hash": dataset_hash,
+                "dataset_content_hash": store.content_hash(all_judgements),
                 "counts": dict(counts),
                 "invalid_reasons": dict(ingestion.reasons),
                 "agreement": agreement.model_dump(),
@@ -278,6 +317,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 "simulated_pairs": counts["simulated"],
                 "dataset_version": snapshot.version,
                 "annotators": len(agreement.annotators),
+                "files_skipped": len(skipped),
             }
         )
         if mlflow_run is not None:

@@ -13,6 +13,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from unit._helpers import read_jsonl, write_feedback_in_every_format  # tests/ is on sys.path
+from unit.test_dataset_integrity import assert_nothing_lost, two_ingestions_at_once
 from unit.test_feedback_properties import LINE
 
 from rlhf_components import ingest_feedback
@@ -90,3 +91,9 @@ def test_random_records_give_the_same_outcome_from_s3_and_from_disk(
             return "ok", (outputs.counts, pairs(outputs)), quarantine
 
         assert outcome(str(local_inbox)) == outcome(s3_inbox)
+
+
+def test_two_ingestions_at_once_on_s3_both_end_in_the_dataset(s3_server: S3Server, tmp_path: Path) -> None:
+    """The version claim is a conditional PUT (If-None-Match: *) on S3."""
+    inbox = s3_server.uri(f"race-{uuid.uuid4().hex[:10]}", "inbox")
+    assert_nothing_lost(two_ingestions_at_once(inbox, tmp_path))

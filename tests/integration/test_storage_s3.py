@@ -217,3 +217,10 @@ def test_parity_missing_file_is_a_user_error(root: str) -> None:
     with pytest.raises(UserError) as caught_dir:
         storage.local_dir(storage.join(root, "no-dir"))
     assert storage.join(root, "no-dir") in str(caught_dir.value)
+
+
+def test_create_exclusive_is_first_writer_wins_over_the_wire(s3_root: str) -> None:
+    uri = storage.join(s3_root, "claims", "v000001.json")
+    assert storage.create_exclusive(uri, b"first")
+    assert not storage.create_exclusive(uri, b"second")
+    assert storage.read_bytes(uri) == b"first"

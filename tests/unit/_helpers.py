@@ -51,7 +51,8 @@ def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Lines end at "\\n" only, as the project writes them (U+2028 in a text is not a line break)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def make_context(root: Path, experiment: str = "tests", seed: int = 0) -> RunContext:

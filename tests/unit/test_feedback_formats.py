@@ -17,6 +17,7 @@ from rlhf_components.core.records import Message
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.ingest_feedback.formats import (
     Invalid,
+    Limits,
     PairJudgement,
     RatingJudgement,
     judgements,
@@ -33,7 +34,9 @@ from ._helpers import P, read_jsonl, write_feedback_in_every_format, write_jsonl
 
 
 def judged(raw: dict[str, Any], rating_range: tuple[float, float] = (1, 5)) -> list[Any]:
-    return judgements(raw, "here", {}, rating_range)
+    found, capped = judgements(raw, "here", {}, Limits(rating_range))
+    assert capped == 0
+    return found
 
 
 def preferred(found: list[Any]) -> set[tuple[str, str]]:
@@ -124,7 +127,7 @@ def test_ratings_pair_up_within_one_annotator_by_their_difference() -> None:
                                sources=[response])
 
     ratings = [rating("a", 5), rating("b", 4.5), rating("c", 2), rating("d", 2), rating("e", 1, "other")]
-    pairs = pairs_from_ratings(ratings, min_difference=1.0)
+    pairs, _ = pairs_from_ratings(ratings, min_difference=1.0, max_pairs=1000)
     # a–b differ by 0.5 (< 1: no pair); c–d are equal (a tie); e is another annotator's scale.
     expected = {("a", "c"), ("a", "d"), ("b", "c"), ("b", "d")}
     assert preferred([p for p in pairs if p.choice != "tie"]) == expected

@@ -18,7 +18,10 @@ from rlhf_components.core.tracking import RunContext
 
 from ._helpers import read_jsonl
 
-TEXTS = st.sampled_from(["", " ", "good", "bad", "ok", "great", "good "])  # empties, self-pairs, repeats
+# Empties, self-pairs, repeats, and characters that other tools take for line breaks or byte-order marks.
+TEXTS = st.sampled_from(
+    ["", " ", "good", "bad", "ok", "great", "good ", "a\u2028b", "c\u0085d", "e\u2029", "\ufefff"]
+)
 PROMPTS = st.sampled_from(["Review:", "Other:", ""])
 ANNOTATORS = st.sampled_from(["ann", "bob", "cy"])
 
@@ -45,7 +48,10 @@ JUNK = st.one_of(
     st.text(max_size=10),
 )
 RECORD = st.one_of(CHOSEN_REJECTED, CHOICE, RATING, RANKING, JUNK)
-LINE = st.one_of(RECORD.map(json.dumps), st.sampled_from(['{"prompt": "Review', "not json", "[1,"]))
+LINE = st.one_of(
+    RECORD.map(lambda record: json.dumps(record, ensure_ascii=False)),
+    st.sampled_from(['{"prompt": "Review', "not json", "[1,", "[" * 5000 + "]" * 5000, "1" * 5000]),
+)
 
 
 def ingest(inbox: Path, context: RunContext) -> ingest_feedback.Outputs | None:

@@ -227,9 +227,11 @@ def test_each_file_is_folded_in_once_into_a_versioned_dataset(
     assert later.dataset_version == 2
     assert later.counts["read"] == 3 and later.counts["files_already_ingested"] == 2
     assert later.counts["pairs"] == 7
-    ledger = read_jsonl(inbox / "dataset" / "v000002" / "ledger.jsonl")
+    # Versions are incremental: each holds the files it ingested, and its own judgements.
+    ledger = [e for v in ("v000001", "v000002") for e in read_jsonl(inbox / "dataset" / v / "ledger.jsonl")]
     assert [(Path(e["uri"]).name, e["version"], e["records"]) for e in ledger] == [
         ("week-1.jsonl", 1, 4), ("week-2.jsonl", 2, 3)]
+    assert len(read_jsonl(inbox / "dataset" / "v000002" / "judgements.jsonl")) == 3
     manifest = json.loads((inbox / "dataset" / "v000002" / "manifest.json").read_text())
     assert manifest["judgements"] == 7 and manifest["new_files"] == [str(inbox / "labels" / "week-2.jsonl")]
     assert json.loads((inbox / "dataset" / "latest.json").read_text()) == {"version": 2}

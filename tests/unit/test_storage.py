@@ -61,3 +61,16 @@ def test_unreachable_s3_endpoint_is_one_clear_user_error(monkeypatch: pytest.Mon
             storage.write_bytes("s3://bucket/key", b"x")
     finally:
         storage.s3_client.cache_clear()
+
+
+def test_create_exclusive_is_first_writer_wins_and_leaves_no_temporary_files(tmp_path: Path) -> None:
+    target = tmp_path / "claims" / "v000001.json"
+    assert storage.create_exclusive(str(target), b"first")
+    assert not storage.create_exclusive(str(target), b"second")
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in target.parent.iterdir()] == ["v000001.json"]
+
+
+def test_jsonl_lines_end_at_newlines_only() -> None:
+    text = '{"a": "x\u2028y"}\r\n\n{"b": "\u0085"}\n'
+    assert list(storage.jsonl_lines(text)) == [(1, '{"a": "x\u2028y"}'), (3, '{"b": "\u0085"}')]
