@@ -10,7 +10,9 @@ Kubernetes), and `load` at start-up to resume.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import signal
 import tempfile
 from pathlib import Path
@@ -21,9 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf_components.core import storage
+from rlhf_components.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
+STEP_FOLDER = re.compile(r"step-\d{8}")
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 LATEST = "latest.json"
@@ -66,8 +70,10 @@ def save(uri: str, step: int, tensors: dict[str, torch.Tensor], state: dict[str,
         # safetensors refuses tensors that share memory (tied embeddings): store private CPU copies.
         copies = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
         save_file(copies, str(Path(temp, TENSORS)))
-        storage.write_bytes(storage.join(uri, name, TENSORS), Path(temp, TENSORS).read_bytes())
-    storage.write_json(storage.join(uri, name, STATE), {**state, "step": step})
+        data = Path(temp, TENSORS).read_bytes()
+        storage.write_bytes(storage.join(uri, name, TENSORS), data)
+    state = {**state, "step": step, "tensors_sha256": storage.sha256_hex(data)}
+    storage.write_json(storage.join(uri, name, STATE), state)
     storage.write_json(storage.join(uri, LATEST), {"step": step, "directory": name})
     for stale in _step_directories(uri) - {name}:
         storage.remove(storage.join(uri, stale))
@@ -80,14 +86,47 @@ def _step_directories(uri: str) -> set[str]:
     return {top for top in tops if top.startswith("step-")}
 
 
+class Damaged(UserError):
+    """A checkpoint that cannot be resumed from as it is."""
+
+    def __init__(self, uri: str, problem: str) -> None:
+        one_line = " ".join(problem.split())
+        super().__init__(f"{uri}: the checkpoint is damaged ({one_line}); set resume: false to start over")
+
+
 def load(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    name = storage.read_json(storage.join(uri, LATEST))["directory"]
-    state = storage.read_json(storage.join(uri, name, STATE))
-    with tempfile.TemporaryDirectory() as temp:
-        path = Path(temp, TENSORS)
-        path.write_bytes(storage.read_bytes(storage.join(uri, name, TENSORS)))
-        tensors = load_file(str(path))
+    """(tensors, state) of the newest checkpoint at `uri`, checked: the pointer names a step folder of this
+    checkpoint (never a path outside it), the state is JSON, the tensors match their sha256."""
+    pointer = _json(uri, storage.join(uri, LATEST))
+    name = pointer.get("directory")
+    if not isinstance(name, str) or not STEP_FOLDER.fullmatch(name):
+        raise Damaged(uri, f"{LATEST} points at {name!r}, not at a step folder of this checkpoint")
+    state = _json(uri, storage.join(uri, name, STATE))
+    if not storage.exists(storage.join(uri, name, TENSORS)):
+        raise Damaged(uri, f"{name}/{TENSORS} is missing")
+    data = storage.read_bytes(storage.join(uri, name, TENSORS))
+    if state.get("tensors_sha256") != storage.sha256_hex(data):
+        raise Damaged(uri, f"{name}/{TENSORS} does not match its sha256: truncated or changed")
+    try:
+        with tempfile.TemporaryDirectory() as temp:
+            path = Path(temp, TENSORS)
+            path.write_bytes(data)
+            tensors = load_file(str(path))
+    except Exception as error:  # safetensors' own error types vary by version
+        raise Damaged(uri, f"{name}/{TENSORS} is not a safetensors file: {error}") from None
     return tensors, state
+
+
+def _json(uri: str, file_uri: str) -> dict[str, Any]:
+    if not storage.exists(file_uri):
+        raise Damaged(uri, f"{file_uri} is missing")
+    try:
+        value = json.loads(storage.read_text(file_uri))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise Damaged(uri, f"{file_uri} is not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise Damaged(uri, f"{file_uri} is not a JSON object")
+    return value
 
 
 def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -215,14 +215,18 @@ class Kernel:
             raise UserError(
                 f"{uri}: checkpoint was written with a different {self.name} config; set resume: false"
             )
-        for name, model in self.models.items():
-            model.load_state_dict(checkpoint.unprefixed(name, tensors))
-        checkpoint.restore_optimizer("optimizer", self.optimizer, tensors, state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.workers.optimizer_steps = int(state["optimizer_steps"])
-        torch.set_rng_state(tensors["rng.torch"])
-        log.info("%s: resumed from %s after %s %d", self.name, uri, self.unit, state["step"])
-        return Resumed(int(state["step"]), state["trainer"], checkpoint.unprefixed("trainer", tensors))
+        try:
+            for name, model in self.models.items():
+                model.load_state_dict(checkpoint.unprefixed(name, tensors))
+            checkpoint.restore_optimizer("optimizer", self.optimizer, tensors, state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            self.workers.optimizer_steps = int(state["optimizer_steps"])
+            torch.set_rng_state(tensors["rng.torch"])
+            resumed = Resumed(int(state["step"]), state["trainer"], checkpoint.unprefixed("trainer", tensors))
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:  # missing or misshapen entries
+            raise checkpoint.Damaged(uri, f"{type(error).__name__}: {str(error)[:300]}") from None
+        log.info("%s: resumed from %s after %s %d", self.name, uri, self.unit, resumed.done)
+        return resumed
 
     def finish(self, save: Callable[[], T]) -> T | None:
         """The last parameter average (sync: average_every_k), then rank 0 runs `save` and returns its

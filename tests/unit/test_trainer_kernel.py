@@ -3,12 +3,16 @@ accumulation, clipping, the optimizer and the schedule; then its checkpoints, SI
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from rlhf_components import dpo, ppo, train_reward_model
 from rlhf_components.core.errors import UserError
@@ -235,3 +239,41 @@ def test_pairs_that_leave_a_worker_without_a_pair_are_a_user_error() -> None:
         require_pairs(0, "pairs.jsonl", config, Workers(0, 4), "dpo")
     with pytest.raises(UserError, match=r"17 training pairs in batches of 8 leave a batch of 1 for 4 "):
         require_pairs(17, "pairs.jsonl", config, Workers(0, 4), "dpo")
+
+
+def _saved(tmp_path: Path) -> Path:
+    model = small_model()
+    _train(_kernel(model, tmp_path, checkpoint_every=1), model, range(2))
+    return tmp_path / "step-00000002"
+
+
+def _rewrite_tensors(folder: Path, change: Any) -> None:
+    """Change the tensors file and record its new checksum: only the content is wrong, not the file."""
+    tensors = load_file(str(folder / "tensors.safetensors"))
+    change(tensors)
+    save_file(tensors, str(folder / "tensors.safetensors"))
+    state = json.loads((folder / "state.json").read_text())
+    state["tensors_sha256"] = hashlib.sha256((folder / "tensors.safetensors").read_bytes()).hexdigest()
+    (folder / "state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (lambda f: (f / "tensors.safetensors").write_bytes((f / "tensors.safetensors").read_bytes()[:-100]),
+     "does not match its sha256"),
+    (lambda f: (f / "tensors.safetensors").write_bytes(
+        (lambda b: b[:-1] + bytes([b[-1] ^ 1]))((f / "tensors.safetensors").read_bytes())),
+     "does not match its sha256"),
+    (lambda f: (f / "state.json").write_text("{"), "state.json is not JSON"),
+    (lambda f: (f / "tensors.safetensors").unlink(), "tensors.safetensors is missing"),
+    (lambda f: (f.parent / "latest.json").write_text(json.dumps({"step": 2, "directory": "../../elsewhere"})),
+     "points at '../../elsewhere', not at a step folder"),
+    (lambda f: _rewrite_tensors(f, lambda t: t.pop("model.0.weight")), "Missing key"),
+    (lambda f: _rewrite_tensors(f, lambda t: t.update({"model.0.weight": torch.zeros(3, 3)})), "size mis"),
+])
+def test_a_damaged_checkpoint_is_one_line_that_says_what_and_to_set_resume_false(
+    tmp_path: Path, damage: Any, problem: str
+) -> None:
+    damage(_saved(tmp_path))
+    one_line = rf"^[^\n]*the checkpoint is damaged \(.*({problem}).*\); set resume: false[^\n]*$"
+    with pytest.raises(UserError, match=one_line):
+        _kernel(small_model(), tmp_path).resume()
