@@ -7,6 +7,7 @@ The same path loads the demo's tiny GPT-2 and a real Hugging Face checkpoint; pi
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from rlhf_components.core.config import ModelStep
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import positions
 from rlhf_components.core.records import Prompt
+
+log = logging.getLogger(__name__)
 
 MODELS_PREFIX = storage.MODELS_PREFIX
 REWARD_MEAN_KEY = "rlhf_reward_mean"
@@ -55,7 +58,7 @@ def _download_registered(uri: str) -> Path:
         # Resolve the alias first, so a moved alias never serves a stale cached copy.
         version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version if alias else None
         pinned = f"{MODELS_PREFIX}{name}/{version}" if version else uri
-        server = storage.sha256_hex(mlflow.get_tracking_uri().encode())[:10]
+        server = storage.sha256_hex(mlflow.get_registry_uri().encode())[:10]
         target = storage.cache_dir() / "models" / server / pinned[len(MODELS_PREFIX) :].replace("/", "_")
         if not target.is_dir():
             with storage.staging_dir(target) as staging:
@@ -115,6 +118,8 @@ def load_tokenizer(checkpoint: Path, trust_remote_code: bool = False) -> PreTrai
     """The checkpoint's tokenizer as it is: no token is ever added (see core.chat for padding)."""
     if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{checkpoint}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) in the checkpoint")
+    if trust_remote_code:
+        log.warning("%s: trust_remote_code is on: the checkpoint's own Python code runs here", checkpoint)
     return AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
 
 

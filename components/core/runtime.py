@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from rlhf_components.core.errors import UserError
+from rlhf_components.core.errors import UserError, redacted
 
 if TYPE_CHECKING:
     import torch
@@ -21,6 +22,27 @@ def setup_logging(level: str | None = None) -> None:
     )
     for noisy in ("urllib3", "botocore", "alembic", "httpx", "git", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    make_record = logging.getLogRecordFactory()
+    if not getattr(make_record, "redacts", False):
+        logging.setLogRecordFactory(_redacting(make_record))
+
+
+def _redacting(make_record: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    """Log lines never show the credentials of a URI, whichever library logged them and whichever handler
+    (kfp.local swaps the root handlers) writes them."""
+
+    def make_redacted_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed call: logging reports it when the record is written
+            return record
+        if "://" in message:
+            record.msg, record.args = redacted(message), None
+        return record
+
+    make_redacted_record.redacts = True  # type: ignore[attr-defined]
+    return make_redacted_record
 
 
 def seed_everything(seed: int) -> torch.Generator:

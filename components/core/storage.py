@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_components.core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 S3_PREFIX = "s3://"
 MODELS_PREFIX = "models:/"  # an MLflow registry URI, resolved by core.models
@@ -164,7 +167,8 @@ def list_files(prefix: str) -> list[str]:
             return [str(root)]
         if not root.is_dir():
             return []
-        return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        visible = (p for p in root.rglob("*") if not p.name.startswith("."))
+        return sorted(str(p) for p in visible if _inside(root, p) and p.is_file())
     bucket, key = split_s3(prefix)
     if key and not key.endswith("/"):
         # Like a local path: the object itself, or the "directory" of that name, never name-prefixed siblings.
@@ -174,6 +178,15 @@ def list_files(prefix: str) -> list[str]:
         except FileNotFoundError:
             key += "/"
     return sorted(_s3_objects(prefix, bucket, key))
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """False (and a warning) for a symbolic link that leads out of `root`: a shared inbox must not become a
+    way to read any file the job can see."""
+    if not path.is_symlink() or path.resolve().is_relative_to(root.resolve()):
+        return True
+    log.warning("%s: a symbolic link to %s, outside %s; not followed", path, path.resolve(), root)
+    return False
 
 
 def _s3_objects(uri: str, bucket: str, key_prefix: str) -> dict[str, str]:

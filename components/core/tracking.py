@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import Field
 
 from rlhf_components.core.config import StrictModel, flatten
-from rlhf_components.core.errors import UserError
+from rlhf_components.core.errors import UserError, redacted
 from rlhf_components.core.runtime import process_rank
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def log_params(run_id: str, params: dict[str, str]) -> None:
     import mlflow
     from mlflow.entities import Param
 
-    items = [Param(key, value[:6000]) for key, value in sorted(params.items())]
+    items = [Param(key, redacted(value)[:6000]) for key, value in sorted(params.items())]
     client = mlflow.MlflowClient()
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start : start + 100])

@@ -113,6 +113,8 @@ def test_resolve_and_load_a_registered_alias(
     assert (checkpoint / "config.json").is_file()
     assert list(checkpoint.glob("*.safetensors"))
     assert checkpoint.is_relative_to(storage.cache_dir())
+    registry_key = storage.sha256_hex(mlflow.get_registry_uri().encode())[:10]
+    assert checkpoint.relative_to(storage.cache_dir() / "models").parts[0] == registry_key
 
     loaded, _ = load_policy(f"models:/{name}@staging")
     _same_weights(model, loaded)
