@@ -16,12 +16,15 @@ from rich.table import Table
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.runtime import setup_logging
 from rlhf_pipelines.config import load_pipeline_config
+from rlhf_pipelines.interrupts import Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RLHF pipelines on Kubeflow + MLflow.")
 demo_assets_app = typer.Typer(no_args_is_help=True, help="The demo task's assets.")
 app.add_typer(demo_assets_app, name="demo-assets")
 console = Console()
 log = logging.getLogger("rlhf")
+
+INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a command stopped by Ctrl-C
 
 ConfigArg = Annotated[Path, typer.Argument(help="pipeline config YAML")]
 
@@ -146,15 +149,18 @@ def _use_tracking(uri: str | None) -> None:
 def main() -> None:
     setup_logging()
     try:
-        app(standalone_mode=False)
+        # Out of standalone mode typer answers Ctrl-C with its exit code (130) instead of raising.
+        code = app(standalone_mode=False)
+    except Interrupted as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
+        code = INTERRUPTED_EXIT_CODE
     except Exception as error:  # click's usage errors arrive here as ClickException
         import click
 
@@ -162,3 +168,7 @@ def main() -> None:
             error.show()
             sys.exit(error.exit_code)
         raise
+    if code == INTERRUPTED_EXIT_CODE:
+        print("interrupted", file=sys.stderr)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -1,6 +1,7 @@
 """The two DAGs, RLHF and DPO. Every task receives the whole run config (a JSON string) and its upstream
 tasks' outputs. Both start alike: candidates come from the champion (the last promoted policy), so each
-run's annotation tasks are answered by the newest policy; DPO then trains on the preferences directly."""
+run's annotation tasks are answered by the newest policy; DPO then trains on the preferences directly.
+The trainers are retried, and a retry resumes from the checkpoint the failed attempt left behind."""
 
 from typing import Any
 
@@ -41,8 +42,8 @@ def _evaluate_and_gate(
 @dsl.pipeline(name="rlhf", description="RLHF: prompts → candidates → feedback → reward model → PPO → gate")
 def rlhf_pipeline(config: str) -> str:
     run, prompts, candidates, feedback = _preferences(config)
-    reward = c.train_reward_model(config=config, run=run.output, feedback=feedback.output)
-    policy = c.ppo(config=config, run=run.output, prompts=prompts.output, reward=reward.output)
+    reward = c.train_reward_model(config=config, run=run.output, feedback=feedback.output).set_retry(2)
+    policy = c.ppo(config=config, run=run.output, prompts=prompts.output, reward=reward.output).set_retry(2)
     evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback, reward.output, policy)
     for task in (run, prompts, candidates, feedback, reward, policy, evaluation, registered):
         c.use_cluster_credentials(task)
@@ -54,7 +55,7 @@ def rlhf_pipeline(config: str) -> str:
 @dsl.pipeline(name="dpo", description="DPO: prompts → candidates → feedback → DPO → gate")
 def dpo_pipeline(config: str) -> str:
     run, prompts, candidates, feedback = _preferences(config)
-    policy = c.dpo(config=config, run=run.output, feedback=feedback.output)
+    policy = c.dpo(config=config, run=run.output, feedback=feedback.output).set_retry(2)
     no_reward_model = "null"
     evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback, no_reward_model, policy)
     for task in (run, prompts, candidates, feedback, policy, evaluation, registered):

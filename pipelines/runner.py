@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_components.core import storage
-from rlhf_components.core.errors import UserError
+from rlhf_components.core.config import flatten
+from rlhf_components.core.errors import UserError, redacted
 from rlhf_components.core.step import ERROR_FILE_ENV
 from rlhf_components.core.storage import MODELS_PREFIX
 from rlhf_components.core.tracking import check_reachable, resolve_tracking_uri
+from rlhf_pipelines import interrupts
 from rlhf_pipelines.config import PipelineConfig, with_absolute_paths
 
 log = logging.getLogger(__name__)
@@ -64,16 +66,18 @@ def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
     from rlhf_pipelines.dag import PIPELINES
 
     config = with_absolute_paths(config)
-    if config.tracking.uri is None:
-        config = config.model_copy(
-            update={
-                "tracking": config.tracking.model_copy(update={"uri": resolve_tracking_uri(config.tracking)})
-            }
-        )
-    build_demo_assets_if_configured(config)
-    preflight(config)
     pipeline_root = workdir / "kfp-local"
+    error_file, run_file = pipeline_root / "last-step-error.txt", pipeline_root / "parent-run.json"
+    inherited = {ERROR_FILE_ENV: str(error_file), **interrupts.runner_environment(run_file)}
+    tracking_uri = resolve_tracking_uri(config.tracking)
+    uri_in_config: str | None = tracking_uri
+    if redacted(tracking_uri) != tracking_uri:
+        # kfp.local prints every task's parameters: credentials travel in the environment instead.
+        inherited["MLFLOW_TRACKING_URI"], uri_in_config = tracking_uri, None
+    config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"uri": uri_in_config})})
     pipeline_root.mkdir(parents=True, exist_ok=True)
+    for stale in (error_file, run_file):
+        stale.unlink(missing_ok=True)
     kfp.local.init(
         runner=kfp.local.SubprocessRunner(use_venv=False),
         pipeline_root=str(pipeline_root),
@@ -81,24 +85,47 @@ def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
     )
     # Our components name the project image as base_image on purpose; under kfp.local it is this environment.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
-    error_file = pipeline_root / "last-step-error.txt"
-    error_file.unlink(missing_ok=True)
-    os.environ[ERROR_FILE_ENV] = str(error_file)  # the task subprocesses inherit it
-    try:
-        task = PIPELINES[config.pipeline](config=config.to_json())
-    except RuntimeError as error:
-        reason = error_file.read_text(encoding="utf-8").strip() if error_file.is_file() else ""
-        detail = reason or re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()[0]
-        raise UserError(f"pipeline {config.name} failed at {detail} (step logs above)") from None
-    finally:
-        os.environ.pop(ERROR_FILE_ENV, None)
+    with _inherited_by_tasks(inherited):
+        build_demo_assets_if_configured(config)
+        preflight(config)
+        try:
+            with interrupts.stopped_cleanly(config.name, run_file):
+                task = PIPELINES[config.pipeline](config=config.to_json())
+        except RuntimeError as error:
+            reason = error_file.read_text(encoding="utf-8").strip() if error_file.is_file() else ""
+            detail = reason or re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()[0]
+            raise UserError(f"pipeline {config.name} failed at {detail} (step logs above)") from None
     outputs = json.loads(task.output)
     summary: dict[str, Any] = storage.read_json(outputs["summary"])
     return summary
 
 
+@contextmanager
+def _inherited_by_tasks(variables: dict[str, str]) -> Iterator[None]:
+    """Environment variables for the task subprocesses, set for the length of the run."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _check_for_kubernetes(config: PipelineConfig) -> None:
-    """Pods share nothing with this machine: every location must be a server or shared storage."""
+    """Pods share nothing with this machine: every location must be a server or shared storage, and no
+    secret may ride in the run's parameters, which the KFP UI shows to anyone who can see the run."""
+    from rlhf_pipelines import components
+
+    for field, value in flatten(config.model_dump(mode="json")).items():
+        if redacted(value) != value:
+            raise UserError(
+                f"{field}: credentials in a URI would be visible in the KFP UI; put them in the "
+                f"{components.MLFLOW_SECRET} or {components.S3_SECRET} secret (see README, Kubernetes)"
+            )
     if config.tracking.uri is None or not config.tracking.uri.startswith(("http://", "https://")):
         raise UserError(
             "tracking.uri: a pipeline on Kubernetes needs an MLflow server URL (http:// or https://)"

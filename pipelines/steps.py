@@ -40,6 +40,7 @@ from rlhf_components.core.tracking import (
 from rlhf_components.distributed import launch
 from rlhf_components.register_and_promote.registry import alias_version
 from rlhf_pipelines.config import PipelineConfig, parse_pipeline_config
+from rlhf_pipelines.interrupts import record_parent_run, stop_with_the_runner
 
 StepBody = Callable[..., str]
 
@@ -62,6 +63,7 @@ def _report_failure(step: str, error: Exception) -> None:
 def start(config_json: str) -> str:
     """Open the MLflow parent run; name the champion policy (production alias, else the SFT policy)."""
     setup_logging()
+    stop_with_the_runner()
     config = parse_pipeline_config(config_json)
     try:
         tracking_uri, run_id = start_pipeline_run(
@@ -70,6 +72,7 @@ def start(config_json: str) -> str:
             config.model_dump(mode="json"),
             {"rlhf.pipeline": config.name, "rlhf.config_hash": config.config_hash()},
         )
+        record_parent_run(tracking_uri, run_id)
         name = config.register_and_promote.policy_name
         version = alias_version(name, "production")
     except Exception as error:
@@ -98,6 +101,7 @@ def _step(finishes_pipeline: bool = False) -> Callable[[Callable[..., BaseModel]
         @functools.wraps(inputs_for)
         def body(config_json: str, started_json: str, *upstream_json: str) -> str:
             setup_logging()
+            stop_with_the_runner()
             config = parse_pipeline_config(config_json)
             started = Started.model_validate_json(started_json)
             try:
@@ -110,6 +114,9 @@ def _step(finishes_pipeline: bool = False) -> Callable[[Callable[..., BaseModel]
             except Exception as error:
                 _report_failure(step, error)
                 finish_pipeline_run(started.context, "FAILED")
+                raise
+            except KeyboardInterrupt:
+                finish_pipeline_run(started.context, "KILLED")
                 raise
             if finishes_pipeline:
                 finish_pipeline_run(started.context)

@@ -134,11 +134,11 @@ def test_dag_edges_follow_the_design(spec: dict[str, Any]) -> None:
     assert output["producerSubtask"] == "register-and-promote"
 
 
-def test_start_and_register_steps_are_retried(spec: dict[str, Any]) -> None:
+def test_start_register_and_the_trainers_are_retried(spec: dict[str, Any]) -> None:
     tasks = _tasks(spec)
-    for name in ("start-run", "register-and-promote"):
+    for name in ("start-run", "train-reward-model", "ppo", "register-and-promote"):
         assert tasks[name]["retryPolicy"]["maxRetryCount"] == 2, name
-    assert "retryPolicy" not in tasks["ppo"]
+    assert "retryPolicy" not in tasks["evaluate"]
 
 
 def test_compiled_pipeline_reloads_as_a_component(compiled_path: Path) -> None:
@@ -177,6 +177,7 @@ def test_the_dpo_dag_trains_from_the_feedback_without_a_reward_model(cli: dict[s
     assert {"evaluate", "dpo", "ingest-feedback"} <= depends["register-and-promote"]
     reward = _tasks(spec)["evaluate"]["inputs"]["parameters"]["reward"]
     assert reward["runtimeValue"]["constant"] == "null"
+    assert _tasks(spec)["dpo"]["retryPolicy"]["maxRetryCount"] == 2
 
 
 MODEL_EXECUTORS = {"exec-generate-candidates", "exec-train-reward-model", "exec-ppo", "exec-evaluate"}

@@ -289,6 +289,7 @@ def test_submit_request_reuses_an_existing_experiment(fake_kfp: FakeKfp) -> None
         ("file:///tmp/mlruns", "s3://bucket/runs", "s3://bucket/inbox", "tracking.uri"),
         ("http://mlflow.example:5000", "/tmp/rlhf-runs", "s3://bucket/inbox", "storage_root"),
         ("http://mlflow.example:5000", "s3://bucket/runs", ".rlhf-runs/inbox", "feedback_inbox"),
+        ("http://admin:hunter2@mlflow.example:5000", "s3://bucket/runs", "s3://bucket/inbox", "tracking.uri"),
     ],
 )
 def test_submit_refuses_local_tracking_or_storage_before_any_request(
@@ -302,7 +303,7 @@ def test_submit_refuses_local_tracking_or_storage_before_any_request(
     })
     with pytest.raises(UserError) as raised:
         runner.submit(config, fake_kfp.url, "rlhf-tests")
-    assert str(raised.value).startswith(f"{field_name}: ")
+    assert str(raised.value).startswith(f"{field_name}: ") and "hunter2" not in str(raised.value)
     assert fake_kfp.requests == []
 
 
