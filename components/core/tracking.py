@@ -6,9 +6,11 @@ working directory, so the embedded default needs no server.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,12 +55,23 @@ def check_reachable(uri: str) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+        with urllib.request.urlopen(_health_request(uri), timeout=5) as response:
             if response.status != 200:
                 raise UserError(f"MLflow tracking server {uri} answered HTTP {response.status} on /health")
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise UserError(f"MLflow tracking server {uri} is unreachable: {reason}") from None
+
+
+def _health_request(uri: str) -> urllib.request.Request:
+    """GET /health; credentials in the URI (urllib cannot take them there) become a basic-auth header."""
+    parts = urllib.parse.urlsplit(uri)
+    url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/") + "/health"
+    if parts.username is None:
+        return urllib.request.Request(url)
+    user, password = (urllib.parse.unquote(part or "") for part in (parts.username, parts.password))
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
 
 
 def _use(uri: str, experiment: str) -> str:

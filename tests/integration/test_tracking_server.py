@@ -144,6 +144,8 @@ def test_step_artifacts_land_in_the_s3_bucket(
 
 def test_check_reachable(mlflow_server: MlflowServer) -> None:
     assert check_reachable(mlflow_server.url) is None  # healthy server: no error
+    with_credentials = mlflow_server.url.replace("http://", "http://admin:p%40ss@")
+    assert check_reachable(with_credentials) is None  # sent as a basic-auth header, which this server ignores
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there once the probe socket is closed
     with pytest.raises(UserError, match="unreachable") as caught:
         check_reachable(closed)
