@@ -142,9 +142,27 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
+_runner_gone = threading.Event()
+
+
+def runner_gone() -> bool:
+    """Whether this step process saw its `rlhf run` vanish (its failures are then the kill, not its own)."""
+    return _runner_gone.is_set()
+
+
+@contextmanager
+def sigint_ignored() -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _watch(runner: psutil.Process) -> None:
     while _alive(runner):
         time.sleep(1.0)
+    _runner_gone.set()
     log.error("rlhf run (pid %d) is gone; stopping this step", runner.pid)
     stop_descendants(grace_s=5.0)
     os.kill(os.getpid(), signal.SIGINT)

@@ -39,8 +39,8 @@ from rlhf_components.core.tracking import (
 )
 from rlhf_components.distributed import launch
 from rlhf_components.register_and_promote.registry import alias_version
+from rlhf_pipelines import interrupts
 from rlhf_pipelines.config import PipelineConfig, parse_pipeline_config
-from rlhf_pipelines.interrupts import record_parent_run, stop_with_the_runner
 
 StepBody = Callable[..., str]
 
@@ -63,7 +63,7 @@ def _report_failure(step: str, error: Exception) -> None:
 def start(config_json: str) -> str:
     """Open the MLflow parent run; name the champion policy (production alias, else the SFT policy)."""
     setup_logging()
-    stop_with_the_runner()
+    interrupts.stop_with_the_runner()
     config = parse_pipeline_config(config_json)
     try:
         tracking_uri, run_id = start_pipeline_run(
@@ -72,7 +72,7 @@ def start(config_json: str) -> str:
             config.model_dump(mode="json"),
             {"rlhf.pipeline": config.name, "rlhf.config_hash": config.config_hash()},
         )
-        record_parent_run(tracking_uri, run_id)
+        interrupts.record_parent_run(tracking_uri, run_id)
         name = config.register_and_promote.policy_name
         version = alias_version(name, "production")
     except Exception as error:
@@ -84,6 +84,7 @@ def start(config_json: str) -> str:
         parent_run_id=run_id,
         output_root=config.storage_root,
         seed=config.seed,
+        tracking_retry_window_s=config.tracking.retry_window_s,
     )
     champion = f"models:/{name}@production" if version else config.policy
     return Started(context=context, champion=champion, champion_version=version).model_dump_json()
@@ -101,7 +102,7 @@ def _step(finishes_pipeline: bool = False) -> Callable[[Callable[..., BaseModel]
         @functools.wraps(inputs_for)
         def body(config_json: str, started_json: str, *upstream_json: str) -> str:
             setup_logging()
-            stop_with_the_runner()
+            interrupts.stop_with_the_runner()
             config = parse_pipeline_config(config_json)
             started = Started.model_validate_json(started_json)
             try:
@@ -111,12 +112,12 @@ def _step(finishes_pipeline: bool = False) -> Callable[[Callable[..., BaseModel]
                 ]
                 inputs = inputs_for(config, started, *upstream)
                 outputs = launch(step, getattr(config, step), inputs, started.context)
-            except Exception as error:
-                _report_failure(step, error)
-                finish_pipeline_run(started.context, "FAILED")
-                raise
-            except KeyboardInterrupt:
-                finish_pipeline_run(started.context, "KILLED")
+            except BaseException as error:
+                with interrupts.sigint_ignored():  # a second interrupt must not cut the record short
+                    killed = not isinstance(error, Exception) or interrupts.runner_gone()
+                    if isinstance(error, Exception) and not killed:
+                        _report_failure(step, error)
+                    finish_pipeline_run(started.context, "KILLED" if killed else "FAILED")
                 raise
             if finishes_pipeline:
                 finish_pipeline_run(started.context)

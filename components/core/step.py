@@ -115,6 +115,7 @@ def run_standalone(
                 parent_run_id=parent_run_id,
                 output_root=job.context.output_root,
                 seed=job.context.seed,
+                tracking_retry_window_s=job.context.tracking.retry_window_s,
             )
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -44,32 +45,88 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+S3_RETRY_WINDOW_ENV = "RLHF_S3_RETRY_WINDOW_S"
+S3_RETRY_WINDOW_S = 60.0
+# Answers that mean "try again later" rather than "no".
+S3_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "503",
+    "500",
+    "502",
+    "504",
+}
+
+
 @lru_cache(maxsize=1)
 def s3_client() -> Any:
     import boto3
     from botocore.config import Config
 
-    # Transient errors (throttling, 5xx, dropped connections) are retried with backoff by botocore.
-    config = Config(retries={"max_attempts": 6, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    # Quick retries inside botocore; `_s3_call` waits out longer outages.
+    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60)
     return boto3.session.Session().client("s3", config=config)
 
 
-def _s3_call(uri: str, action: str, call: Any, *args: Any, **kwargs: Any) -> Any:
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+class S3Refused(UserError):
+    """S3 answered a request with an error that retrying does not cure."""
 
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def s3_retry_window() -> float:
+    """Seconds an S3 request keeps being retried through transient failures ($RLHF_S3_RETRY_WINDOW_S)."""
+    raw = os.environ.get(S3_RETRY_WINDOW_ENV, str(S3_RETRY_WINDOW_S))
     try:
-        return call(*args, **kwargs)
-    except NoCredentialsError:
-        raise UserError(
-            f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
-        ) from None
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code", "?")
-        if code in {"404", "NoSuchKey", "NotFound"}:
-            raise FileNotFoundError(uri) from None
-        raise UserError(f"{uri}: S3 {action} failed: {code}: {error}") from None
-    except BotoCoreError as error:
-        raise UserError(f"{uri}: S3 {action} failed: {error}") from None
+        window = float(raw)
+    except ValueError:
+        window = -1.0
+    if not 0 <= window <= 3600:
+        raise UserError(f"{S3_RETRY_WINDOW_ENV}: {raw!r} is not a number of seconds between 0 and 3600")
+    return window
+
+
+def _s3_call(uri: str, action: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)`, retried with backoff (0.5 s doubling to 8 s) through connection failures,
+    throttling and 5xx answers until the retry window is spent; then, or on any other error, one line."""
+    from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
+    from botocore.exceptions import ConnectionError as S3ConnectionError
+
+    deadline = time.monotonic() + s3_retry_window()
+    delay = 0.5
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except NoCredentialsError:
+            raise UserError(
+                f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
+            ) from None
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", "?"))
+            if code in {"404", "NoSuchKey", "NotFound"}:
+                raise FileNotFoundError(uri) from None
+            if code not in S3_TRANSIENT_CODES:
+                raise S3Refused(f"{uri}: S3 {action} failed: {code}: {error}", code) from None
+            failure = f"{code}: {error}"
+        except (S3ConnectionError, HTTPClientError) as error:
+            failure = str(error)
+        except BotoCoreError as error:
+            raise UserError(f"{uri}: S3 {action} failed: {error}") from None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UserError(
+                f"{uri}: S3 {action} failed for {s3_retry_window():g} s ({failure}); "
+                f"{S3_RETRY_WINDOW_ENV} sets how long to retry"
+            )
+        log.warning("%s: S3 %s failed (%s); retrying", uri, action, failure)
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 8.0)
 
 
 def exists(uri: str) -> bool:
@@ -93,10 +150,12 @@ def read_bytes(uri: str) -> bytes:
         return path.read_bytes()
     bucket, key = split_s3(uri)
     try:
-        response = _s3_call(uri, "GET", s3_client().get_object, Bucket=bucket, Key=key)
+        # The body is read inside the retried call: a connection can drop in the middle of it.
+        return bytes(
+            _s3_call(uri, "GET", lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+        )
     except FileNotFoundError:
         raise UserError(f"{uri}: object not found") from None
-    return bytes(response["Body"].read())
 
 
 def read_text(uri: str) -> str:
@@ -121,19 +180,14 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     first). Locally a complete temporary file is hard-linked into place; on S3 a conditional PUT
     (If-None-Match: *) does the same."""
     if is_s3(uri):
-        from botocore.exceptions import ClientError
-
         bucket, key = split_s3(uri)
         try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            _s3_call(uri, "PUT", s3_client().put_object, Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
             return True
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in {
-                "PreconditionFailed",
-                "ConditionalRequestConflict",
-            }:
+        except S3Refused as refused:
+            if refused.code in {"PreconditionFailed", "ConditionalRequestConflict"}:
                 return False
-            raise UserError(f"{uri}: S3 PUT failed: {error}") from None
+            raise
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import os
+import re
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +31,21 @@ log = logging.getLogger(__name__)
 DEFAULT_STORE_NAME = "mlflow.db"
 
 
+RETRY_WINDOW_S = 60.0
+RETRY_WINDOW_FIELD = Field(
+    default=RETRY_WINDOW_S,
+    ge=0.0,
+    le=1000.0,
+    description="how long MLflow calls retry, with backoff, a tracking server that does not answer before "
+    "the step fails with one line (a connection that hangs also waits MLFLOW_HTTP_REQUEST_TIMEOUT, 120 s, "
+    "per attempt)",
+)
+
+
 class TrackingConfig(StrictModel):
     uri: str | None = Field(default=None, description="MLflow tracking URI; default sqlite:///./mlflow.db")
     experiment: str = Field(default="rlhf-pipelines", min_length=1)
+    retry_window_s: float = RETRY_WINDOW_FIELD
 
 
 class RunContext(StrictModel):
@@ -41,6 +56,11 @@ class RunContext(StrictModel):
     parent_run_id: str
     output_root: str = Field(description="where this pipeline run's step outputs go (local dir or s3://)")
     seed: int = 0
+    tracking_retry_window_s: float = RETRY_WINDOW_FIELD
+
+
+class TrackingServerDown(UserError):
+    """The tracking server did not answer within the retry window."""
 
 
 def resolve_tracking_uri(config: TrackingConfig) -> str:
@@ -74,12 +94,68 @@ def _health_request(uri: str) -> urllib.request.Request:
     return urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
 
 
-def _use(uri: str, experiment: str) -> str:
+def _use(uri: str, experiment: str, retry_window_s: float) -> str:
     """Point MLflow at `uri` and the experiment (created if missing); returns the experiment id."""
     import mlflow
 
+    _bound_retries(retry_window_s)
     mlflow.set_tracking_uri(uri)
-    return str(mlflow.set_experiment(experiment).experiment_id)
+    with server_answers():
+        return str(mlflow.set_experiment(experiment).experiment_id)
+
+
+_WINDOW_ENV = "RLHF_TRACKING_RETRY_WINDOW_S"  # for the one-line error
+
+
+def _bound_retries(window_s: float) -> None:
+    """MLflow retries a failed request with exponential backoff, sleeping 0, 2, 4, 8… s at backoff factor 1:
+    k retries take 2^k - 2 s, so as many as fill `window_s` (MLflow's own default waits minutes)."""
+    retries = 0 if window_s <= 0 else math.ceil(math.log2(window_s + 2))
+    os.environ.update(
+        {
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+        }
+    )
+    os.environ[_WINDOW_ENV] = f"{window_s:g}"
+
+
+@contextmanager
+def server_answers() -> Iterator[None]:
+    """MLflow calls inside: a tracking server that stays unreachable past the retry window ends in one line,
+    and every later MLflow call of this process (on the way out) fails at once instead of retrying again."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as error:
+        cause = error.__context__
+        if not isinstance(cause, requests.exceptions.RequestException):
+            raise
+        import mlflow
+
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        window = os.environ.get(_WINDOW_ENV, "?")
+        raise TrackingServerDown(
+            f"MLflow tracking server {mlflow.get_tracking_uri()} did not answer for {window} s "
+            f"({_why(cause)}); tracking.retry_window_s sets how long to wait"
+        ) from None
+
+
+def _why(cause: Exception) -> str:
+    """The innermost reason of a requests failure: 'Connection refused', 'Read timed out', 'HTTP 503'."""
+    text = str(cause)
+    for pattern in (
+        r"\[Errno -?\d+\] ([^'\")]+)",
+        r"(Read timed out|Connect timeout|timed out)",
+        r"too many (\d{3}) error responses",
+    ):
+        found = re.search(pattern, text)
+        if found:
+            return f"HTTP {found.group(1)}" if found.group(1).isdigit() else found.group(1).strip()
+    return type(cause).__name__
 
 
 def start_pipeline_run(
@@ -89,11 +165,11 @@ def start_pipeline_run(
     import mlflow
 
     uri = resolve_tracking_uri(config)
-    check_reachable(uri)
-    experiment_id = _use(uri, config.experiment)
-    client = mlflow.MlflowClient()
-    run = client.create_run(experiment_id, run_name=run_name, tags={"rlhf.kind": "pipeline", **tags})
-    log_params(run.info.run_id, flatten(params))
+    experiment_id = _use(uri, config.experiment, config.retry_window_s)
+    with server_answers():
+        client = mlflow.MlflowClient()
+        run = client.create_run(experiment_id, run_name=run_name, tags={"rlhf.kind": "pipeline", **tags})
+        log_params(run.info.run_id, flatten(params))
     return uri, run.info.run_id
 
 
@@ -110,8 +186,10 @@ def log_params(run_id: str, params: dict[str, str]) -> None:
 def finish_pipeline_run(context: RunContext, status: str = "FINISHED") -> None:
     import mlflow
 
+    _bound_retries(context.tracking_retry_window_s)
     mlflow.set_tracking_uri(context.tracking_uri)
-    mlflow.MlflowClient().set_terminated(context.parent_run_id, status=status)
+    with server_answers():
+        mlflow.MlflowClient().set_terminated(context.parent_run_id, status=status)
 
 
 @contextmanager
@@ -126,15 +204,24 @@ def step_run(context: RunContext, step: str, config: StrictModel) -> Iterator[An
     if process_rank() != 0:
         yield None
         return
-    check_reachable(context.tracking_uri)
-    _use(context.tracking_uri, context.experiment)
-    with mlflow.start_run(
-        run_name=step, parent_run_id=context.parent_run_id, tags={"rlhf.step": step}
-    ) as run:
-        params = flatten(config.model_dump(mode="json"))
-        if params:
-            log_params(run.info.run_id, params)
+    from mlflow.exceptions import MlflowException
+
+    _use(context.tracking_uri, context.experiment, context.tracking_retry_window_s)
+    with server_answers():
+        run = mlflow.start_run(run_name=step, parent_run_id=context.parent_run_id, tags={"rlhf.step": step})
+    try:
+        with server_answers():
+            params = flatten(config.model_dump(mode="json"))
+            if params:
+                log_params(run.info.run_id, params)
         yield run
+    except BaseException:
+        # Best effort: a tracking server that is down cannot hear it, and the step's own error says more.
+        with suppress(MlflowException):
+            mlflow.end_run("KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
+        raise
+    with server_answers():
+        mlflow.end_run()
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -142,7 +229,8 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
     if process_rank() != 0:
         return
-    mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
+    with server_answers():
+        mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=step)
 
 
 def log_dict(data: Any, artifact_file: str) -> None:

@@ -9,8 +9,7 @@ pairs (`encode_pairs` + `fit_pairs`: reward model, DPO):
         for step in range(resumed.done + 1, total_steps + 1):
             kernel.step(loss)                                # backward; every A-th call: one optimizer step
             metrics = kernel.reduce(local_metrics, weight)   # the job's numbers, on every worker
-            log_metrics(metrics, step)
-            kernel.checkpoint(step, total_steps, state, tensors)  # every N steps, and after SIGTERM
+            kernel.completed(step, total_steps, metrics, state, tensors)  # logs; saves every N steps
     kernel.finish(save)                                      # rank 0 saves the result; every worker waits
 
 - Optimizer: AdamW (fused) over every trained parameter that requires a gradient.
@@ -22,7 +21,8 @@ pairs (`encode_pairs` + `fit_pairs`: reward model, DPO):
 - Checkpoints (core.checkpoint: safetensors + JSON, the `latest.json` pointer last), one shape for every
   trainer: each trained model's weights under its name, the optimizer, the schedule, torch's RNG, the
   workers' step count, and the trainer's own `state` (JSON) and `tensors`, under the config's fingerprint.
-  Only rank 0 writes; every worker then waits at a barrier.
+  Only rank 0 writes; every worker then waits at a barrier. A tracking server that stays down past its retry
+  window while a step's metrics are logged costs no progress: the checkpoint is written, then the run stops.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from rlhf_components.core.models import compute_dtype
 from rlhf_components.core.records import read_pairs
 from rlhf_components.core.runtime import progress_disabled, seed_everything, select_device
 from rlhf_components.core.step import step_output
-from rlhf_components.core.tracking import RunContext, log_metrics
+from rlhf_components.core.tracking import RunContext, TrackingServerDown, log_metrics
 from rlhf_components.core.trainer_config import PairTrainerConfig, TrainerConfig
 from rlhf_components.distributed.collectives import Workers, join
 
@@ -78,11 +78,14 @@ class Kernel:
         hold: int = 1,
         unit: str = "step",
         compute_dtype: torch.dtype = torch.float32,
+        log: Callable[[dict[str, float], int], None] = log_metrics,
     ) -> None:
         """`total_steps` optimizer steps in the whole run; `name` and `unit` word the messages
         ("ppo: stopped by SIGTERM after iteration 3/8"). The models' weights are the float32 master weights;
-        inside `with kernel:` they compute under autocast in `compute_dtype` when that is narrower."""
+        inside `with kernel:` they compute under autocast in `compute_dtype` when that is narrower. `log`
+        records each unit's metrics (MLflow, on rank 0)."""
         self.config = config
+        self.log = log
         self.compute_dtype = compute_dtype
         self.models = models
         self.workers = workers
@@ -160,15 +163,26 @@ class Kernel:
         self.stopping = reduced.pop("stop_requested") > 0
         return {**reduced, "learning_rate": self.learning_rate}
 
-    def checkpoint(
+    def completed(
         self,
         done: int,
         total: int,
+        metrics: dict[str, float],
         state: dict[str, Any] | None = None,
         tensors: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Save after `done` of `total` units every `checkpoint_every` units (not after the last: the result
-        is saved then), and when a worker got SIGTERM, after which the run stops with one line."""
+        """Unit `done` of `total` is trained: log its metrics, then save every `checkpoint_every` units (not
+        after the last: the result is saved then), and when a worker got SIGTERM, after which the run stops
+        with one line. A tracking server that stays down saves the progress first, then stops the run."""
+        try:
+            self.log(metrics, done)
+        except TrackingServerDown as down:
+            if self.workers.is_main:  # only rank 0 logs, so only it gets here; its weights are everyone's
+                self._save(done, state or {}, tensors or {})
+            raise UserError(
+                f"{self.name}: {down}; the progress after {self.unit} {done}/{total} is saved in "
+                f"{self.checkpoint_uri}, and a retry of this run resumes from it"
+            ) from None
         every = self.config.checkpoint_every
         if self.stopping or (every and done % every == 0 and done < total):
             if self.workers.is_main:
@@ -341,10 +355,9 @@ def fit_pairs(
             kernel.step(loss * batch.weight)
             metrics = kernel.reduce(local, batch.weight)
             metrics["pairs_per_second"] = batch.size / (time.perf_counter() - started)
-            log_metrics(metrics, step=batch.step)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}")
             progress.update()
-            kernel.checkpoint(batch.step, total)
+            kernel.completed(batch.step, total, metrics)
         progress.close()
     for model in models.values():
         model.eval()

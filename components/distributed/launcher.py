@@ -42,7 +42,11 @@ def launch(step: str, config: BaseModel, inputs: BaseModel, context: RunContext)
         return module.run(config, inputs, context)
     job = {
         "context": {
-            "tracking": {"uri": context.tracking_uri, "experiment": context.experiment},
+            "tracking": {
+                "uri": context.tracking_uri,
+                "experiment": context.experiment,
+                "retry_window_s": context.tracking_retry_window_s,
+            },
             "output_root": context.output_root,
             "seed": context.seed,
             "parent_run_id": context.parent_run_id,

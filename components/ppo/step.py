@@ -67,7 +67,7 @@ from rlhf_components.core.models import (
 from rlhf_components.core.records import Prompt, PromptRecord, read_prompts
 from rlhf_components.core.runtime import progress_disabled, sampling_generator
 from rlhf_components.core.step import step_output
-from rlhf_components.core.tracking import RunContext, log_metrics, step_run
+from rlhf_components.core.tracking import RunContext, step_run
 from rlhf_components.core.trainer import Job, Kernel, Resumed, start_training
 from rlhf_components.distributed.collectives import Workers
 from rlhf_components.ppo.config import Config, Inputs, Outputs
@@ -434,9 +434,8 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             )
             for iteration in progress:
                 metrics = _iteration(models, kernel, loop, config, context.seed, iteration)
-                log_metrics(metrics, step=iteration)
                 progress.set_postfix(score=f"{metrics['score']:.2f}", kl=f"{metrics['kl']:.2f}")
-                kernel.checkpoint(iteration, iterations, loop.state(), loop.tensors())
+                kernel.completed(iteration, iterations, metrics, loop.state(), loop.tensors())
         outputs = Outputs(
             policy=step_output(context, STEP, "policy"),
             iterations=iterations,

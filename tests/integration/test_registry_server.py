@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +238,52 @@ def test_pickled_only_checkpoint_on_s3_is_refused(s3_server: S3Server, tmp_path:
     with pytest.raises(UserError, match=r"pytorch_model\.bin") as caught:
         resolve_checkpoint(uri)
     assert uri in str(caught.value)
+
+
+def test_concurrent_promotions_and_rollbacks_keep_alias_and_history_consistent(
+    server: MlflowServer, registered: tuple[str, list[str], Any]
+) -> None:
+    """Two hands at once, ten rounds: two promotions of new versions, then a promotion against a rollback.
+    After every round `production` is the last entry of a history that lost nothing and gained nothing."""
+    rounds = 10
+    name = _copy_versions(registered[0], 3 * rounds)
+
+    def move(what: str) -> None:
+        if what == "rollback":
+            registry.rollback(name)
+        else:
+            registry.promote(name, what, "production")
+
+    wrong = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for round_ in range(rounds):
+            first, second, third = (str(3 * round_ + k) for k in (1, 2, 3))
+            before = registry.production_history(name)
+            list(pool.map(move, [first, second]))
+            after = registry.production_history(name)
+            added = sorted(after[len(before) :]) == sorted([first, second]) and after[: len(before)] == before
+            if registry.alias_version(name, "production") != after[-1] or not added:
+                wrong.append((round_, "promote", before, after))
+            list(pool.map(move, [third, "rollback"]))
+            final = registry.production_history(name)
+            either_order = final in ([*after[:-1], third], after)
+            if registry.alias_version(name, "production") != final[-1] or not either_order:
+                wrong.append((round_, "rollback", after, final))
+    assert wrong == []
+    assert not [m for m in mlflow.MlflowClient().search_registered_models() if m.name.endswith(".rlhf-lock")]
+
+
+def test_a_held_lock_is_waited_for_then_one_line_and_a_stale_one_is_taken_over(
+    server: MlflowServer, registered: tuple[str, list[str], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = _copy_versions(registered[0], 1)
+    mlflow.MlflowClient().create_registered_model(f"{name}.rlhf-lock")  # a holder that is still at work
+    monkeypatch.setattr(registry, "LOCK_WAIT_S", 0.5)
+    held = rf"^model {name}: another promotion or rollback has held {name}\.rlhf-lock for 0.5 s; try again"
+    with pytest.raises(UserError, match=held):
+        registry.promote(name, "1", "production")
+    assert registry.alias_version(name, "production") is None
+    monkeypatch.setattr(registry, "LOCK_STALE_S", 0.0)  # the holder died: its lock is taken over
+    registry.promote(name, "1", "production")
+    assert registry.alias_version(name, "production") == "1" and registry.production_history(name) == ["1"]
+    assert not mlflow.MlflowClient().search_registered_models(f"name = '{name}.rlhf-lock'")

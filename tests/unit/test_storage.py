@@ -51,13 +51,14 @@ def test_unreachable_s3_endpoint_is_one_clear_user_error(monkeypatch: pytest.Mon
         "AWS_ACCESS_KEY_ID": "x",
         "AWS_SECRET_ACCESS_KEY": "y",
         "AWS_DEFAULT_REGION": "us-east-1",
+        "RLHF_S3_RETRY_WINDOW_S": "0",
     }.items():
         monkeypatch.setenv(key, value)
     storage.s3_client.cache_clear()
     try:
-        with pytest.raises(UserError, match=r"s3://bucket/key: S3 GET failed: Could not connect"):
+        with pytest.raises(UserError, match=r"^s3://bucket/key: S3 GET failed for 0 s \(Could not connect"):
             storage.read_bytes("s3://bucket/key")
-        with pytest.raises(UserError, match="S3 PUT failed"):
+        with pytest.raises(UserError, match="S3 PUT failed for 0 s"):
             storage.write_bytes("s3://bucket/key", b"x")
     finally:
         storage.s3_client.cache_clear()

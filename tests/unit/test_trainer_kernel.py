@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf_components import dpo, ppo, train_reward_model
 from rlhf_components.core.errors import UserError
+from rlhf_components.core.tracking import TrackingServerDown
 from rlhf_components.core.trainer import Kernel, pair_batches, require_pairs
 from rlhf_components.distributed.collectives import Workers
 
@@ -144,9 +145,10 @@ def test_pair_trainer_steps_equal_the_old_pair_trainer_update(trainer: object) -
     assert_same_parameters(new, old, atol=1e-6)
 
 
-def _kernel(model: torch.nn.Module, uri: Path, **config: object) -> Kernel:
+def _kernel(model: torch.nn.Module, uri: Path, log: Any = None, **config: object) -> Kernel:
     config = train_reward_model.Config(learning_rate=0.05, **config)
-    return Kernel(config, {"model": model}, Workers(), 6, str(uri), "rm")
+    log = log or (lambda metrics, step: None)
+    return Kernel(config, {"model": model}, Workers(), 6, str(uri), "rm", log=log)
 
 
 def _train(kernel: Kernel, model: torch.nn.Module, steps: range) -> None:
@@ -154,8 +156,8 @@ def _train(kernel: Kernel, model: torch.nn.Module, steps: range) -> None:
     for step in steps:
         rows = slice(2 * (step % 6), 2 * (step % 6) + 2)
         kernel.step(mse(model, inputs[rows], targets[rows]) + 0.01 * torch.randn(()))  # uses torch's RNG
-        kernel.reduce({"loss": 0.0})
-        kernel.checkpoint(step + 1, 6, {"seen": step + 1}, {"marker": torch.tensor([float(step)])})
+        metrics = kernel.reduce({"loss": 0.0})
+        kernel.completed(step + 1, 6, metrics, {"seen": step + 1}, {"marker": torch.tensor([float(step)])})
 
 
 def test_a_resumed_kernel_continues_exactly_where_the_checkpoint_left_off(tmp_path: Path) -> None:
@@ -195,15 +197,42 @@ def test_sigterm_checkpoints_after_the_step_then_stops_with_one_line(tmp_path: P
     inputs, targets = fixed_batch()
     with _kernel(model, tmp_path) as kernel:
         kernel.step(mse(model, inputs, targets))
-        kernel.reduce({})
-        kernel.checkpoint(1, 6)
+        kernel.completed(1, 6, kernel.reduce({}))
         os.kill(os.getpid(), signal.SIGTERM)  # only raises a flag: training goes on to the step's end
         kernel.step(mse(model, inputs, targets))
-        assert kernel.reduce({})["learning_rate"] == pytest.approx(0.05 * 4 / 6)
+        metrics = kernel.reduce({})
+        assert metrics["learning_rate"] == pytest.approx(0.05 * 4 / 6)
         with pytest.raises(UserError, match=r"^rm: stopped by SIGTERM after step 2/6; run it again"):
-            kernel.checkpoint(2, 6)
+            kernel.completed(2, 6, metrics)
     assert (tmp_path / "latest.json").is_file()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_tracking_server_that_stays_down_costs_no_progress(tmp_path: Path) -> None:
+    logged: list[int] = []
+    down = "MLflow tracking server http://m did not answer for 60 s (Connection refused)"
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        if step == 3:
+            raise TrackingServerDown(down)
+        logged.append(step)
+
+    torch.manual_seed(7)
+    model = small_model()
+    with pytest.raises(UserError) as raised, _kernel(model, tmp_path / "run", log=log) as kernel:
+        _train(kernel, model, range(6))
+    assert logged == [1, 2]
+    assert str(raised.value) == (
+        f"rm: {down}; the progress after step 3/6 is saved in {tmp_path / 'run'}, and a retry of this run "
+        "resumes from it"
+    )
+    resumed_model = small_model(seed=5)
+    resumed = _kernel(resumed_model, tmp_path / "run").resume()
+    assert (resumed.done, resumed.state) == (3, {"seen": 3})
+    torch.manual_seed(7)
+    reference = small_model()
+    _train(_kernel(reference, tmp_path / "reference"), reference, range(3))
+    assert_same_parameters(resumed_model, reference, atol=0.0)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
