@@ -29,10 +29,10 @@ from rlhf_components.core.records import (
     PromptRecord,
     hh_messages,
     prompt_id,
-    prompt_key,
     prompt_text,
 )
 from rlhf_components.core.rows import Invalid, file_kind, read_rows
+from rlhf_components.core.scratch import scratch_database
 from rlhf_components.core.splits import is_eval
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
@@ -40,6 +40,7 @@ from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 log = logging.getLogger(__name__)
 
 HF_DATASET_MARKERS = ("dataset_dict.json", "state.json")
+SCHEMA = "CREATE TABLE prompts (id TEXT PRIMARY KEY, body TEXT NOT NULL);"
 
 
 def _rows(uri: str) -> Iterator[tuple[str, Any]]:
@@ -48,7 +49,8 @@ def _rows(uri: str) -> Iterator[tuple[str, Any]]:
     if file_kind(uri) is None:
         yield from _hf_dataset_rows(uri)
     else:
-        yield from read_rows(uri, storage.read_bytes(uri))
+        with storage.reading(uri) as handle:
+            yield from read_rows(uri, handle)
 
 
 _MESSAGES: TypeAdapter[list[Message]] = TypeAdapter(list[Message])
@@ -130,77 +132,88 @@ def _source_files(sources: list[str]) -> list[str]:
 
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
-    with step_run(context, "collect_prompts", config):
+    with step_run(context, "collect_prompts", config), scratch_database(SCHEMA) as kept:
         counts: Counter[str] = Counter()
-        quarantine: list[dict[str, str]] = []
-        kept: dict[str, PromptRecord] = {}
+        quarantine_uri = step_output(context, "collect_prompts", "quarantine.jsonl")
         files = _source_files(config.sources)
-        for file_uri in files:
-            for location, row in _rows(file_uri):
-                counts["read"] += 1
-                try:
-                    prompt = _prompt(row, config.text_field)
-                except Invalid as error:
-                    quarantine.append({"location": location, "code": error.code, "reason": str(error)})
-                    counts["invalid"] += 1
-                    counts[f"invalid_{error.code}"] += 1
-                    continue
-                if not config.min_chars <= len(prompt_text(prompt)) <= config.max_chars:
-                    counts["filtered_length"] += 1
-                    continue
-                record = PromptRecord(id=prompt_id(prompt), prompt=prompt, source=location)
-                if record.id in kept:
-                    counts["duplicates"] += 1
-                    continue
-                kept[record.id] = record
-        records = sorted(kept.values(), key=lambda r: r.id)
+        with storage.writing_jsonl(quarantine_uri) as quarantine:
+            for file_uri in files:
+                for location, row in _rows(file_uri):
+                    counts["read"] += 1
+                    try:
+                        prompt = _prompt(row, config.text_field)
+                    except Invalid as error:
+                        quarantine.write({"location": location, "code": error.code, "reason": str(error)})
+                        counts["invalid"] += 1
+                        counts[f"invalid_{error.code}"] += 1
+                        continue
+                    if not config.min_chars <= len(prompt_text(prompt)) <= config.max_chars:
+                        counts["filtered_length"] += 1
+                        continue
+                    record = PromptRecord(id=prompt_id(prompt), prompt=prompt, source=location)
+                    # The first of a prompt's copies is kept.
+                    added = kept.execute(
+                        "INSERT OR IGNORE INTO prompts VALUES (?, ?)", (record.id, record.model_dump_json())
+                    )
+                    counts["duplicates"] += added.rowcount == 0
+        unique = int(kept.execute("SELECT count(*) FROM prompts").fetchone()[0])
         if config.max_prompts is not None:
-            counts["over_max_prompts"] = max(0, len(records) - config.max_prompts)
-            records = records[: config.max_prompts]
-        if not records:
-            quarantine_uri = step_output(context, "collect_prompts", "quarantine.jsonl")
-            storage.write_jsonl(quarantine_uri, quarantine)
+            counts["over_max_prompts"] = max(0, unique - config.max_prompts)
+        if unique == 0:
             reasons = ", ".join(f"{key}: {n}" for key, n in sorted(counts.items()) if key != "read")
             raise UserError(
                 f"collect_prompts: no usable prompts in {', '.join(config.sources)} ({counts['read']} rows "
                 f"read; {reasons or 'no rows'}); reasons per row in {quarantine_uri}"
             )
-        train = [r.model_dump() for r in records if not is_eval(r.id, config.eval_fraction)]
-        evaluation = [r.model_dump() for r in records if is_eval(r.id, config.eval_fraction)]
-        counts.update(kept=len(records), train=len(train), eval=len(evaluation))
-        content_hash = storage.content_hash([r.model_dump(exclude={"source"}) for r in records])
         outputs = Outputs(
             train=step_output(context, "collect_prompts", "train.jsonl"),
             eval=step_output(context, "collect_prompts", "eval.jsonl"),
-            quarantine=step_output(context, "collect_prompts", "quarantine.jsonl"),
+            quarantine=quarantine_uri,
             manifest=step_output(context, "collect_prompts", "manifest.json"),
-            content_hash=content_hash,
-            counts=dict(counts),
+            content_hash="",
+            counts={},
         )
-        storage.write_jsonl(outputs.train, train)
-        storage.write_jsonl(outputs.eval, evaluation)
-        storage.write_jsonl(outputs.quarantine, quarantine)
+        digest = storage.ContentHash()
+        with storage.writing_jsonl(outputs.train) as train, storage.writing_jsonl(outputs.eval) as evaluation:
+            for (body,) in kept.execute(
+                "SELECT body FROM prompts ORDER BY id LIMIT ?", (config.max_prompts or -1,)
+            ):
+                record = PromptRecord.model_validate_json(body)
+                digest.add(record.model_dump(exclude={"source"}))
+                (evaluation if is_eval(record.id, config.eval_fraction) else train).write(record.model_dump())
+        counts.update(kept=train.rows + evaluation.rows, train=train.rows, eval=evaluation.rows)
+        outputs = outputs.model_copy(update={"content_hash": digest.hexdigest(), "counts": dict(counts)})
         # The manifest goes last: its presence marks a complete dataset.
         storage.write_json(
             outputs.manifest,
             {
-                "row_count": len(records),
-                "content_hash": content_hash,
+                "row_count": counts["kept"],
+                "content_hash": outputs.content_hash,
                 "sources": files,
                 "counts": dict(counts),
             },
         )
         log_metrics(dict(counts))
-        _log_dataset(records, outputs.manifest, content_hash)
+        _log_dataset(outputs.manifest, outputs.content_hash, counts["kept"])
         log.info("collect_prompts: %s", dict(counts))
         return outputs
 
 
-def _log_dataset(records: list[PromptRecord], manifest_uri: str, content_hash: str) -> None:
+def _log_dataset(manifest_uri: str, content_hash: str, rows: int) -> None:
+    """The dataset as an MLflow input: where it is, its digest, columns and row count; no rows (it can be
+    large)."""
     import mlflow
-    import pandas as pd
-    from mlflow.data.pandas_dataset import from_pandas
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, Schema
 
-    frame = pd.DataFrame([{"id": r.id, "prompt": prompt_key(r.prompt), "source": r.source} for r in records])
-    dataset = from_pandas(frame, source=manifest_uri, name="prompts", digest=content_hash[:16])
+    class Prompts(MetaDataset):
+        @property
+        def profile(self) -> dict[str, int]:
+            return {"num_rows": rows}
+
+    columns = Schema([ColSpec("string", name) for name in ("id", "prompt", "source")])
+    dataset = Prompts(
+        resolve_dataset_source(manifest_uri), name="prompts", digest=content_hash[:16], schema=columns
+    )
     mlflow.log_input(dataset, context="training")

@@ -8,12 +8,14 @@ as an `Invalid` in its place, with a reason code, so the step can quarantine it 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import json
-from collections.abc import Iterator
-from typing import Any
+import re
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, cast
 
 from rlhf_components.core.storage import jsonl_lines
 
@@ -37,70 +39,90 @@ def file_kind(uri: str) -> str | None:
     return next((kind for suffix, kind in KINDS.items() if name.endswith(suffix)), None)
 
 
-def unpacked(uri: str, data: bytes) -> bytes | Invalid:
-    """A file's bytes, decompressed when its name ends with `.gz`."""
+def read_rows(uri: str, handle: BinaryIO) -> Iterator[tuple[str, Any]]:
+    """(location, row or Invalid) for every row of a JSONL, CSV or Parquet file (see the module's text), read
+    a row at a time from `handle`. CSV cells are strings, as written."""
+    reader = {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet}.get(file_kind(uri) or "")
+    if reader is not None:
+        yield from unpacked(uri, handle, reader)
+
+
+def unpacked(
+    uri: str, handle: BinaryIO, reader: Callable[[str, BinaryIO], Iterator[tuple[str, Any]]]
+) -> Iterator[tuple[str, Any]]:
+    """`reader`'s rows of the file, decompressed as it is read when its name ends with `.gz`; a gzip stream
+    that breaks off is an Invalid in place of the rest of the file."""
     if not uri.lower().endswith(".gz"):
-        return data
-    try:
-        return gzip.decompress(data)
-    except (OSError, EOFError) as error:
-        return Invalid("unreadable_file", f"not a readable gzip file: {error}")
-
-
-def read_rows(uri: str, data: bytes) -> Iterator[tuple[str, Any]]:
-    """(location, row or Invalid) for every row of a JSONL, CSV or Parquet file (see the module's text).
-    CSV cells are strings, as written."""
-    data_or_invalid = unpacked(uri, data)
-    if isinstance(data_or_invalid, Invalid):
-        yield uri, data_or_invalid
+        yield from reader(uri, handle)
         return
-    kind = file_kind(uri)
-    if kind == "jsonl":
-        yield from _jsonl(uri, data_or_invalid)
-    elif kind == "csv":
-        yield from _csv(uri, data_or_invalid)
-    elif kind == "parquet":
-        yield from _parquet(uri, data_or_invalid)
+    try:
+        with gzip.GzipFile(fileobj=handle) as unzipped:
+            yield from reader(uri, cast(BinaryIO, unzipped))
+    except (OSError, EOFError) as error:
+        yield uri, Invalid("unreadable_file", f"not a readable gzip file: {error}")
+
+
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def parse_json(text: str) -> Any:
     """The JSON value of `text`, or an Invalid that says why not."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except RecursionError:
         return Invalid("too_deep", "JSON nested deeper than the parser allows", text[:10_000])
     except ValueError as error:  # JSONDecodeError, and integers over Python's digit limit
         message = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
         return Invalid("invalid_json", f"invalid JSON: {message}", text[:10_000])
+    if SURROGATE_ESCAPE.search(text):  # a pair of escapes is one character; one alone is no text at all
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return Invalid(
+                "invalid_utf8", "a \\u escape stands for half a character (a lone surrogate)", text[:10_000]
+            )
+    return value
 
 
-def decoded(uri: str, data: bytes) -> str | Invalid:
-    """A whole file as UTF-8 text, without a byte-order mark."""
+def utf8_error(uri: str, handle: BinaryIO) -> Invalid | None:
+    """Why the rest of `handle` is not UTF-8 text, or None; read in chunks, then rewound."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
     try:
-        return data.removeprefix(BOM).decode("utf-8")
+        while chunk := handle.read(1 << 20):
+            decoder.decode(chunk)
+            offset += len(chunk)
+        decoder.decode(b"", final=True)
     except UnicodeDecodeError as error:
-        return Invalid("invalid_utf8", f"{uri} is not UTF-8 text ({error.reason} at byte {error.start})")
+        return Invalid(
+            "invalid_utf8", f"{uri} is not UTF-8 text ({error.reason} at byte {offset + error.start})"
+        )
+    finally:
+        handle.seek(0)
+    return None
 
 
-def _jsonl(uri: str, data: bytes) -> Iterator[tuple[str, Any]]:
+def _jsonl(uri: str, handle: BinaryIO) -> Iterator[tuple[str, Any]]:
     # Decoded line by line, so one line of bad bytes is one bad record; lines end at "\n" only.
-    for number, raw in enumerate(data.removeprefix(BOM).split(b"\n"), 1):
+    for number, raw in enumerate(handle, 1):
+        if number == 1:
+            raw = raw.removeprefix(BOM)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            shown = raw.decode("utf-8", "replace")
+            shown = raw.decode("utf-8", "replace").removesuffix("\n")
             yield f"{uri}:{number}", Invalid("invalid_utf8", f"not UTF-8 text: {error.reason}", shown)
             continue
         for _, line in jsonl_lines(text):
             yield f"{uri}:{number}", parse_json(line)
 
 
-def _csv(uri: str, data: bytes) -> Iterator[tuple[str, Any]]:
-    text = decoded(uri, data)
-    if isinstance(text, Invalid):
-        yield uri, text
+def _csv(uri: str, handle: BinaryIO) -> Iterator[tuple[str, Any]]:
+    invalid = utf8_error(uri, handle)
+    if invalid is not None:
+        yield uri, invalid
         return
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.DictReader(io.TextIOWrapper(handle, encoding="utf-8-sig", newline=""))
     while True:
         try:
             row = next(reader)
@@ -117,17 +139,17 @@ def _csv(uri: str, data: bytes) -> Iterator[tuple[str, Any]]:
             yield location, row
 
 
-def _parquet(uri: str, data: bytes) -> Iterator[tuple[str, Any]]:
+def _parquet(uri: str, handle: BinaryIO) -> Iterator[tuple[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        table = pq.read_table(io.BytesIO(data))
-    except (pa.ArrowException, OSError) as error:
-        yield uri, Invalid("unreadable_file", f"not a readable Parquet file: {error}")
-        return
     number = 0
-    for batch in table.to_batches():  # a batch at a time: Python objects for one batch, not the file
-        for row in batch.to_pylist():
-            number += 1
-            yield f"{uri}#row{number}", {k: v for k, v in row.items() if v is not None}
+    try:
+        # A batch at a time: Arrow and Python objects for one batch, not the file.
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"{uri}#row{number}", {k: v for k, v in row.items() if v is not None}
+    except (pa.ArrowException, OSError) as error:
+        where = f"{uri}#row{number + 1}.." if number else uri
+        yield where, Invalid("unreadable_file", f"not a readable Parquet file: {error}")

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from rlhf_components.core.errors import UserError
 
@@ -143,19 +143,36 @@ def exists(uri: str) -> bool:
 
 
 def read_bytes(uri: str) -> bytes:
+    with reading(uri) as handle:
+        return handle.read()
+
+
+@contextmanager
+def reading(uri: str) -> Iterator[BinaryIO]:
+    """A seekable binary file with the content of `uri`: the local file itself, or an S3 object downloaded
+    to a temporary file (so a large object never sits in memory, and can be read twice)."""
     if not is_s3(uri):
         path = Path(uri)
         if not path.is_file():
             raise UserError(f"{uri}: file not found")
-        return path.read_bytes()
+        with path.open("rb") as local:
+            yield local
+        return
     bucket, key = split_s3(uri)
-    try:
+
+    def download(handle: BinaryIO) -> None:
         # The body is read inside the retried call: a connection can drop in the middle of it.
-        return bytes(
-            _s3_call(uri, "GET", lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
-        )
-    except FileNotFoundError:
-        raise UserError(f"{uri}: object not found") from None
+        handle.seek(0)
+        handle.truncate()
+        shutil.copyfileobj(s3_client().get_object(Bucket=bucket, Key=key)["Body"], handle)
+        handle.seek(0)
+
+    with tempfile.TemporaryFile() as downloaded:
+        try:
+            _s3_call(uri, "GET", download, downloaded)
+        except FileNotFoundError:
+            raise UserError(f"{uri}: object not found") from None
+        yield downloaded
 
 
 def read_text(uri: str) -> str:
@@ -163,16 +180,35 @@ def read_text(uri: str) -> str:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    with writing(uri) as handle:
+        handle.write(data)
+
+
+@contextmanager
+def writing(uri: str) -> Iterator[BinaryIO]:
+    """A binary file to write `uri` through, in any size: it appears complete when the block ends, or not at
+    all (a local temporary file renamed into place; on S3 a temporary file PUT at the end)."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        _s3_call(uri, "PUT", s3_client().put_object, Bucket=bucket, Key=key, Body=data)
+
+        def upload(handle: BinaryIO) -> None:
+            handle.seek(0)
+            s3_client().put_object(Bucket=bucket, Key=key, Body=handle)
+
+        with tempfile.TemporaryFile() as staged:
+            yield staged
+            _s3_call(uri, "PUT", upload, staged)
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(data)
-        temp_name = handle.name
-    os.replace(temp_name, path)
+        try:
+            yield handle  # type: ignore[misc]  # a file of bytes, whatever its wrapper
+        except BaseException:
+            handle.close()
+            os.unlink(handle.name)
+            raise
+    os.replace(handle.name, path)
 
 
 def create_exclusive(uri: str, data: bytes) -> bool:
@@ -355,24 +391,87 @@ def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
 
 
 def read_jsonl(uri: str) -> Iterator[tuple[int, str]]:
-    """(line number, raw line) for every non-empty line: parsing is the caller's, so it can quarantine."""
-    yield from jsonl_lines(read_text(uri))
+    """(line number, raw line) for every non-empty line, read a line at a time: parsing is the caller's, so
+    it can quarantine."""
+    with reading(uri) as handle:
+        yield from file_lines(handle)
 
 
-def jsonl_text(rows: Iterable[dict[str, Any]]) -> str:
-    return "".join(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows)
+def file_lines(handle: BinaryIO) -> Iterator[tuple[int, str]]:
+    """`jsonl_lines` of a UTF-8 file, a line at a time (a binary file splits at b"\\n" only)."""
+    for number, raw in enumerate(handle, start=1):
+        line = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+        if line.strip():
+            yield number, line
+
+
+def jsonl_line(row: dict[str, Any]) -> str:
+    return json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+class JsonlFile:
+    """Rows written to one JSONL file as they come, with their count and the file's sha256."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self._digest = hashlib.sha256()
+        self.rows = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.write_line(jsonl_line(row))
+
+    def write_line(self, line: str) -> None:
+        data = line.encode("utf-8")
+        self._handle.write(data)
+        self._digest.update(data)
+        self.rows += 1
+
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+
+@contextmanager
+def writing_jsonl(uri: str) -> Iterator[JsonlFile]:
+    with writing(uri) as handle:
+        yield JsonlFile(handle)
 
 
 def write_jsonl(uri: str, rows: Iterable[dict[str, Any]]) -> int:
-    text = jsonl_text(rows)
-    write_text(uri, text)
-    return text.count("\n")
+    with writing_jsonl(uri) as out:
+        for row in rows:
+            out.write(row)
+    return out.rows
 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def content_hash(rows: list[dict[str, Any]]) -> str:
-    """A dataset version: changes with any content, independent of where the rows came from."""
-    return sha256_hex(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode())
+class ContentHash:
+    """`content_hash` of rows added one at a time: the same digest, without the list in memory."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256(b"[")
+        self._first = True
+
+    def add(self, row: Any) -> None:
+        self.add_json(json.dumps(row, sort_keys=True, ensure_ascii=False))
+
+    def add_json(self, canonical: str) -> None:
+        """A row already dumped as `add` would (sorted keys, not ASCII-escaped)."""
+        self._digest.update((canonical if self._first else ", " + canonical).encode())
+        self._first = False
+
+    def hexdigest(self) -> str:
+        final = self._digest.copy()
+        final.update(b"]")
+        return final.hexdigest()
+
+
+def content_hash(rows: Iterable[Any]) -> str:
+    """A dataset version: changes with any content, independent of where the rows came from (the sha256 of
+    the rows as one JSON list)."""
+    digest = ContentHash()
+    for row in rows:
+        digest.add(row)
+    return digest.hexdigest()

@@ -62,7 +62,9 @@ class Inputs(StrictModel):
 
 
 class Outputs(SplitDataset):
-    """This run's training pairs (train/eval JSONL), its quarantine, and the dataset version behind them."""
+    """The training pairs of the dataset version this run ends on (train/eval JSONL, kept beside that
+    version and shared by every run that ends on it with the same pair settings), this run's quarantine and
+    manifest, and the version itself."""
 
     dataset_version: int
     dataset_manifest: str

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -35,10 +35,9 @@ from rlhf_components.core.records import (
     Prompt,
     answer_text,
     hh_messages,
-    prompt_key,
     prompt_text,
 )
-from rlhf_components.core.rows import Invalid, decoded, file_kind, parse_json, read_rows, unpacked
+from rlhf_components.core.rows import BOM, Invalid, file_kind, parse_json, read_rows, unpacked, utf8_error
 
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -67,14 +66,6 @@ class RatingJudgement(StrictModel):
 
 
 Judgement = PairJudgement | RatingJudgement
-
-
-def identity(judgement: Judgement) -> tuple[str, ...]:
-    """What one annotator can judge only once: a pair of answers, or one answer's rating."""
-    if isinstance(judgement, PairJudgement):
-        key = prompt_key(judgement.prompt)
-        return "pair", judgement.annotator, key, judgement.response_a, judgement.response_b
-    return "rating", judgement.annotator, prompt_key(judgement.prompt), judgement.response
 
 
 class _Common(BaseModel):
@@ -170,6 +161,12 @@ def _choice(choice: Literal["a", "b", "tie"]) -> Literal["first", "second", "tie
     return "tie" if choice == "tie" else "first" if choice == "a" else "second"
 
 
+class Tasks(Protocol):
+    """Where a task-choice record's task is found."""
+
+    def get(self, task_id: str, /) -> AnnotationTask | None: ...
+
+
 @dataclass(frozen=True)
 class Limits:
     rating_range: tuple[float, float] = (1.0, 5.0)
@@ -177,7 +174,7 @@ class Limits:
 
 
 def judgements(
-    raw: object, source: str, tasks: dict[str, AnnotationTask], limits: Limits = Limits()
+    raw: object, source: str, tasks: Tasks, limits: Limits = Limits()
 ) -> tuple[list[Judgement], int]:
     """(the judgements in one record, how many pairs a cap left out), or Invalid."""
     if not isinstance(raw, dict):
@@ -190,9 +187,7 @@ def judgements(
     return _single(raw, source, tasks, limits), 0
 
 
-def _single(
-    raw: dict[str, Any], source: str, tasks: dict[str, AnnotationTask], limits: Limits
-) -> list[Judgement]:
+def _single(raw: dict[str, Any], source: str, tasks: Tasks, limits: Limits) -> list[Judgement]:
     """The judgement in a record of any shape but a ranking."""
     try:
         if "task_id" in raw:
@@ -293,18 +288,15 @@ def _validation_message(error: ValidationError) -> str:
 # ----------------------------------------------------------------------------- files
 
 
-def records(uri: str, data: bytes) -> Iterator[tuple[str, object]]:
+def records(uri: str, handle: BinaryIO) -> Iterator[tuple[str, object]]:
     """(location, record) for each record of a feedback file (core.rows: JSONL, CSV, Parquet, gzipped or not,
-    and here Label Studio's JSON exports); a record that cannot be read at all is an Invalid in its place."""
-    if file_kind(uri) != "json":
-        for location, row in read_rows(uri, data):
-            yield location, _from_csv(row) if file_kind(uri) == "csv" and isinstance(row, dict) else row
+    a record at a time, and here Label Studio's JSON exports); a record that cannot be read at all is an
+    Invalid in its place."""
+    if file_kind(uri) == "json":
+        yield from unpacked(uri, handle, _label_studio)
         return
-    unpacked_data = unpacked(uri, data)
-    if isinstance(unpacked_data, Invalid):
-        yield uri, unpacked_data
-    else:
-        yield from _label_studio(uri, unpacked_data)
+    for location, row in read_rows(uri, handle):
+        yield location, _from_csv(row) if file_kind(uri) == "csv" and isinstance(row, dict) else row
 
 
 def _from_csv(row: dict[str, Any]) -> object:
@@ -333,10 +325,10 @@ def _from_csv(row: dict[str, Any]) -> object:
 LABEL_STUDIO_CHOICES = {"a": "a", "b": "b", "tie": "tie", "response a": "a", "response b": "b"}
 
 
-def _label_studio(uri: str, data: bytes) -> Iterator[tuple[str, object]]:
-    """A Label Studio export of our pairwise-choice config: one record per (non-cancelled) annotation."""
-    text = decoded(uri, data)
-    export = text if isinstance(text, Invalid) else parse_json(text)
+def _label_studio(uri: str, handle: BinaryIO) -> Iterator[tuple[str, object]]:
+    """A Label Studio export of our pairwise-choice config: one record per (non-cancelled) annotation. An
+    export is one JSON document, read whole."""
+    export = utf8_error(uri, handle) or parse_json(handle.read().removeprefix(BOM).decode("utf-8"))
     if not isinstance(export, list):
         yield uri, export if isinstance(export, Invalid) else Invalid("not_an_export", "not a list of tasks")
         return

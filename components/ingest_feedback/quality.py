@@ -43,10 +43,6 @@ def preference_id(prompt: str, chosen: str, rejected: str) -> str:
     return hashlib.sha256(f"{prompt}\x00{chosen}\x00{rejected}".encode()).hexdigest()[:16]
 
 
-def pair_key(judgement: PairJudgement) -> PairKey:
-    return prompt_key(judgement.prompt), judgement.response_a, judgement.response_b
-
-
 def pairs_from_ratings(
     ratings: list[RatingJudgement], min_difference: float, max_pairs: int
 ) -> tuple[list[PairJudgement], int]:
@@ -81,99 +77,108 @@ def pairs_from_ratings(
     return pairs, capped
 
 
-def preferences(
-    judgements: list[PairJudgement], tie_policy: Literal["drop", "coin"]
-) -> tuple[list[Preference], int]:
-    """(training pairs by majority vote, how many pairs ended in a tie and were dropped)."""
-    votes: dict[PairKey, list[PairJudgement]] = defaultdict(list)
-    for judgement in judgements:
-        votes[pair_key(judgement)].append(judgement)
-    kept, dropped = [], 0
-    for (prompt, a, b), group in sorted(votes.items()):
-        count = Counter(j.choice for j in group)
-        winner = "a" if count["a"] > count["b"] else "b" if count["b"] > count["a"] else "tie"
-        if winner == "tie" or count["tie"] > max(count["a"], count["b"]):
-            if tie_policy == "drop":
-                dropped += 1
-                continue
-            coin = int(hashlib.sha256(f"tie:{prompt}\x00{a}\x00{b}".encode()).hexdigest()[:8], 16) % 2
-            winner = "a" if coin == 0 else "b"
-        chosen, rejected = (a, b) if winner == "a" else (b, a)
-        kept.append(
-            Preference(
-                id=preference_id(prompt, chosen, rejected),
-                prompt=group[0].prompt,
-                chosen=chosen,
-                rejected=rejected,
-                votes=len(group),
-                annotators=sorted({j.annotator for j in group}),
-                simulated=any(j.simulated for j in group),
-                sources=sorted({source for j in group for source in j.sources}),
-            )
-        )
-    return kept, dropped
-
-
-def agreement(judgements: list[PairJudgement]) -> Agreement:
-    """Agreement on pairs that two or more annotators judged (one vote per annotator: their first)."""
-    units: dict[PairKey, dict[str, str]] = defaultdict(dict)
-    for judgement in judgements:
-        units[pair_key(judgement)].setdefault(judgement.annotator, judgement.choice)
-    shared = [labels for labels in units.values() if len(labels) > 1]
-    judged, ties = (
-        Counter(j.annotator for j in judgements),
-        Counter(j.annotator for j in judgements if j.choice == "tie"),
+def decide(
+    key: PairKey, votes: list[PairJudgement], tie_policy: Literal["drop", "coin"]
+) -> Preference | None:
+    """The training pair the votes on one pair decide by majority, or None for a tie the policy drops."""
+    prompt, a, b = key
+    count = Counter(j.choice for j in votes)
+    winner = "a" if count["a"] > count["b"] else "b" if count["b"] > count["a"] else "tie"
+    if winner == "tie" or count["tie"] > max(count["a"], count["b"]):
+        if tie_policy == "drop":
+            return None
+        coin = int(hashlib.sha256(f"tie:{prompt}\x00{a}\x00{b}".encode()).hexdigest()[:8], 16) % 2
+        winner = "a" if coin == 0 else "b"
+    chosen, rejected = (a, b) if winner == "a" else (b, a)
+    return Preference(
+        id=preference_id(prompt, chosen, rejected),
+        prompt=votes[0].prompt,
+        chosen=chosen,
+        rejected=rejected,
+        votes=len(votes),
+        annotators=sorted({j.annotator for j in votes}),
+        simulated=any(j.simulated for j in votes),
+        sources=sorted({source for j in votes for source in j.sources}),
     )
-    shared_count: Counter[str] = Counter()
-    pairings: Counter[str] = Counter()  # (this annotator, another) label pairs on shared pairs
-    matches: Counter[str] = Counter()
-    agreeing = total = 0
-    for labels in shared:
+
+
+class AgreementTally:
+    """Agreement on pairs that two or more annotators judged (one vote per annotator: their first), counted
+    one pair's votes at a time."""
+
+    def __init__(self) -> None:
+        self.shared_pairs = 0
+        self.judged: Counter[str] = Counter()
+        self.ties: Counter[str] = Counter()
+        self.shared: Counter[str] = Counter()
+        self.pairings: Counter[str] = Counter()  # (this annotator, another) label pairs on shared pairs
+        self.matches: Counter[str] = Counter()
+        self.agreeing = self.compared = 0
+        self.coincidences = Coincidences()
+
+    def add(self, votes: list[PairJudgement]) -> None:
+        labels: dict[str, str] = {}
+        for vote in votes:
+            labels.setdefault(vote.annotator, vote.choice)
+            self.judged[vote.annotator] += 1
+            self.ties[vote.annotator] += vote.choice == "tie"
+        if len(labels) < 2:
+            return
+        self.shared_pairs += 1
+        self.shared.update(labels.keys())
+        self.coincidences.add(list(labels.values()))
         for (first, first_label), (second, second_label) in combinations(labels.items(), 2):
-            total += 1
-            agreeing += first_label == second_label
+            self.compared += 1
+            self.agreeing += first_label == second_label
             for annotator in (first, second):
-                pairings[annotator] += 1
-                matches[annotator] += first_label == second_label
-        shared_count.update(labels.keys())
-    stats = {
-        annotator: AnnotatorStats(
-            judgements=judged[annotator],
-            ties=ties[annotator],
-            shared_judgements=shared_count[annotator],
-            agrees_with_others=matches[annotator] / pairings[annotator] if pairings[annotator] else None,
+                self.pairings[annotator] += 1
+                self.matches[annotator] += first_label == second_label
+
+    def result(self) -> Agreement:
+        stats = {
+            annotator: AnnotatorStats(
+                judgements=self.judged[annotator],
+                ties=self.ties[annotator],
+                shared_judgements=self.shared[annotator],
+                agrees_with_others=(
+                    self.matches[annotator] / self.pairings[annotator] if self.pairings[annotator] else None
+                ),
+            )
+            for annotator in sorted(self.judged)
+        }
+        return Agreement(
+            shared_pairs=self.shared_pairs,
+            raw_agreement=self.agreeing / self.compared if self.compared else None,
+            krippendorff_alpha=self.coincidences.alpha(),
+            annotators=stats,
         )
-        for annotator in sorted(judged)
-    }
-    return Agreement(
-        shared_pairs=len(shared),
-        raw_agreement=agreeing / total if total else None,
-        krippendorff_alpha=krippendorff_alpha_nominal([list(labels.values()) for labels in shared]),
-        annotators=stats,
-    )
 
 
-def krippendorff_alpha_nominal(units: list[list[str]]) -> float | None:
-    """α = 1 − D_o/D_e from the coincidence matrix of the pairable values (units with two or more labels).
+class Coincidences:
+    """Krippendorff's α for nominal data, α = 1 − D_o/D_e, from the coincidence matrix of the pairable
+    values, built one unit (the labels of one pair) at a time."""
 
-    None when it is undefined: fewer than two pairable values, or every value the same (no expected
-    disagreement).
-    """
-    coincidences: defaultdict[tuple[str, str], float] = defaultdict(float)
-    for labels in units:
+    def __init__(self) -> None:
+        self.matrix: defaultdict[tuple[str, str], float] = defaultdict(float)
+
+    def add(self, labels: list[str]) -> None:
         m = len(labels)
         if m < 2:
-            continue
+            return
         for i, j in ((i, j) for i in range(m) for j in range(m) if i != j):
-            coincidences[(labels[i], labels[j])] += 1 / (m - 1)
-    totals: defaultdict[str, float] = defaultdict(float)
-    for (label, _), weight in coincidences.items():
-        totals[label] += weight
-    n = sum(totals.values())
-    if n < 2:
-        return None
-    observed = sum(weight for (c, k), weight in coincidences.items() if c != k) / n
-    expected = sum(totals[c] * totals[k] for c in totals for k in totals if c != k) / (n * (n - 1))
-    if expected == 0:
-        return None
-    return 1.0 - observed / expected
+            self.matrix[(labels[i], labels[j])] += 1 / (m - 1)
+
+    def alpha(self) -> float | None:
+        """None when α is undefined: fewer than two pairable values, or every value the same (no expected
+        disagreement)."""
+        totals: defaultdict[str, float] = defaultdict(float)
+        for (label, _), weight in self.matrix.items():
+            totals[label] += weight
+        n = sum(totals.values())
+        if n < 2:
+            return None
+        observed = sum(weight for (c, k), weight in self.matrix.items() if c != k) / n
+        expected = sum(totals[c] * totals[k] for c in totals for k in totals if c != k) / (n * (n - 1))
+        if expected == 0:
+            return None
+        return 1.0 - observed / expected

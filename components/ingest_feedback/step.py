@@ -1,21 +1,26 @@
 """Fold new feedback files into the cumulative preference dataset, once each, and write training pairs.
 
 1. The simulated annotator (demos and tests only) labels this run's tasks into the inbox.
-2. Every feedback file under `<inbox>/labels/` and `sources` whose content hash the ledger has not seen is
-   read (formats.py lists the shapes). Each record becomes judgements or goes to the quarantine with a reason
-   code and its location. A judgement an annotator already made is merged (its location added); one that
-   contradicts that annotator's earlier judgement of the same pair or answer is quarantined.
-3. When more than `max_invalid_fraction` of the new records are invalid, the step fails, naming the worst
+2. Every feedback file under `<inbox>/labels/` and `sources` is hashed. When the ledger has seen them all, the
+   step reads no judgement: the pairs made from the latest version before are its outputs (6).
+3. Otherwise the dataset is loaded into a JudgementIndex (index.py: SQLite on local disk, so memory stays
+   flat however large the dataset grows), and every new file is read a record at a time (formats.py lists
+   the shapes). Each record becomes judgements or goes to the quarantine with a reason code and its
+   location. A judgement an annotator already made is merged (its location added); one that contradicts
+   that annotator's earlier judgement of the same pair or answer is quarantined.
+4. When more than `max_invalid_fraction` of the new records are invalid, the step fails, naming the worst
    files, and writes no dataset version: fix the files and run again, nothing is lost.
-4. Otherwise the new judgements and ledger entries become the next dataset version (store.py). Two
+5. Otherwise the new judgements and ledger entries become the next dataset version (store.py). Two
    ingestions at once cannot share a version: the loser reads the winner's version and tries the next one,
    so both runs' judgements end in the dataset.
-5. Training pairs are the majority votes over every judgement so far (quality.py), split train/eval by a
-   hash of the pair; agreement and per-annotator statistics go to MLflow.
+6. Training pairs are the majority votes over every judgement so far (quality.py), split train/eval by a
+   hash of the pair and kept beside the version they come from (pairs.py); agreement and per-annotator
+   statistics go to MLflow.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -24,49 +29,31 @@ from collections import Counter
 
 from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.records import AnnotationTask, read_records
-from rlhf_components.core.splits import is_eval
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_dict, log_metrics, step_run
-from rlhf_components.ingest_feedback import quality, simulated, store
+from rlhf_components.ingest_feedback import pairs, simulated, store
 from rlhf_components.ingest_feedback.config import Config, Inputs, Outputs
 from rlhf_components.ingest_feedback.formats import (
     Invalid,
     Judgement,
     Limits,
-    PairJudgement,
-    RatingJudgement,
-    identity,
     judgements,
     list_sources,
     records,
 )
+from rlhf_components.ingest_feedback.index import JudgementIndex, judgement_index, verdict
 
 log = logging.getLogger(__name__)
 
 SAVE_ATTEMPTS = 6
 
 
-def _load_tasks(inbox: str) -> dict[str, AnnotationTask]:
-    tasks: dict[str, AnnotationTask] = {}
-    for uri in storage.list_files(storage.join(inbox, "tasks")):
-        if uri.endswith(".jsonl"):
-            tasks.update((task.task_id, task) for task in read_records(uri, AnnotationTask))
-    return tasks
-
-
-def _verdict(judgement: Judgement) -> str | float:
-    return judgement.choice if isinstance(judgement, PairJudgement) else judgement.rating
-
-
 class Ingestion:
-    """The judgements so far, indexed by identity, and what this run added or refused."""
+    """What this run added to the index, or refused into the quarantine, and the counts of both."""
 
-    def __init__(self, existing: list[Judgement]) -> None:
-        self.judgements: dict[tuple[str, ...], Judgement] = {identity(j): j for j in existing}
-        self.changed: set[tuple[str, ...]] = set()
-        """the judgements this run added, or gave another source: what the next version holds"""
-        self.quarantine: list[dict[str, str]] = []
+    def __init__(self, index: JudgementIndex, quarantine: storage.JsonlFile) -> None:
+        self.index = index
+        self.quarantine = quarantine
         self.counts: Counter[str] = Counter(
             dict.fromkeys(
                 ("read", "accepted", "quarantined", "duplicates", "files_ingested", "files_already_ingested"),
@@ -76,40 +63,51 @@ class Ingestion:
         self.reasons: Counter[str] = Counter()
         self.invalid_by_source: Counter[str] = Counter()
 
+    def read(self, uri: str, limits: Limits) -> None:
+        """Every record of one file, a record at a time."""
+        with storage.reading(uri) as handle:
+            for location, raw in records(uri, handle):
+                self.counts["read"] += 1
+                if isinstance(raw, Invalid):
+                    self.refuse(uri, location, raw, raw)
+                    continue
+                try:
+                    found, capped = judgements(raw, location, self.index, limits)
+                except Invalid as invalid:
+                    self.refuse(uri, location, raw, invalid)
+                    continue
+                self.counts["ranking_pairs_capped"] += capped
+                self.add(uri, location, raw, found)
+
     def add(self, uri: str, location: str, raw: object, found: list[Judgement]) -> None:
-        """Merge a record's judgements, or quarantine the whole record if any contradicts an earlier one."""
-        for judgement in found:
-            earlier = self.judgements.get(identity(judgement))
-            if earlier is not None and _verdict(earlier) != _verdict(judgement):
+        """Merge a record's judgements, or quarantine the whole record if any contradicts an earlier one.
+        (A record's judgements are of distinct pairs or answers: a ranking may not list an answer twice.)"""
+        earlier = [self.index.earlier(judgement) for judgement in found]
+        for judgement, before in zip(found, earlier, strict=True):
+            if before is not None and before.verdict != verdict(judgement):
+                what = "judgement of this pair"
+                if before.is_rating:
+                    what = f"rating {before.verdict} of this answer"
                 self.refuse(
                     uri,
                     location,
                     raw,
                     Invalid(
                         "conflicting_duplicate",
-                        f"contradicts {judgement.annotator}'s earlier "
-                        + (
-                            f"rating {earlier.rating} of this answer"
-                            if isinstance(earlier, RatingJudgement)
-                            else "judgement of this pair"
-                        )
-                        + f" at {earlier.sources[0]}",
+                        f"contradicts {judgement.annotator}'s earlier {what} at {before.first_source}",
                     ),
                 )
                 return
-        for judgement in found:
-            key = identity(judgement)
-            earlier = self.judgements.get(key)
-            if earlier is None:
-                self.judgements[key] = judgement
+        for judgement, before in zip(found, earlier, strict=True):
+            if before is None:
+                self.index.merge(judgement, changed=True)
             else:
-                earlier.sources.append(location)
+                self.index.add_source(judgement, location)
                 self.counts["duplicates"] += 1
-            self.changed.add(key)
         self.counts["accepted"] += 1
 
     def refuse(self, uri: str, location: str, raw: object, invalid: Invalid) -> None:
-        self.quarantine.append(
+        self.quarantine.write(
             {
                 "location": location,
                 "code": invalid.code,
@@ -122,33 +120,24 @@ class Ingestion:
         self.invalid_by_source[uri] += 1
 
 
+def _file_hash(uri: str) -> str:
+    with storage.reading(uri) as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def _read_new_files(
-    snapshot: store.Snapshot, sources: list[str], tasks: dict[str, AnnotationTask], limits: Limits
-) -> tuple[Ingestion, list[store.LedgerEntry]]:
-    """Every record of every file the ledger has not seen, merged into the snapshot's judgements."""
-    ingestion = Ingestion(snapshot.judgements)
+    snapshot: store.Snapshot, hashes: dict[str, str], ingestion: Ingestion, limits: Limits
+) -> list[store.LedgerEntry]:
+    """Every record of every file the ledger has not seen, merged into the index; their ledger entries."""
     seen = snapshot.ingested()
     new_entries: list[store.LedgerEntry] = []
-    for uri in sources:
-        data = storage.read_bytes(uri)
-        content_hash = storage.sha256_hex(data)
+    for uri, content_hash in hashes.items():
         if content_hash in seen:
             ingestion.counts["files_already_ingested"] += 1
             continue
         seen.add(content_hash)
         before = Counter(ingestion.counts)
-        for location, raw in records(uri, data):
-            ingestion.counts["read"] += 1
-            if isinstance(raw, Invalid):
-                ingestion.refuse(uri, location, raw, raw)
-                continue
-            try:
-                found, capped = judgements(raw, location, tasks, limits)
-            except Invalid as invalid:
-                ingestion.refuse(uri, location, raw, invalid)
-                continue
-            ingestion.counts["ranking_pairs_capped"] += capped
-            ingestion.add(uri, location, raw, found)
+        ingestion.read(uri, limits)
         new_entries.append(
             store.LedgerEntry(
                 content_hash=content_hash,
@@ -160,13 +149,12 @@ def _read_new_files(
             )
         )
         ingestion.counts["files_ingested"] += 1
-    return ingestion, new_entries
+    return new_entries
 
 
 def _refuse_too_many_invalid(ingestion: Ingestion, config: Config, quarantine_uri: str) -> None:
     """The quarantine is written and counted; too many invalid records stop the run before any version."""
     counts = ingestion.counts
-    storage.write_jsonl(quarantine_uri, ingestion.quarantine)
     invalid_fraction = counts["quarantined"] / max(1, counts["read"])
     log_metrics(
         dict(counts)
@@ -183,45 +171,62 @@ def _refuse_too_many_invalid(ingestion: Ingestion, config: Config, quarantine_ur
 
 
 def _fold_in(
-    root: str, sources: list[str], tasks: dict[str, AnnotationTask], config: Config, context: RunContext
-) -> tuple[store.Snapshot, Ingestion, str]:
-    """(the dataset version this run ends on, what it read, that version's manifest). A version another
-    ingestion took first is read back, and this run's files are folded into the next one."""
+    root: str, sources: list[str], index: JudgementIndex, config: Config, context: RunContext
+) -> tuple[store.Snapshot, Ingestion, bool]:
+    """(the dataset version this run ends on, what it read, whether `index` holds that version's judgements).
+    The dataset is read only when there are files it has not seen. A version another ingestion took first
+    is read back, and this run's files are folded into the next one."""
     limits = Limits((config.rating_min, config.rating_max), config.max_pairs_per_ranking)
     quarantine_uri = step_output(context, "ingest_feedback", "quarantine.jsonl")
+    hashes = {uri: _file_hash(uri) for uri in sources}
     for attempt in range(1, SAVE_ATTEMPTS + 1):
-        snapshot = store.load(root)
-        ingestion, new_entries = _read_new_files(snapshot, sources, tasks, limits)
+        snapshot = store.head(root)
+        loaded = not set(hashes.values()) <= snapshot.ingested()
+        if loaded:
+            index.clear()
+            snapshot = store.load(root, index)
+        with storage.writing_jsonl(quarantine_uri) as quarantine:
+            ingestion = Ingestion(index, quarantine)
+            new_entries = _read_new_files(snapshot, hashes, ingestion, limits)
         _refuse_too_many_invalid(ingestion, config, quarantine_uri)
-        merged = list(ingestion.judgements.values())
         if not new_entries:
-            return snapshot, ingestion, store.manifest_uri(root, snapshot.version)
-        # In the dataset's order: loading merges versions back into exactly this order, which the content
-        # hash covers.
-        changed = [j for key, j in ingestion.judgements.items() if key in ingestion.changed]
+            return snapshot, ingestion, loaded
         summary = {
-            "pair_judgements": sum(isinstance(j, PairJudgement) for j in merged),
-            "ratings": sum(isinstance(j, RatingJudgement) for j in merged),
             "files": len(snapshot.ledger) + len(new_entries),
             "new_files": [entry.uri for entry in new_entries],
-            "contains_simulated_labels": any(j.simulated for j in merged),
         }
         try:
-            manifest = store.save(
-                root, snapshot, changed, new_entries, merged, summary, context.parent_run_id
-            )
+            store.save(root, snapshot, index, new_entries, summary, context.parent_run_id)
         except store.VersionTaken as taken:
             log.warning(
                 "ingest_feedback: %s; reading it and trying again (%d/%d)", taken, attempt, SAVE_ATTEMPTS
             )
             time.sleep(min(2.0**attempt, 30.0) * random.uniform(0.5, 1.0))
             continue
-        version = store.Snapshot(version=snapshot.version + 1, judgements=merged, ledger=[])
-        return version, ingestion, manifest
+        return store.Snapshot(version=snapshot.version + 1, ledger=[]), ingestion, True
     raise UserError(
         f"ingest_feedback: other ingestions took {SAVE_ATTEMPTS} dataset versions of {root} in a row while "
         "this one was writing; nothing of this run was written: run it again"
     )
+
+
+def _training_pairs(
+    root: str, version: int, loaded: bool, index: JudgementIndex, config: Config
+) -> pairs.PairSet:
+    """The version's pairs: made before with these settings, or made now."""
+    settings = pairs.PairSettings(
+        rating_min_difference=config.rating_min_difference,
+        max_rating_pairs=config.max_rating_pairs,
+        tie_policy=config.tie_policy,
+        eval_fraction=config.eval_fraction,
+    )
+    found = pairs.made(root, version, settings)
+    if found is not None:
+        return found
+    if not loaded:
+        index.clear()
+        version = store.load(root, index).version
+    return pairs.make(root, version, settings, index)
 
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
@@ -249,56 +254,36 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             )
             log_dict(skipped, "skipped_files.json")
         root = config.dataset or storage.join(inputs.inbox, "dataset")
-        snapshot, ingestion, dataset_manifest = _fold_in(
-            root, sources, _load_tasks(inputs.inbox), config, context
-        )
-        ingestion.counts["files_skipped"] = len(skipped)
-        all_judgements = snapshot.judgements
-        pair_judgements = [j for j in all_judgements if isinstance(j, PairJudgement)]
-        ratings = [j for j in all_judgements if isinstance(j, RatingJudgement)]
-        rating_pairs, rating_pairs_capped = quality.pairs_from_ratings(
-            ratings, config.rating_min_difference, config.max_rating_pairs
-        )
-        votes = pair_judgements + rating_pairs
-        pairs, dropped_ties = quality.preferences(votes, config.tie_policy)
-        agreement = quality.agreement(votes)
-        if len(pairs) < 2:
+        with judgement_index() as index:
+            index.tasks_from(inputs.inbox)
+            snapshot, ingestion, loaded = _fold_in(root, sources, index, config, context)
+            if snapshot.version == 0:
+                raise UserError(f"ingest_feedback: no feedback in {labels_dir} yet: no preference pairs")
+            made = _training_pairs(root, snapshot.version, loaded, index, config)
+        counts = ingestion.counts | made.counts | {"files_skipped": len(skipped)}
+        if counts["pairs"] < 2:
             raise UserError(
-                f"ingest_feedback: only {len(pairs)} usable preference pairs in dataset version "
+                f"ingest_feedback: only {counts['pairs']} usable preference pairs in dataset version "
                 f"{snapshot.version} ({labels_dir})"
             )
-        counts = ingestion.counts
-        train = [p.model_dump() for p in pairs if not is_eval(p.id, config.eval_fraction)]
-        evaluation = [p.model_dump() for p in pairs if is_eval(p.id, config.eval_fraction)]
-        counts.update(
-            judgements=len(all_judgements),
-            pairs=len(pairs),
-            ties_dropped=dropped_ties,
-            train=len(train),
-            eval=len(evaluation),
-            simulated=sum(p.simulated for p in pairs),
-            rating_pairs_capped=rating_pairs_capped,
-        )
-        pairs_hash = storage.content_hash([p.model_dump(exclude={"sources"}) for p in pairs])
         outputs = Outputs(
-            train=step_output(context, "ingest_feedback", "train.jsonl"),
-            eval=step_output(context, "ingest_feedback", "eval.jsonl"),
+            train=made.train,
+            eval=made.eval,
             quarantine=step_output(context, "ingest_feedback", "quarantine.jsonl"),
             manifest=step_output(context, "ingest_feedback", "manifest.json"),
-            content_hash=pairs_hash,
+            content_hash=made.content_hash,
             counts=dict(counts),
             dataset_version=snapshot.version,
-            dataset_manifest=dataset_manifest,
+            dataset_manifest=store.manifest_uri(root, snapshot.version),
         )
-        storage.write_jsonl(outputs.train, train)
-        storage.write_jsonl(outputs.eval, evaluation)
+        agreement = made.agreement
         storage.write_json(
             outputs.manifest,
             {
-                "row_count": len(pairs),
-                "content_hash": pairs_hash,
+                "row_count": counts["pairs"],
+                "content_hash": made.content_hash,
                 "dataset_version": snapshot.version,
-                "dataset_content_hash": store.content_hash(all_judgements),
+                "dataset_content_hash": made.dataset_content_hash,
                 "counts": dict(counts),
                 "invalid_reasons": dict(ingestion.reasons),
                 "agreement": agreement.model_dump(),
@@ -313,7 +298,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         log_metrics(
             {k: v for k, v in agreement_metrics.items() if v is not None}
             | {
-                "pairs": len(pairs),
+                "pairs": counts["pairs"],
                 "simulated_pairs": counts["simulated"],
                 "dataset_version": snapshot.version,
                 "annotators": len(agreement.annotators),

@@ -68,9 +68,9 @@ def test_s3_and_local_sources_give_identical_datasets(
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(LINE, min_size=1, max_size=15))
 def test_random_records_give_the_same_outcome_from_s3_and_from_disk(
-    lines: list[str], s3_server: S3Server, run_context: RunContext
+    lines: list[bytes], s3_server: S3Server, run_context: RunContext
 ) -> None:
-    text = ("\n".join(lines) + "\n").encode()
+    text = b"\n".join(lines) + b"\n"
     with tempfile.TemporaryDirectory() as temp:
         local_inbox = Path(temp, "inbox")
         (local_inbox / "labels").mkdir(parents=True)

@@ -20,6 +20,8 @@ from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.ingest_feedback import store
+from rlhf_components.ingest_feedback.formats import Judgement
+from rlhf_components.ingest_feedback.index import JudgementIndex, judgement_index
 
 from ._helpers import make_context, read_jsonl, write_jsonl
 
@@ -48,6 +50,13 @@ def dataset(tmp_path: Path, run_context: RunContext) -> Path:
     write_jsonl(inbox / "labels" / "week-2.jsonl", _pairs("two"))
     assert _ingest(inbox, make_context(tmp_path / "second")).dataset_version == 2
     return inbox / "dataset"
+
+
+def load(root: str | Path) -> tuple[store.Snapshot, list[Judgement]]:
+    """The latest version and every judgement in it, in dataset order."""
+    with judgement_index() as index:
+        snapshot = store.load(str(root), index)
+        return snapshot, list(index.judgements())
 
 
 def _next_run(dataset: Path, tmp_path: Path) -> ingest_feedback.Outputs:
@@ -114,8 +123,30 @@ def test_versions_hold_only_what_they_changed_and_add_up(dataset: Path, tmp_path
     outputs = _next_run(dataset, tmp_path)
     assert outputs.dataset_version == 3 and outputs.counts["judgements"] == 9
     assert len(read_jsonl(dataset / "v000003" / "judgements.jsonl")) == 3
-    snapshot = store.load(str(dataset))
-    assert snapshot.version == 3 and len(snapshot.judgements) == 9 and len(snapshot.ledger) == 3
+    snapshot, judgements = load(dataset)
+    assert snapshot.version == 3 and len(judgements) == 9 and len(snapshot.ledger) == 3
+
+
+def test_a_rerun_with_nothing_new_reads_no_judgements_and_reuses_the_pairs_made_before(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = _ingest(dataset.parent, make_context(tmp_path / "made"))
+    pairs = read_jsonl(Path(made.train)) + read_jsonl(Path(made.eval))
+    monkeypatch.setattr(store, "load", lambda *_: pytest.fail("the rerun read every judgement again"))
+    again = _ingest(dataset.parent, make_context(tmp_path / "again"))
+    assert (again.dataset_version, again.counts["read"], again.counts["judgements"]) == (2, 0, 6)
+    assert (again.train, again.eval, again.content_hash) == (made.train, made.eval, made.content_hash)
+    assert again.train.startswith(str(dataset / "v000002" / "pairs-"))
+    monkeypatch.undo()
+    # Other pair settings make their own pairs from the same version; removed pairs are made again.
+    halves = _ingest(dataset.parent, make_context(tmp_path / "halves"), eval_fraction=0.5)
+    assert Path(halves.train).parent != Path(made.train).parent
+    assert sorted(map(str, read_jsonl(Path(halves.train)) + read_jsonl(Path(halves.eval)))) == sorted(
+        map(str, pairs)
+    )
+    Path(made.train).unlink()
+    remade = _ingest(dataset.parent, make_context(tmp_path / "remade"))
+    assert read_jsonl(Path(remade.train)) + read_jsonl(Path(remade.eval)) == pairs
 
 
 def test_a_version_taken_by_another_ingestion_is_read_back_and_the_next_one_written(
@@ -124,20 +155,20 @@ def test_a_version_taken_by_another_ingestion_is_read_back_and_the_next_one_writ
     """This run read version 2, then another ingestion wrote version 3 before this one could."""
     write_jsonl(dataset.parent / "labels" / "other.jsonl", _pairs("other"))
     _ingest(dataset.parent, make_context(tmp_path / "other"))  # the other ingestion: version 3
-    stale = [
-        store.Snapshot(
-            version=2,
-            judgements=store.load(str(dataset)).judgements[:6],
-            ledger=store.load(str(dataset)).ledger[:2],
-        )
-    ]
     real_load = store.load
-    monkeypatch.setattr(store, "load", lambda root: stale.pop() if stale else real_load(root))
+    loads: list[int] = []
+
+    def stale_first(root: str, index: JudgementIndex) -> store.Snapshot:
+        snapshot = real_load(root, index)
+        loads.append(snapshot.version)
+        return snapshot if len(loads) > 1 else store.Snapshot(version=2, ledger=snapshot.ledger[:2])
+
+    monkeypatch.setattr(store, "load", stale_first)
     outputs = _next_run(dataset, tmp_path)
     assert "version 3 of" in caplog.text and "was taken by another ingestion" in caplog.text
     assert outputs.dataset_version == 4
-    snapshot = real_load(str(dataset))
-    tags = {j.prompt.split()[-2] for j in snapshot.judgements if isinstance(j.prompt, str)}
+    _, judgements = load(dataset)
+    tags = {j.prompt.split()[-2] for j in judgements if isinstance(j.prompt, str)}
     assert tags == {"one", "two", "other", "three"}, "no ingestion's judgements were lost"
 
 
@@ -166,7 +197,7 @@ def test_a_dataset_written_as_full_copies_still_loads_and_grows_by_deltas(
     assert outputs.dataset_version == 2 and outputs.counts["judgements"] == 6
 
 
-def two_ingestions_at_once(inbox: str, tmp_path: Path) -> store.Snapshot:
+def two_ingestions_at_once(inbox: str, tmp_path: Path) -> tuple[store.Snapshot, list[Judgement]]:
     """Two real processes ingest one inbox (local or s3://), each with its own file besides the shared
     labels; returns the dataset they leave."""
     storage.write_jsonl(storage.join(inbox, "labels", "shared.jsonl"), _pairs("shared"))
@@ -201,12 +232,13 @@ def two_ingestions_at_once(inbox: str, tmp_path: Path) -> store.Snapshot:
     for process in processes:
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr[-2000:]
-    return store.load(storage.join(inbox, "dataset"))
+    return load(storage.join(inbox, "dataset"))
 
 
-def assert_nothing_lost(snapshot: store.Snapshot) -> None:
-    tags = {j.prompt.split()[-2] for j in snapshot.judgements if isinstance(j.prompt, str)}
-    assert tags == {"shared", "left", "right"} and len(snapshot.judgements) == 3 + 40 + 40
+def assert_nothing_lost(dataset: tuple[store.Snapshot, list[Judgement]]) -> None:
+    snapshot, judgements = dataset
+    tags = {j.prompt.split()[-2] for j in judgements if isinstance(j.prompt, str)}
+    assert tags == {"shared", "left", "right"} and len(judgements) == 3 + 40 + 40
     versions = sorted(entry.version for entry in snapshot.ledger)
     assert versions in ([1, 1, 2], [1, 2, 2], [1, 2, 3]), versions
 

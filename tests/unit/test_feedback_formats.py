@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from rlhf_components import ingest_feedback
-from rlhf_components.core.records import Message
+from rlhf_components.core.records import Message, Preference
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.ingest_feedback.formats import (
     Invalid,
@@ -24,10 +24,11 @@ from rlhf_components.ingest_feedback.formats import (
     records,
 )
 from rlhf_components.ingest_feedback.quality import (
-    agreement,
-    krippendorff_alpha_nominal,
+    Agreement,
+    AgreementTally,
+    Coincidences,
+    decide,
     pairs_from_ratings,
-    preferences,
 )
 
 from ._helpers import P, read_jsonl, write_feedback_in_every_format, write_jsonl
@@ -93,7 +94,7 @@ def test_trl_conversational_preferences_are_pairs_of_their_assistant_answers() -
     writer = csv.DictWriter(table, list(explicit))
     writer.writeheader()
     writer.writerow({key: json.dumps(value) for key, value in explicit.items()})
-    [(_, record)] = list(records("feedback.csv", table.getvalue().encode()))
+    [(_, record)] = list(records("feedback.csv", io.BytesIO(table.getvalue().encode())))
     assert isinstance(record, dict) and judged(record)[0].prompt == [Message(**m) for m in prompt]
 
 
@@ -133,6 +134,33 @@ def test_ratings_pair_up_within_one_annotator_by_their_difference() -> None:
     assert preferred([p for p in pairs if p.choice != "tie"]) == expected
     [tie] = [p for p in pairs if p.choice == "tie"]
     assert {tie.response_a, tie.response_b} == {"c", "d"} and tie.sources == ["c", "d"]
+
+
+def by_pair(votes: list[PairJudgement]) -> dict[tuple[str, str, str], list[PairJudgement]]:
+    """Votes grouped by pair, as the JudgementIndex hands them out (prompts here are text)."""
+    groups: dict[tuple[str, str, str], list[PairJudgement]] = {}
+    for vote in votes:
+        groups.setdefault((str(vote.prompt), vote.response_a, vote.response_b), []).append(vote)
+    return groups
+
+
+def preferences(votes: list[PairJudgement], tie_policy: str) -> tuple[list[Preference], int]:
+    decided = [decide(key, group, tie_policy) for key, group in sorted(by_pair(votes).items())]  # type: ignore[arg-type]
+    return [p for p in decided if p is not None], sum(p is None for p in decided)
+
+
+def agreement(votes: list[PairJudgement]) -> Agreement:
+    tally = AgreementTally()
+    for group in by_pair(votes).values():
+        tally.add(group)
+    return tally.result()
+
+
+def krippendorff_alpha_nominal(units: list[list[str]]) -> float | None:
+    coincidences = Coincidences()
+    for labels in units:
+        coincidences.add(labels)
+    return coincidences.alpha()
 
 
 def test_majority_votes_and_the_tie_policy() -> None:
@@ -196,8 +224,8 @@ def test_every_file_type_reads_to_the_records_written(tmp_path: Path) -> None:
     assert write_feedback_in_every_format(tmp_path) == 8
     found = {}
     for path in sorted(tmp_path.iterdir()):
-        for location, raw in records(str(path), path.read_bytes()):
-            found[location] = raw
+        with path.open("rb") as handle:
+            found.update(records(str(path), handle))
     assert len(found) == 8  # the cancelled annotation and the unannotated task are not records
     assert found[f"{tmp_path}/ratings.csv:2"] == {
         "prompt": P, "response": "meh", "rating": 2.0, "annotator": "j"}

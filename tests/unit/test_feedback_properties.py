@@ -18,9 +18,11 @@ from rlhf_components.core.tracking import RunContext
 
 from ._helpers import read_jsonl
 
-# Empties, self-pairs, repeats, and characters that other tools take for line breaks or byte-order marks.
+# Empties, self-pairs, repeats, characters that other tools take for line breaks or byte-order marks, a NUL,
+# and half a character (a lone surrogate: no text at all).
 TEXTS = st.sampled_from(
-    ["", " ", "good", "bad", "ok", "great", "good ", "a\u2028b", "c\u0085d", "e\u2029", "\ufefff"]
+    ["", " ", "good", "bad", "ok", "great", "good ", "a\u2028b", "c\u0085d", "e\u2029", "\ufefff", "n\x00l",
+     "\ud800"]
 )
 PROMPTS = st.sampled_from(["Review:", "Other:", ""])
 ANNOTATORS = st.sampled_from(["ann", "bob", "cy"])
@@ -33,7 +35,9 @@ CHOICE = st.fixed_dictionaries({
     "choice": st.sampled_from(["a", "b", "tie", "c"]), "annotator": ANNOTATORS,
 })
 RATING = st.fixed_dictionaries(
-    {"prompt": PROMPTS, "response": TEXTS, "rating": st.integers(-1, 7)}, optional={"annotator": ANNOTATORS}
+    {"prompt": PROMPTS, "response": TEXTS,
+     "rating": st.one_of(st.integers(-1, 7), st.booleans(), st.floats())},  # true is no rating, nor is NaN
+    optional={"annotator": ANNOTATORS},
 )
 RANKING = st.fixed_dictionaries({
     "prompt": PROMPTS,
@@ -49,8 +53,11 @@ JUNK = st.one_of(
 )
 RECORD = st.one_of(CHOSEN_REJECTED, CHOICE, RATING, RANKING, JUNK)
 LINE = st.one_of(
-    RECORD.map(lambda record: json.dumps(record, ensure_ascii=False)),
-    st.sampled_from(['{"prompt": "Review', "not json", "[1,", "[" * 5000 + "]" * 5000, "1" * 5000]),
+    # Escaped or written out (a lone surrogate written out is bytes that are no UTF-8).
+    RECORD.map(lambda record: json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogatepass")),
+    RECORD.map(lambda record: json.dumps(record).encode()),
+    st.sampled_from([b'{"prompt": "Review', b"not json", b"[1,", b"[" * 5000 + b"]" * 5000, b"1" * 5000,
+                     b'{"prompt": "P", "chosen": "caf\xe9", "rejected": "b"}', b"\xff\xfe\x00"]),
 )
 
 
@@ -70,9 +77,12 @@ def dataset_locations(inbox: Path) -> set[str]:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(files=st.lists(st.lists(LINE, min_size=1, max_size=12), min_size=1, max_size=3))
+@given(
+    files=st.lists(st.lists(LINE, min_size=1, max_size=12), min_size=1, max_size=3),
+    byte_order_marks=st.lists(st.booleans(), min_size=3, max_size=3),
+)
 def test_every_record_ends_in_the_dataset_or_the_quarantine_once(
-    files: list[list[str]], run_context: RunContext
+    files: list[list[bytes]], byte_order_marks: list[bool], run_context: RunContext
 ) -> None:
     with tempfile.TemporaryDirectory() as temp:
         inbox = Path(temp, "inbox")
@@ -80,7 +90,8 @@ def test_every_record_ends_in_the_dataset_or_the_quarantine_once(
         locations = set()
         for index, lines in enumerate(files):
             path = inbox / "labels" / f"f{index}.jsonl"
-            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            bom = b"\xef\xbb\xbf" if byte_order_marks[index] else b""
+            path.write_bytes(bom + b"\n".join(lines) + b"\n")
             locations |= {f"{path}:{n}" for n, line in enumerate(lines, 1) if line.strip()}
         if len({p.read_bytes() for p in (inbox / "labels").iterdir()}) < len(files):
             return  # identical files are one file's content: the ledger reads it once (tested elsewhere)

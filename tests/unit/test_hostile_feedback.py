@@ -80,6 +80,7 @@ def test_every_kind_of_bad_input_is_quarantined_while_good_files_are_ingested(
     (labels / "utf8.jsonl").write_bytes(
         b'{"prompt": "P", "chosen": "caf\xe9", "rejected": "b"}\n' + json.dumps(GOOD_FILE[0]).encode() + b"\n"
     )
+    (labels / "surrogate.jsonl").write_text('{"prompt": "P", "chosen": "\\ud800", "rejected": "b"}\n')
     (labels / "bool.jsonl").write_text(
         json.dumps({"prompt": P, "response": "ok", "rating": True, "annotator": "a"}) + "\n", encoding="utf-8"
     )
@@ -108,6 +109,7 @@ def test_every_kind_of_bad_input_is_quarantined_while_good_files_are_ingested(
         f"{labels / 'digits.jsonl'}:1": "invalid_json",
         str(labels / "empty.parquet"): "unreadable_file",
         f"{labels / 'utf8.jsonl'}:1": "invalid_utf8",
+        f"{labels / 'surrogate.jsonl'}:1": "invalid_utf8",
         f"{labels / 'bool.jsonl'}:1": "bad_value",
         f"{labels / 'huge.csv'}:2": "bad_csv_row",
         f"{labels / 'list-value.json'}#task0/annotation0": "bad_value",
@@ -116,7 +118,7 @@ def test_every_kind_of_bad_input_is_quarantined_while_good_files_are_ingested(
     # row and the Label Studio task with a proper value.
     assert outputs.counts["accepted"] == 5
     [run] = child_runs(run_context, "ingest_feedback")
-    assert run.data.metrics["invalid_too_deep"] == 1 and run.data.metrics["invalid_invalid_utf8"] == 1
+    assert run.data.metrics["invalid_too_deep"] == 1 and run.data.metrics["invalid_invalid_utf8"] == 2
 
 
 def test_a_byte_order_mark_costs_no_record(tmp_path: Path, run_context: RunContext) -> None:

@@ -285,7 +285,9 @@ def test_simulated_marking_follows_the_annotator(tmp_path: Path, run_context: Ru
 def test_malformed_task_file_is_a_user_error(tmp_path: Path, run_context: RunContext) -> None:
     inbox = tmp_path / "inbox"
     tasks = write_jsonl(inbox / "tasks" / "broken.jsonl", [{"task_id": "t1"}])
-    write_jsonl(inbox / "labels" / "l.jsonl", [{"prompt": PROMPT, "chosen": GOOD, "rejected": BAD}])
+    # Task files are read when a record names a task.
+    write_jsonl(inbox / "labels" / "l.jsonl", [{"prompt": PROMPT, "chosen": GOOD, "rejected": BAD},
+                                              {"task_id": "t1", "choice": "a"}])
     with pytest.raises(UserError, match=re.escape(f"{tasks}:1")):
         _ingest(inbox, run_context)
 

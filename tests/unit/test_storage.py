@@ -18,6 +18,16 @@ def test_local_writes_are_atomic_and_leave_no_temporary_files(tmp_path: Path) ->
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
 
 
+def test_a_streamed_write_that_fails_leaves_nothing_behind(tmp_path: Path) -> None:
+    target = tmp_path / "rows.jsonl"
+    storage.write_jsonl(str(target), [{"a": 1}])
+    with pytest.raises(RuntimeError), storage.writing_jsonl(str(target)) as out:
+        out.write({"a": 2})
+        raise RuntimeError("the step died half way")
+    assert target.read_text() == '{"a": 1}\n', "the earlier file is untouched"
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
 def test_jsonl_round_trip_keeps_line_numbers_for_quarantine(tmp_path: Path) -> None:
     uri = str(tmp_path / "rows.jsonl")
     assert storage.write_jsonl(uri, [{"a": 1}, {"a": "é"}]) == 2
@@ -28,6 +38,17 @@ def test_jsonl_round_trip_keeps_line_numbers_for_quarantine(tmp_path: Path) -> N
 def test_content_hash_depends_on_content_not_key_order() -> None:
     assert storage.content_hash([{"a": 1, "b": 2}]) == storage.content_hash([{"b": 2, "a": 1}])
     assert storage.content_hash([{"a": 1}]) != storage.content_hash([{"a": 2}])
+
+
+def test_content_hash_is_the_sha256_of_the_rows_as_one_json_list_however_it_is_fed() -> None:
+    """Written independently: dataset manifests made before the streaming hash must still check."""
+    import hashlib
+    import json
+
+    rows = [{"b": "é\u2028", "a": [1, 2.5]}, {"prompt": [{"role": "user", "content": "hi"}]}, {}]
+    expected = hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    assert storage.content_hash(rows) == storage.content_hash(iter(rows)) == expected
+    assert storage.content_hash([]) == hashlib.sha256(b"[]").hexdigest()
 
 
 def test_join_and_scheme_detection() -> None:
