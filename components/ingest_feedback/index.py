@@ -102,9 +102,6 @@ class JudgementIndex:
         ):
             yield storage.jsonl_line({**json.loads(canonical), "sources": json.loads(sources)})
 
-    def changed_count(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM judgements WHERE changed").fetchone()[0])
-
     def content_hash(self) -> str:
         digest = storage.ContentHash()
         for (canonical,) in self._db.execute("SELECT canonical FROM judgements ORDER BY rowid"):
