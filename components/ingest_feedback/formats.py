@@ -26,14 +26,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rlhf_components.core import storage
 from rlhf_components.core.config import StrictModel
 from rlhf_components.core.records import (
     AnnotationTask,
+    PreferencePair,
     Prompt,
-    answer_text,
     hh_messages,
     prompt_text,
 )
@@ -77,17 +77,8 @@ class _Common(BaseModel):
     simulated: bool = False
 
 
-class ChosenRejected(_Common):
-    """Also TRL's conversational form: `prompt` messages, `chosen`/`rejected` as assistant messages."""
-
-    prompt: Prompt
-    chosen: str
-    rejected: str
-
-    @field_validator("chosen", "rejected", mode="before")
-    @classmethod
-    def _answer_text(cls, value: Any, info: ValidationInfo) -> Any:
-        return answer_text(value, info.data.get("prompt"))
+class ChosenRejected(_Common, PreferencePair):
+    """`prompt, chosen, rejected`, also in TRL's conversational form (read as core.records reads it)."""
 
 
 class ChoiceOfTwo(_Common):
