@@ -12,7 +12,8 @@ Layout under the dataset root (`<feedback_inbox>/dataset/` by default; local or 
 A version holds what it changed (older versions' files are never rewritten); loading walks from version 1 to
 the latest, streams every file, checked against its manifest, into a JudgementIndex (index.py: on disk, not
 in memory), and checks the merged dataset against the latest manifest's content hash. A truncated, edited or
-missing file is an error that names it; nothing restarts silently at version 1. Versions written before this
+missing file is an error that names it; nothing restarts silently at version 1 (a reader that finds version 1
+claimed moments ago and no pointer yet waits for its writer to move the pointer). Versions written before this
 layout (each a full copy, without `parent`) still load.
 
 The ledger is keyed by content hash, so a file is ingested once even when it is copied or renamed, and a
@@ -39,6 +40,7 @@ from rlhf_components.ingest_feedback.index import JudgementIndex
 _JUDGEMENT: TypeAdapter[Judgement] = TypeAdapter(Judgement)
 FORMAT = 2
 STALE_CLAIM_SECONDS = 600
+POINTER_WAIT_SECONDS = 30
 
 
 class LedgerEntry(StrictModel):
@@ -85,7 +87,7 @@ def load(root: str, index: JudgementIndex) -> Snapshot:
 
 def _walk(root: str, index: JudgementIndex | None) -> Snapshot:
     pointer = storage.join(root, "latest.json")
-    if not storage.exists(pointer):
+    if not _pointer_exists(root, pointer):
         versions = sorted(f.split("/")[-2] for f in storage.list_files(root) if f.endswith("/manifest.json"))
         if versions:
             raise UserError(
@@ -109,6 +111,24 @@ def _walk(root: str, index: JudgementIndex | None) -> Snapshot:
             "version's files were edited or replaced"
         )
     return Snapshot(version=latest, ledger=ledger)
+
+
+def _pointer_exists(root: str, pointer: str) -> bool:
+    """Whether the dataset has its pointer, waiting for it while the first version's writer is between its
+    manifest and its pointer (a version claimed moments ago): only a pointer missing for longer is damage."""
+    deadline = time.monotonic() + POINTER_WAIT_SECONDS
+    while not storage.exists(pointer):
+        claim = storage.join(version_dir(root, 1), "claim.json")
+        fresh = storage.exists(claim) and time.time() - _claim_time(claim) < POINTER_WAIT_SECONDS
+        if not fresh or time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _claim_time(claim_uri: str) -> float:
+    claimed = _read_json(claim_uri).get("time", 0)
+    return float(claimed) if isinstance(claimed, int | float) else 0.0
 
 
 def _base_version(root: str, latest: int) -> int:
@@ -216,12 +236,11 @@ def save(
 
 def _raise_if_abandoned(root: str, version: int) -> None:
     """A claim whose version never got its manifest, long after: an ingestion died while writing it."""
-    claim_uri = storage.join(version_dir(root, version), "claim.json")
     if storage.exists(manifest_uri(root, version)):
         return
-    claimed = _read_json(claim_uri).get("time", 0)
-    if time.time() - float(claimed) > STALE_CLAIM_SECONDS:
+    age = time.time() - _claim_time(storage.join(version_dir(root, version), "claim.json"))
+    if age > STALE_CLAIM_SECONDS:
         raise UserError(
-            f"{version_dir(root, version)} was claimed {time.time() - float(claimed):.0f} s ago and never "
+            f"{version_dir(root, version)} was claimed {age:.0f} s ago and never "
             "completed (an ingestion died while writing it): remove that folder and run again"
         )

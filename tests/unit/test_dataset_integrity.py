@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,12 @@ def load(root: str | Path) -> tuple[store.Snapshot, list[Judgement]]:
         return snapshot, list(index.judgements())
 
 
+def _lose_pointer_long_ago(dataset: Path) -> None:
+    (dataset / "latest.json").unlink()
+    claim = dataset / "v000001" / "claim.json"
+    claim.write_text(json.dumps({**json.loads(claim.read_text()), "time": time.time() - 3600}))
+
+
 def _next_run(dataset: Path, tmp_path: Path) -> ingest_feedback.Outputs:
     write_jsonl(dataset.parent / "labels" / "week-3.jsonl", _pairs("three"))
     return _ingest(dataset.parent, make_context(tmp_path / f"run-{time.monotonic_ns()}"))
@@ -88,10 +95,7 @@ def _next_run(dataset: Path, tmp_path: Path) -> ingest_feedback.Outputs:
             lambda d: (d / "latest.json").write_text('{"version": "two"}'),
             r"latest\.json: not a dataset pointer",
         ),
-        (
-            lambda d: (d / "latest.json").unlink(),
-            r"latest\.json is missing, but the dataset has versions v000001",
-        ),
+        (_lose_pointer_long_ago, r"latest\.json is missing, but the dataset has versions v000001"),
     ],
 )
 def test_a_damaged_dataset_is_one_line_naming_the_file_and_nothing_is_overwritten(
@@ -170,6 +174,22 @@ def test_a_version_taken_by_another_ingestion_is_read_back_and_the_next_one_writ
     _, judgements = load(dataset)
     tags = {j.prompt.split()[-2] for j in judgements if isinstance(j.prompt, str)}
     assert tags == {"one", "two", "other", "three"}, "no ingestion's judgements were lost"
+
+
+def test_a_first_version_between_its_manifest_and_its_pointer_is_waited_for(tmp_path: Path) -> None:
+    """Another ingestion has written version 1's manifest and not yet its pointer: this one reads version 1
+    once the pointer lands, rather than calling the dataset damaged (a race CI once hit)."""
+    inbox = tmp_path / "inbox"
+    write_jsonl(inbox / "labels" / "week-1.jsonl", _pairs("one"))
+    _ingest(inbox, make_context(tmp_path / "first"))
+    pointer = inbox / "dataset" / "latest.json"
+    pointer.unlink()
+    restore = threading.Timer(1.0, lambda: pointer.write_text('{"version": 1}'))
+    restore.start()
+    started = time.monotonic()
+    assert store.head(str(inbox / "dataset")).version == 1
+    assert time.monotonic() - started >= 0.9
+    restore.join()
 
 
 def test_an_abandoned_claim_is_one_line_not_an_endless_retry(dataset: Path, tmp_path: Path) -> None:
