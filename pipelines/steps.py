@@ -202,7 +202,9 @@ def run_register_and_promote(
 ) -> register_and_promote.Inputs:
     return register_and_promote.Inputs(
         policy=policy.policy,
+        policy_adapter=policy.policy_adapter,
         reward_model=reward.reward_model if reward else None,
+        reward_model_adapter=reward.adapter if reward else None,
         evaluation=evaluation.metrics,
         reward_model_accuracy=reward.eval_accuracy if reward else None,
         lineage={

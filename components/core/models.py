@@ -196,20 +196,31 @@ def save_checkpoint(
         storage.upload_dir(Path(temp), uri)
 
 
-def scalar_head(model: PreTrainedModel) -> torch.nn.Module:
-    """The linear head that maps hidden states to the scalar (named `score` in most HF classifiers)."""
-    for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Module):
-            return head
-    raise UserError(f"{type(model).__name__}: no scalar head (score/classifier) found")
+SCALAR_HEADS = ("score", "classifier")
+
+
+def scalar_head_name(model: PreTrainedModel) -> str | None:
+    """The attribute holding a scalar model's head (`score` in most HF classifiers); None in a causal LM."""
+    heads = (name for name in SCALAR_HEADS if isinstance(getattr(model, name, None), torch.nn.Module))
+    return next(heads, None)
+
+
+def scalar_head(model: PreTrainedModel, trained: bool = False) -> torch.nn.Module:
+    """The head that maps hidden states to the scalar, as the model applies it; with `trained`, the module
+    whose weights train (under LoRA the head applied is a wrapper around the original and a trained copy)."""
+    name = scalar_head_name(model)
+    if name is None:
+        raise UserError(f"{type(model).__name__}: no scalar head ({'/'.join(SCALAR_HEADS)}) found")
+    head: torch.nn.Module = getattr(model, name)
+    copies = getattr(head, "modules_to_save", None)
+    return copies["default"] if trained and isinstance(copies, torch.nn.ModuleDict) else head
 
 
 @torch.no_grad()
 def init_scalar_head(model: PreTrainedModel) -> None:
     """A new scalar head, N(0, 1/sqrt(d+1)) with a zero bias, drawn on the CPU from torch's RNG, so it is the
     same whatever device the model later moves to."""
-    head = scalar_head(model)
+    head = scalar_head(model, trained=True)
     weight, bias = head.weight, getattr(head, "bias", None)
     assert isinstance(weight, torch.Tensor)
     weight.normal_(0.0, 1.0 / math.sqrt(model.config.hidden_size + 1))
@@ -256,7 +267,7 @@ def fold_reward_normalization(model: PreTrainedModel) -> None:
     """Make the scalar head output normalised rewards itself: w ← w/σ, and b ← (b − μ)/σ where the head has
     a bias. Without a bias its outputs stay off by the constant −μ/σ, which the value loss soon removes."""
     mean, std = reward_normalization(model)
-    head = scalar_head(model)
+    head = scalar_head(model, trained=True)
     weight = head.weight
     assert isinstance(weight, torch.Tensor)
     weight.div_(std)

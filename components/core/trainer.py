@@ -19,10 +19,11 @@ pairs (`encode_pairs` + `fit_pairs`: reward model, DPO):
   they are averaged over workers (sync: allreduce), clipped to `max_grad_norm`, the optimizer and the
   schedule step, the gradients are cleared, and averaging every k steps happens (sync: average_every_k).
 - Checkpoints (core.checkpoint: safetensors + JSON, the `latest.json` pointer last), one shape for every
-  trainer: each trained model's weights under its name, the optimizer, the schedule, torch's RNG, the
-  workers' step count, and the trainer's own `state` (JSON) and `tensors`, under the config's fingerprint.
-  Only rank 0 writes; every worker then waits at a barrier. A tracking server that stays down past its retry
-  window while a step's metrics are logged costs no progress: the checkpoint is written, then the run stops.
+  trainer: each model's trained parameters under its name (under LoRA: the adapters), the optimizer, the
+  schedule, torch's RNG, the workers' step count, and the trainer's own `state` (JSON) and `tensors`, under
+  the config's fingerprint. Only rank 0 writes; every worker then waits at a barrier. A tracking server that
+  stays down past its retry window while a step's metrics are logged costs no progress: the checkpoint is
+  written, then the run stops.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ class Kernel:
         weights = {
             key: value
             for name, model in self.models.items()
-            for key, value in checkpoint.prefixed(name, model.state_dict()).items()
+            for key, value in checkpoint.prefixed(name, dict(_trained(model))).items()
         }
         checkpoint.save(
             self.checkpoint_uri,
@@ -231,7 +232,9 @@ class Kernel:
             )
         try:
             for name, model in self.models.items():
-                model.load_state_dict(checkpoint.unprefixed(name, tensors))
+                saved = checkpoint.unprefixed(name, tensors)
+                for key, parameter in _trained(model):
+                    parameter.data.copy_(saved[key])
             checkpoint.restore_optimizer("optimizer", self.optimizer, tensors, state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])
             self.workers.optimizer_steps = int(state["optimizer_steps"])
@@ -249,6 +252,12 @@ class Kernel:
         result = save() if self.workers.is_main else None
         self.workers.barrier()
         return result
+
+
+def _trained(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The parameters a run changes, by name: all of them in full fine-tuning, the adapters (and a scalar
+    head) under LoRA. Only these are checkpointed; the rest is the input checkpoint's, loaded again."""
+    return ((name, p) for name, p in model.named_parameters() if p.requires_grad)
 
 
 def _recompute_activations(model: torch.nn.Module, section: str) -> None:

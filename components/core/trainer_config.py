@@ -12,8 +12,26 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_components.core.config import ModelStep
+from rlhf_components.core.config import ModelStep, StrictModel
 from rlhf_components.distributed.config import Distributed
+
+
+class Lora(StrictModel):
+    """Low-rank adapters in place of full fine-tuning (core/lora.py)."""
+
+    rank: int = Field(default=16, ge=1, description="r: the adapters' rank")
+    alpha: float = Field(default=32.0, gt=0.0, description="the adapters' output is scaled by alpha / rank")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input")
+    target_modules: Literal["auto"] | list[str] = Field(
+        default="auto",
+        description="auto: every linear layer of the attention and MLP blocks, whatever the architecture "
+        "calls them (not the output head); or the layer names, e.g. [q_proj, v_proj]",
+    )
+    adapter: str | None = Field(
+        default=None,
+        description="continue training a saved adapter instead of new ones: a directory (local or s3://) or "
+        "models:/name@alias of a model registered with one",
+    )
 
 
 class TrainerConfig(Distributed):
@@ -33,6 +51,9 @@ class TrainerConfig(Distributed):
     resume: bool = Field(default=True, description="continue from this run's checkpoint when there is one")
     gradient_checkpointing: bool = Field(
         default=False, description="recompute activations in the backward pass: less memory, more time"
+    )
+    lora: Lora | None = Field(
+        default=None, description="train LoRA adapters on frozen base weights; unset: full fine-tuning"
     )
 
     def checkpoint_fingerprint(self) -> dict[str, object]:

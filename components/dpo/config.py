@@ -35,7 +35,8 @@ class Inputs(StrictModel):
 
 
 class Outputs(StrictModel):
-    policy: str
+    policy: str = Field(description="the trained policy; under LoRA with its adapter merged in")
+    policy_adapter: str | None = Field(default=None, description="under LoRA: the adapter alone")
     steps: int
     eval_reward_accuracy: float
     eval_reward_margin: float

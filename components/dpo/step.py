@@ -12,6 +12,8 @@ The policy learns from preference pairs directly, against a frozen reference pol
 
 With several workers each scores its share of every global batch and the gradients are averaged, as in
 reward-model training; optimizer, schedule, workers and checkpoints are the trainer kernel's (core.trainer).
+With `lora:` (core.lora) the policy trains adapters on its frozen base, and when the reference is the policy's
+own checkpoint its log-probs come from that base before the adapters are added: no second model is loaded.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from transformers import PreTrainedModel
 
 from rlhf_components.core.chat import ChatFormat
 from rlhf_components.core.generation import positions
+from rlhf_components.core.lora import add_adapters, save_and_merge
 from rlhf_components.core.losses import preference_loss
 from rlhf_components.core.models import load_policy, save_checkpoint
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
-from rlhf_components.core.trainer import EncodedPair, Job, Pairs, encode_pairs, fit_pairs, start_training
+from rlhf_components.core.trainer import EncodedPair, Pairs, encode_pairs, fit_pairs, start_training
 from rlhf_components.dpo.config import Config, Inputs, Outputs
 
 log = logging.getLogger(__name__)
@@ -41,9 +44,19 @@ STEP = "dpo"
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, STEP, config):
         job = start_training(config, inputs.policy, context.seed, STEP)
-        policy, fmt = load_policy(inputs.policy, config, job.device, dtype=torch.float32)
+        trained_dtype = job.dtype if config.lora else torch.float32  # LoRA: a frozen base
+        policy, fmt = load_policy(inputs.policy, config, job.device, dtype=trained_dtype)
         pairs = encode_pairs(fmt, config, inputs.train, inputs.eval, job)
-        reference_train, reference_eval = _reference_logps(inputs, pairs, config, job)
+        if config.lora and inputs.reference in (None, inputs.policy):
+            reference_train, reference_eval = _reference_logps(policy, fmt, pairs, config)
+        else:
+            reference, reference_fmt = load_policy(
+                inputs.reference or inputs.policy, config, job.device, dtype=job.dtype
+            )
+            reference_train, reference_eval = _reference_logps(reference, reference_fmt, pairs, config)
+            del reference  # training holds one model
+        if config.lora:
+            add_adapters(policy, config.lora, STEP)
 
         def batch_loss(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
             batch = [pairs.train[row] for row in rows]
@@ -53,6 +66,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         kernel = fit_pairs(config, {"policy": policy}, job, pairs, context, batch_loss)
         outputs = Outputs(
             policy=step_output(context, STEP, "policy"),
+            policy_adapter=step_output(context, STEP, "policy_adapter") if config.lora else None,
             steps=config.total_steps(len(pairs.train)),
             eval_reward_accuracy=math.nan,
             eval_reward_margin=math.nan,
@@ -61,6 +75,8 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
 
         def evaluate_and_save() -> Outputs:
             evaluated = _evaluate(outputs, policy, fmt, pairs.held_out, reference_eval, config)
+            if outputs.policy_adapter is not None:
+                save_and_merge(policy, outputs.policy_adapter, inputs.policy)
             save_checkpoint(policy, fmt, outputs.policy, job.dtype)
             return evaluated
 
@@ -101,12 +117,10 @@ def reference_logps(
 
 
 def _reference_logps(
-    inputs: Inputs, pairs: Pairs, config: Config, job: Job
+    reference: PreTrainedModel, fmt: ChatFormat, pairs: Pairs, config: Config
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's log-probs of the training and held-out pairs, in the compute dtype; the reference is
-    freed afterwards, so training holds one model."""
+    """The reference's log-probs of the training and held-out pairs (the reference in the compute dtype)."""
     started = time.perf_counter()
-    reference, fmt = load_policy(inputs.reference or inputs.policy, config, job.device, dtype=job.dtype)
     reference.eval()
     train = reference_logps(reference, fmt, pairs.train, config)
     held_out = reference_logps(reference, fmt, pairs.held_out, config)

@@ -47,6 +47,11 @@ class Config(TrainerConfig):
                 "rollout_batch_size must be divisible by workers × num_minibatches × "
                 f"gradient_accumulation_steps ({self.rollout_batch_size} % {micro} != 0)"
             )
+        if self.lora is not None and self.lora.dropout:
+            raise ValueError(
+                f"lora.dropout must be 0 in PPO (it is {self.lora.dropout}): the log-probs of a rollout and "
+                "of its update must come from the same function"
+            )
         return self
 
 
@@ -60,7 +65,8 @@ class Inputs(StrictModel):
 
 
 class Outputs(StrictModel):
-    policy: str
+    policy: str = Field(description="the trained policy; under LoRA with its adapter merged in")
+    policy_adapter: str | None = Field(default=None, description="under LoRA: the adapter alone")
     iterations: int
     final_score: float
     final_kl: float

@@ -3,9 +3,11 @@
 Four models: the policy (trained), a frozen reference (the KL anchor), the frozen reward model, and a value
 model (trained) initialised from the reward model with its normalisation folded in, or from the policy with a
 new head when the reward model reads text differently (another tokenizer or chat template: its scores then
-come from the decoded answers, re-encoded its way). Dropout is off in all four. With several workers
-(rlhf_components.distributed), each answers its share of the global prompt batch with its own sampling seed,
-whitening uses every worker's rollout, and gradients are averaged. Each iteration:
+come from the decoded answers, re-encoded its way). Dropout is off in all four. With `lora:` (core.lora) the
+policy and value model train adapters on frozen bases: the reference is the policy with its adapters
+disabled, and the reward model is the value model's base with its adapters and head switched back. With
+several workers (rlhf_components.distributed), each answers its share of the global prompt batch with its own
+sampling seed, whitening uses every worker's rollout, and gradients are averaged. Each iteration:
 
 1. rollout   — sample responses from the policy with the KV cache; keep the generation pass's log-probs;
 2. score     — reference log-probs, values, and the reward model's score at the last real token, minus a
@@ -43,6 +45,7 @@ from rlhf_components.core.generation import (
     response_logprobs,
     sample,
 )
+from rlhf_components.core.lora import adapters_disabled, add_adapters, save_and_merge
 from rlhf_components.core.losses import (
     KLController,
     entropy,
@@ -95,11 +98,12 @@ class RewardScorer:
         return same_reading(self.fmt, self.policy_fmt)
 
     def __call__(self, batch: Batch, prompts: Sequence[Prompt]) -> torch.Tensor:
-        if self.reads_policy_tokens:
-            ids, mask, _ = batch.sequence()
-            return sequence_scores(self.model, ids, mask, batch.last_token_index())
-        texts = decode_responses(self.policy_fmt, batch)
-        return score_texts(self.model, self.fmt, prompts, texts)
+        with adapters_disabled(self.model):  # the value model's adapters, where it shares this base
+            if self.reads_policy_tokens:
+                ids, mask, _ = batch.sequence()
+                return sequence_scores(self.model, ids, mask, batch.last_token_index())
+            texts = decode_responses(self.policy_fmt, batch)
+            return score_texts(self.model, self.fmt, prompts, texts)
 
 
 @dataclass
@@ -148,7 +152,8 @@ def collect_rollout(
     batch = sample(models.policy, *query, config.sampling, models.fmt, sampler)
     generated = time.perf_counter()
     mask = batch.response_mask.float()
-    ref_logprobs = response_logprobs(models.reference, batch, config.sampling.temperature)
+    with adapters_disabled(models.reference):  # the policy's adapters, where it is its own reference
+        ref_logprobs = response_logprobs(models.reference, batch, config.sampling.temperature)
     values = response_values(models.value_model, batch) * mask
     scores = normalized_rewards(models.reward.model, models.reward(batch, prompts))
     scores = scores - config.missing_eos_penalty * (~batch.ended_with_eos).float()
@@ -332,24 +337,40 @@ def _load_models(inputs: Inputs, config: Config, job: Job) -> Models:
     """Policy and value model in float32 (the trainer's master weights), reference and reward model in the
     compute dtype. The value model starts from the reward model with its normalisation folded into the head
     (its values start on the rewards' scale) when the two read text alike, else from the policy with a new
-    head. Only the policy and the value model train."""
-    policy, fmt = load_policy(inputs.policy, config, job.device, dtype=torch.float32)
-    reference, _ = load_policy(inputs.reference or inputs.policy, config, job.device, dtype=job.dtype)
+    head. Only the policy and the value model train. Under LoRA the trained models' bases are frozen in the
+    compute dtype and double as the reference (when it is the policy's checkpoint) and the reward model."""
+    lora = config.lora
+    trained_dtype = job.dtype if lora else torch.float32
+    policy, fmt = load_policy(inputs.policy, config, job.device, dtype=trained_dtype)
+    shared_reference = lora is not None and inputs.reference in (None, inputs.policy)
+    reference = (
+        policy
+        if shared_reference
+        else load_policy(inputs.reference or inputs.policy, config, job.device, dtype=job.dtype)[0]
+    )
     reward_model, reward_fmt = load_scalar_model(inputs.reward_model, config, job.device, dtype=job.dtype)
     reward = RewardScorer(reward_model, reward_fmt, fmt)
     if reward.reads_policy_tokens:
-        value_model, _ = load_scalar_model(inputs.reward_model, config, job.device, dtype=torch.float32)
-        fold_reward_normalization(value_model)
+        value_model = (
+            reward_model
+            if lora
+            else load_scalar_model(inputs.reward_model, config, job.device, dtype=torch.float32)[0]
+        )
     else:
         log.info(
             "ppo: the reward model reads text its own way: answers are re-encoded for it, and the value "
             "model starts from the policy"
         )
-        value_model, _ = load_scalar_model(inputs.policy, config, dtype=torch.float32)
+        value_model, _ = load_scalar_model(inputs.policy, config, dtype=trained_dtype)
         init_scalar_head(value_model)
         value_model.to(job.device)
     for frozen in (reference, reward_model):
         frozen.eval().requires_grad_(False)
+    if lora:
+        add_adapters(policy, lora, STEP)
+        add_adapters(value_model, lora.model_copy(update={"adapter": None}), STEP)
+    if reward.reads_policy_tokens:
+        fold_reward_normalization(value_model)  # into the value model's own head (its copy, under LoRA)
     policy.eval()
     value_model.eval()
     return Models(policy, reference, reward, value_model, fmt)
@@ -438,12 +459,19 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 kernel.completed(iteration, iterations, metrics, loop.state(), loop.tensors())
         outputs = Outputs(
             policy=step_output(context, STEP, "policy"),
+            policy_adapter=step_output(context, STEP, "policy_adapter") if config.lora else None,
             iterations=iterations,
             final_score=metrics["score"],
             final_kl=metrics["kl"],
         )
+
+        def save() -> None:
+            if outputs.policy_adapter is not None:
+                save_and_merge(models.policy, outputs.policy_adapter, inputs.policy)
+            save_checkpoint(models.policy, models.fmt, outputs.policy, job.dtype)
+
         # The policy is written, in the input's dtype, before any worker reports success.
-        kernel.finish(lambda: save_checkpoint(models.policy, models.fmt, outputs.policy, job.dtype))
+        kernel.finish(save)
         log.info(
             "ppo: %d iterations, final score %.3f, KL %.3f", iterations, outputs.final_score, outputs.final_kl
         )

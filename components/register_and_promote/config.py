@@ -28,7 +28,9 @@ class Config(StrictModel):
 
 class Inputs(StrictModel):
     policy: str
+    policy_adapter: str | None = Field(default=None, description="the policy's LoRA adapter, if it has one")
     reward_model: str | None = Field(default=None, description="none in the DPO pipeline")
+    reward_model_adapter: str | None = Field(default=None, description="the reward model's LoRA adapter")
     evaluation: dict[str, float] = Field(description="evaluate's metrics")
     reward_model_accuracy: float | None = None
     lineage: dict[str, str] = Field(default_factory=dict, description="dataset hashes, config hash, …")

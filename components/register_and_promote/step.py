@@ -1,7 +1,9 @@
 """Register the PPO policy and its reward model, then let the evaluation gate decide on production.
 
 Every version carries lineage tags (pipeline run, dataset hashes, parent version, config hash, git sha) and
-the gate's decision with its reasons. `staging` always moves to the new policy; `production` only when the
+the gate's decision with its reasons. A model trained with LoRA has its adapter logged beside it (artifact
+`<role>_adapter`, named by the version's `rlhf.adapter` tag), so `lora.adapter: models:/name@alias` can
+continue it. `staging` always moves to the new policy; `production` only when the
 evidence clears the gate.
 """
 
@@ -16,6 +18,7 @@ import transformers
 
 from rlhf_components.core import storage
 from rlhf_components.core.config import ModelStep
+from rlhf_components.core.lora import ADAPTER_TAG
 from rlhf_components.core.models import load_policy, load_scalar_model
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, step_run
@@ -53,7 +56,10 @@ def gate_decision(gate: GateConfig, metrics: dict[str, float]) -> tuple[bool, li
     return passed, reasons
 
 
-def _log_and_register(model: Any, tokenizer: Any, name: str, task: str, artifact: str) -> str:
+def _log_and_register(
+    model: Any, tokenizer: Any, name: str, task: str, artifact: str, adapter: str | None
+) -> str:
+    """Log and register the model (and its LoRA adapter beside it, where there is one); its version."""
     import mlflow
 
     info = mlflow.transformers.log_model(
@@ -66,7 +72,12 @@ def _log_and_register(model: Any, tokenizer: Any, name: str, task: str, artifact
             f"transformers=={transformers.__version__}",
         ],
     )
-    return str(info.registered_model_version)
+    version = str(info.registered_model_version)
+    if adapter is not None:
+        mlflow.log_artifacts(str(storage.local_dir(adapter)), f"{artifact}_adapter")
+        adapter_uri = f"runs:/{info.run_id}/{artifact}_adapter"
+        mlflow.MlflowClient().set_model_version_tag(name, version, ADAPTER_TAG, adapter_uri)
+    return version
 
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
@@ -85,7 +96,14 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         versions = {
             "policy": (
                 config.policy_name,
-                _log_and_register(policy, fmt.tokenizer, config.policy_name, "text-generation", "policy"),
+                _log_and_register(
+                    policy,
+                    fmt.tokenizer,
+                    config.policy_name,
+                    "text-generation",
+                    "policy",
+                    inputs.policy_adapter,
+                ),
             )
         }
         if inputs.reward_model is not None:
@@ -98,6 +116,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                     config.reward_model_name,
                     "text-classification",
                     "reward_model",
+                    inputs.reward_model_adapter,
                 ),
             )
             client.set_model_version_tag(

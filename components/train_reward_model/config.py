@@ -35,7 +35,10 @@ class Inputs(StrictModel):
 
 
 class Outputs(StrictModel):
-    reward_model: str
+    reward_model: str = Field(description="the reward model; under LoRA with its adapter merged in")
+    adapter: str | None = Field(
+        default=None, description="under LoRA: the adapter and the trained head alone"
+    )
     eval_accuracy: float
     train_accuracy: float
     num_train_pairs: int

@@ -5,8 +5,9 @@ template) with a fresh scalar head (init N(0, 1/sqrt(d+1))), trained for one epo
 learning rate annealed linearly to zero. Afterwards its rewards are normalised so the reference policy's
 answers (the ones annotators judged) score mean 0, std 1: PPO's KL coefficient then means the same thing
 whatever the reward model. With several workers each scores its share of every global batch and the gradients
-are averaged (core.trainer); a checkpoint resumes where a stopped run left off. A `pretrained` reward model is
-only scored on the pairs and passed on as it is.
+are averaged (core.trainer); a checkpoint resumes where a stopped run left off. With `lora:` (core.lora) the
+backbone stays frozen and adapters train beside the head. A `pretrained` reward model is only scored on the
+pairs and passed on as it is.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers import PreTrainedModel
 
 from rlhf_components.core.chat import ChatFormat
 from rlhf_components.core.errors import UserError
+from rlhf_components.core.lora import add_adapters, save_and_merge
 from rlhf_components.core.losses import bradley_terry_loss
 from rlhf_components.core.models import (
     REWARD_MEAN_KEY,
@@ -30,7 +32,7 @@ from rlhf_components.core.models import (
 )
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
-from rlhf_components.core.trainer import EncodedPair, Pairs, encode_pairs, fit_pairs, start_training
+from rlhf_components.core.trainer import EncodedPair, Job, Pairs, encode_pairs, fit_pairs, start_training
 from rlhf_components.train_reward_model.config import Config, Inputs, Outputs
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         if base is None:
             raise UserError(f"{STEP}: no backbone to train: set {STEP}.base, or give the base_model input")
         job = start_training(config, base, context.seed, STEP)
-        model, fmt = _with_new_head(base, config, job.device)
+        model, fmt = _with_new_head(base, config, job)
         pairs = encode_pairs(fmt, config, inputs.train, inputs.eval, job)
 
         def batch_loss(rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -56,7 +58,15 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
 
         kernel = fit_pairs(config, {"reward_model": model}, job, pairs, context, batch_loss)
         uri = step_output(context, STEP, "model")
-        saved = kernel.finish(lambda: _normalise_and_save(model, fmt, pairs, config, uri, job.dtype))
+        adapter = step_output(context, STEP, "adapter") if config.lora else None
+
+        def save() -> Outputs:
+            if adapter is not None:
+                save_and_merge(model, adapter, base)
+            saved = _normalise_and_save(model, fmt, pairs, config, uri, job.dtype)
+            return saved.model_copy(update={"adapter": adapter})
+
+        saved = kernel.finish(save)
         # Rank 0's outputs are the job's; the other workers' are never read.
         return saved or Outputs(
             reward_model=uri,
@@ -66,11 +76,14 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         )
 
 
-def _with_new_head(base: str, config: Config, device: torch.device) -> tuple[PreTrainedModel, ChatFormat]:
-    """The backbone with a new scalar head, in float32 (the trainer's master weights)."""
-    model, fmt = load_scalar_model(base, config, dtype=torch.float32)
+def _with_new_head(base: str, config: Config, job: Job) -> tuple[PreTrainedModel, ChatFormat]:
+    """The backbone with a new scalar head, in float32 (the trainer's master weights); under LoRA a frozen
+    backbone in the compute dtype with adapters, the head trained in float32."""
+    model, fmt = load_scalar_model(base, config, dtype=job.dtype if config.lora else torch.float32)
     init_scalar_head(model)
-    return model.to(device), fmt
+    if config.lora:
+        add_adapters(model, config.lora, STEP)
+    return model.to(job.device), fmt
 
 
 def _pair_scores(

@@ -3,6 +3,7 @@
     distributed_worker.py MODE OUT [ARGS...]
 
 ppo SFT RM   one PPO update of this rank's share of a greedy rollout; rank 0 saves the weights to OUT
+ppo-lora SFT RM   the same with LoRA; rank 0 saves the adapters and the value head
 average      4 steps of a linear model on this rank's data, averaged every 2; rank 0 saves its weights
 kernel       4 trainer-kernel steps of a linear model on this rank's data (allreduce); rank 0 saves
 crash        rank 1 raises; rank 0 waits in a collective
@@ -21,10 +22,18 @@ from rlhf_components import ppo, train_reward_model
 from rlhf_components.core.config import SamplingConfig
 from rlhf_components.core.models import load_policy, load_scalar_model
 from rlhf_components.core.step import recorded_errors
-from rlhf_components.core.trainer import Kernel
+from rlhf_components.core.trainer import Kernel, start_training
+from rlhf_components.core.trainer_config import Lora
 from rlhf_components.distributed.collectives import Workers, join
 from rlhf_components.distributed.config import Distributed
-from rlhf_components.ppo.step import Models, RewardScorer, collect_rollout, ppo_kernel, ppo_update
+from rlhf_components.ppo.step import (
+    Models,
+    RewardScorer,
+    _load_models,
+    collect_rollout,
+    ppo_kernel,
+    ppo_update,
+)
 
 CPU = torch.device("cpu")
 
@@ -68,14 +77,33 @@ def ppo_step(sft: str, reward: str, config: ppo.Config, workers: Workers) -> dic
     reward_model, reward_fmt = load_scalar_model(reward)
     value_model, _ = load_scalar_model(reward)
     models = Models(policy, reference, RewardScorer(reward_model, reward_fmt, fmt), value_model, fmt)
+    rollout_and_update(models, config, workers)
+    return weights(policy, value_model)
+
+
+def ppo_lora_step(sft: str, reward: str, config: ppo.Config, workers: Workers) -> dict[str, torch.Tensor]:
+    """`ppo_step` with `lora:`, its models loaded as the trainer loads them; returns what trained."""
+    config = config.model_copy(update={"lora": Lora(rank=4, alpha=8.0)})
+    inputs = ppo.Inputs(policy=sft, reward_model=reward, prompts="unused")
+    models = _load_models(inputs, config, start_training(config, sft, 0, "ppo"))
+    rollout_and_update(models, config, workers)
+    return {
+        f"{role}.{name}": parameter.detach().clone().contiguous()
+        for role, model in (("policy", models.policy), ("value", models.value_model))
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
+
+
+def rollout_and_update(models: Models, config: ppo.Config, workers: Workers) -> None:
+    """A greedy rollout of this worker's share of the prompts, and one PPO update on it."""
     prompts = PPO_PROMPTS[workers.shard(len(PPO_PROMPTS))]
-    query = fmt.left_padded([fmt.prompt_ids(prompt) for prompt in prompts])
+    query = models.fmt.left_padded([models.fmt.prompt_ids(prompt) for prompt in prompts])
     rollout = collect_rollout(
         models, query, prompts, config, config.kl_coef, torch.Generator().manual_seed(1), workers
     )
-    kernel = ppo_kernel(config, policy, value_model, workers, iterations=1, checkpoint_uri="unused")
-    ppo_update(policy, value_model, kernel, rollout, config, torch.Generator().manual_seed(2))
-    return weights(policy, value_model)
+    kernel = ppo_kernel(config, models.policy, models.value_model, workers, 1, checkpoint_uri="unused")
+    ppo_update(models.policy, models.value_model, kernel, rollout, config, torch.Generator().manual_seed(2))
 
 
 def linear_shards(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,9 +149,10 @@ def kernel_steps(workers: Workers) -> dict[str, torch.Tensor]:
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     with recorded_errors():
-        if mode == "ppo":
+        if mode in {"ppo", "ppo-lora"}:
             workers = join(Distributed(workers=2), CPU)
-            result = ppo_step(sys.argv[3], sys.argv[4], ppo_config(workers=2, accumulation=1), workers)
+            step = ppo_lora_step if mode == "ppo-lora" else ppo_step
+            result = step(sys.argv[3], sys.argv[4], ppo_config(workers=2, accumulation=1), workers)
         elif mode == "average":
             workers = join(Distributed(workers=2, sync="average_every_k", average_every=2), CPU)
             model = linear_model()

@@ -57,6 +57,22 @@ def test_two_workers_take_the_ppo_step_of_one_process_with_their_rollouts(
     assert_same_weights(two_workers, one_process, atol=2e-5)
 
 
+def test_two_workers_take_the_lora_ppo_step_of_one_process(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_assets: DemoAssets
+) -> None:
+    """The same with LoRA: only the adapters and the value head are all-reduced, and they end alike."""
+    reward = tiny_reward_model(tmp_path_factory, tiny_assets.sft_model_dir)
+    torchrun("ppo-lora", tmp_path / "two.safetensors", tiny_assets.sft_model_dir, reward)
+    two_workers = load_file(tmp_path / "two.safetensors")
+    one_process = worker.ppo_lora_step(
+        tiny_assets.sft_model_dir, reward, worker.ppo_config(workers=1, accumulation=2), Workers()
+    )
+    assert two_workers and all("lora_" in key or "modules_to_save" in key for key in two_workers)
+    moved = max(float(t.abs().max()) for k, t in one_process.items() if "lora_B" in k)
+    assert moved > 1e-4, "the adapters left zero, so the equality below is not trivial"
+    assert_same_weights(two_workers, one_process, atol=2e-5)
+
+
 def test_parameter_averaging_every_k_steps_matches_its_definition(tmp_path: Path) -> None:
     torchrun("average", tmp_path / "average.safetensors")
     # θ ← mean_i θ_i after every 2 local SGD steps, each worker on its own data, written out by hand.

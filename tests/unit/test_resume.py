@@ -73,13 +73,15 @@ def standalone_job(
     return path, tmp_path / name / parent / step
 
 
-def ppo_job(tmp_path: Path, name: str, tiny_assets: DemoAssets, reward_model: str) -> tuple[Path, Path]:
+def ppo_job(
+    tmp_path: Path, name: str, tiny_assets: DemoAssets, reward_model: str, **config: object
+) -> tuple[Path, Path]:
     inputs = {
         "policy": tiny_assets.sft_model_dir,
         "reward_model": reward_model,
         "prompts": tiny_assets.prompts_file,
     }
-    return standalone_job(tmp_path, name, "ppo", inputs, PPO_CONFIG)
+    return standalone_job(tmp_path, name, "ppo", inputs, {**PPO_CONFIG, **config})
 
 
 def start(job: Path, step: str = "ppo") -> subprocess.Popen[str]:
@@ -137,6 +139,29 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(
     assert_same_weights(whole_dir / "policy", cut_dir / "policy")
     # Only the newest step directory is kept next to the pointer.
     assert sorted(p.name for p in (cut_dir / "checkpoint").iterdir()) == ["latest.json", "step-00000005"]
+
+
+def test_killed_and_resumed_lora_run_equals_uninterrupted_run(
+    tiny_assets: DemoAssets, reward_model: str, tmp_path: Path
+) -> None:
+    """Under LoRA a checkpoint holds the adapters, the value head and their optimizer state, not the bases."""
+    lora = {"lora": {"rank": 4, "alpha": 8.0}}
+    whole_job, whole_dir = ppo_job(tmp_path, "whole", tiny_assets, reward_model, **lora)
+    cut_job, cut_dir = ppo_job(tmp_path, "cut", tiny_assets, reward_model, **lora)
+    whole = start(whole_job)
+    killed_at = kill_after_two_checkpoints(start(cut_job), cut_dir)
+    assert 2 <= killed_at < 6, "the run must be killed part-way"
+    saved = load_file(str(cut_dir / "checkpoint" / f"step-{killed_at:08d}" / checkpoint.TENSORS))
+    weights = [key for key in saved if key.startswith(("policy.", "value."))]
+    assert weights and all("lora_" in key or "modules_to_save" in key for key in weights), weights
+
+    finish(start(cut_job))
+    finish(whole)
+    assert_same_weights(whole_dir / "policy", cut_dir / "policy")
+    whole_adapter = load_file(str(whole_dir / "policy_adapter" / "adapter_model.safetensors"))
+    cut_adapter = load_file(str(cut_dir / "policy_adapter" / "adapter_model.safetensors"))
+    assert whole_adapter.keys() == cut_adapter.keys()
+    assert all(torch.equal(tensor, cut_adapter[key]) for key, tensor in whole_adapter.items())
 
 
 def test_sigterm_checkpoints_then_stops_with_one_line(
