@@ -44,12 +44,27 @@ MODELS = {
     "demo": {"n_layer": 2, "n_embd": 128, "n_head": 4},
     "gpt2-6x512": {"n_layer": 6, "n_embd": 512, "n_head": 8},
 }
+# A random-init Llama of about 100M parameters with the demo tokenizer (benchmarks/lora.py).
+LLAMA_100M = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 12,
+    "intermediate_size": 2560,
+}
 
 
 def prepare(model: str) -> dict[str, str]:
     """Policy, reward model and prompts for `model`, built once: {"policy", "reward_model", "prompts"}."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     from rlhf_components.demo import DemoAssetsSpec, build_demo_assets
 
@@ -60,15 +75,22 @@ def prepare(model: str) -> dict[str, str]:
     if model != "demo" and not (policy_dir / "config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(assets.sft_model_dir)
         torch.manual_seed(0)
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=128,
-            **MODELS[model],
-            bos_token_id=tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        GPT2LMHeadModel(config).save_pretrained(policy_dir, safe_serialization=True)
+        special = {
+            "bos_token_id": tokenizer.eos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        policy: Any
+        if model == "llama-100m":
+            llama = LlamaConfig(
+                vocab_size=len(tokenizer), max_position_embeddings=128, **LLAMA_100M, **special
+            )
+            policy = LlamaForCausalLM(llama)
+        else:
+            policy = GPT2LMHeadModel(
+                GPT2Config(vocab_size=len(tokenizer), n_positions=128, **MODELS[model], **special)
+            )
+        policy.save_pretrained(policy_dir, safe_serialization=True)
         tokenizer.save_pretrained(policy_dir)
     if not (reward_dir / "config.json").is_file():
         reward = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)

@@ -19,10 +19,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MODELS, PPO_SETTINGS, machine, our_ppo_config, prepare, write_result
+from common import LLAMA_100M, MODELS, PPO_SETTINGS, machine, our_ppo_config, prepare, write_result
 
 
-def measure(model: str, iterations: int) -> dict[str, Any]:
+def measure(
+    model: str,
+    iterations: int,
+    settings: dict[str, Any] = PPO_SETTINGS,
+    lora: dict[str, Any] | None = None,
+    recompute: bool = False,
+) -> dict[str, Any]:
+    """Our PPO on `model` for `iterations` iterations of `settings`; with `lora`, that `lora:` section, and
+    with `recompute`, gradient checkpointing."""
     import mlflow
     import torch
 
@@ -32,8 +40,9 @@ def measure(model: str, iterations: int) -> dict[str, Any]:
 
     setup_logging("WARNING")
     paths = prepare(model)
-    settings = PPO_SETTINGS
     config = our_ppo_config(settings, settings["rollout_batch_size"] * iterations)
+    lora_section = ppo.Config.model_validate({"lora": lora}).lora
+    config = config.model_copy(update={"lora": lora_section, "gradient_checkpointing": recompute})
     with tempfile.TemporaryDirectory() as temp:
         tracking = TrackingConfig(uri=f"sqlite:///{temp}/mlflow.db", experiment="bench")
         uri, parent = start_pipeline_run(tracking, "bench", {}, {})
@@ -55,8 +64,10 @@ def measure(model: str, iterations: int) -> dict[str, Any]:
         result = {
             "implementation": "rlhf-pipelines",
             "model": model,
-            "architecture": MODELS[model],
+            "architecture": MODELS.get(model, LLAMA_100M),
             "settings": settings,
+            "lora": lora,
+            "gradient_checkpointing": recompute,
             "iterations": iterations,
             "episodes_per_second": steady("episodes_per_second"),
             "generated_tokens_per_second": steady("tokens_per_second"),

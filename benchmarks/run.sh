@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # RLHF throughput on the same models and rollout shape: our PPO, TRL 1.12's PPO (the last TRL with PPO) and
 # TRL 1.16's RLOO (critic-free); our DPO and TRL 1.16's; learning of both PPOs over three seeds; 1 vs 2
-# workers; feedback ingestion of 100k records. JSON lands in benchmarks/results/, the throughput side by side
-# in summary.json.
+# workers; feedback ingestion of 100k records; full vs LoRA PPO memory. JSON lands in benchmarks/results/,
+# the throughput side by side in summary.json.
 #   benchmarks/run.sh [ITERATIONS]        (make bench; REPEATS=3 alternating runs of our PPO and TRL's)
 # Each TRL gets its own virtual environment with the same torch build as .venv.
 set -euo pipefail
@@ -42,4 +42,5 @@ done
 $PY benchmarks/learning.py --seeds 0 1 2 -o benchmarks/results/learning.json >/dev/null 2>&1
 $PY benchmarks/distributed.py -o benchmarks/results/distributed.json >/dev/null 2>&1
 $PY benchmarks/feedback.py -o benchmarks/results/feedback.json >/dev/null 2>&1
+$PY benchmarks/lora.py -o benchmarks/results/lora.json >/dev/null 2>&1
 $PY benchmarks/compare.py benchmarks/results

@@ -127,9 +127,15 @@ class Kernel:
     def __exit__(self, *exc: object) -> None:
         self._context.close()
 
-    def step(self, loss: torch.Tensor) -> bool:
-        """Accumulate the gradient of `loss`; returns whether this call took an optimizer step."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one part of a micro-batch's loss, freeing its activations at once;
+        `step` takes the last part."""
         (loss / self.accumulation_steps).backward()
+
+    def step(self, loss: torch.Tensor) -> bool:
+        """Accumulate the gradient of `loss` (the micro-batch's, or its last part); returns whether this
+        call took an optimizer step."""
+        self.backward(loss)
         self._accumulated += 1
         if self._accumulated < self.accumulation_steps:
             return False

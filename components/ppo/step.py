@@ -246,6 +246,9 @@ def ppo_update(
                 pg_loss, ratio, pg_clipped = policy_loss(
                     logprobs, micro.logprobs, rollout.advantages[rows, :width], mask, config.cliprange
                 )
+                # The two models share no trained parameter: the policy's activations are freed before the
+                # value model's forward pass, and the gradients are those of pg_loss + vf_coef × vf_loss.
+                kernel.backward(pg_loss)
                 vf_loss, vf_clipped = value_loss(
                     response_values(value_model, micro),
                     rollout.values[rows, :width],
@@ -253,7 +256,7 @@ def ppo_update(
                     mask,
                     config.cliprange_value,
                 )
-                kernel.step(pg_loss + config.vf_coef * vf_loss)
+                kernel.step(config.vf_coef * vf_loss)
                 with torch.no_grad():
                     ratio_mean = masked_mean(ratio, mask)
                     if first_ratio is None:
