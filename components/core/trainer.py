@@ -240,6 +240,13 @@ class Kernel:
             for name, model in self.models.items():
                 saved = checkpoint.unprefixed(name, tensors)
                 for key, parameter in _trained(model):
+                    if key not in saved:
+                        raise KeyError(f"missing {name}.{key}")
+                    if saved[key].shape != parameter.shape:
+                        raise ValueError(
+                            f"size mismatch for {name}.{key}: {list(saved[key].shape)} saved, "
+                            f"{list(parameter.shape)} in the model"
+                        )
                     parameter.data.copy_(saved[key])
             checkpoint.restore_optimizer("optimizer", self.optimizer, tensors, state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])

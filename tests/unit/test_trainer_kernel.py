@@ -296,8 +296,9 @@ def _rewrite_tensors(folder: Path, change: Any) -> None:
     (lambda f: (f / "tensors.safetensors").unlink(), "tensors.safetensors is missing"),
     (lambda f: (f.parent / "latest.json").write_text(json.dumps({"step": 2, "directory": "../../elsewhere"})),
      "points at '../../elsewhere', not at a step folder"),
-    (lambda f: _rewrite_tensors(f, lambda t: t.pop("model.0.weight")), "Missing key"),
-    (lambda f: _rewrite_tensors(f, lambda t: t.update({"model.0.weight": torch.zeros(3, 3)})), "size mis"),
+    (lambda f: _rewrite_tensors(f, lambda t: t.pop("model.0.weight")), "missing model.0.weight"),
+    (lambda f: _rewrite_tensors(f, lambda t: t.update({"model.0.weight": torch.zeros(3, 3)})),
+     "size mismatch for model.0.weight"),
 ])
 def test_a_damaged_checkpoint_is_one_line_that_says_what_and_to_set_resume_false(
     tmp_path: Path, damage: Any, problem: str
