@@ -89,6 +89,18 @@ def test_demo_config_validates() -> None:
     assert config.demo_assets is not None and config.demo_assets.dir == ".rlhf-demo"
 
 
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_validates(example: Path) -> None:
+    assert isinstance(load_pipeline_config(example), PipelineConfig)
+
+
+def test_the_lora_example_trains_adapters_on_the_reward_model_and_ppo() -> None:
+    config = load_pipeline_config(REPO / "examples" / "lora.yaml")
+    assert config.ppo.lora is not None and config.ppo.lora.rank == 16 and config.ppo.lora.dropout == 0
+    assert config.train_reward_model.lora is not None
+    assert config.dpo.lora is None
+
+
 def test_config_hash_is_stable_and_tracks_content(tmp_path: Path) -> None:
     first, second = load_pipeline_config(DEMO_CONFIG), load_pipeline_config(DEMO_CONFIG)
     assert first.config_hash() == second.config_hash()
