@@ -300,3 +300,21 @@ def test_gradient_checkpointing_trains_the_same_weights_in_the_pair_trainers(
     assert plain.keys() == recomputed.keys()
     for key, tensor in plain.items():
         assert torch.allclose(tensor, recomputed[key], atol=1e-6), key
+
+
+def test_a_bf16_checkpoint_trains_float32_adapters_and_is_saved_merged_in_bf16(
+    tmp_path: Path, pairs: tuple[str, str], run_context: RunContext
+) -> None:
+    policy = chat_models.build_checkpoint("mistral", tmp_path / "mistral-bf16", dtype=torch.bfloat16)
+    inputs = dpo.Inputs(policy=policy, train=pairs[0], eval=pairs[1])
+    outputs = dpo.run(
+        dpo.Config(batch_size=8, learning_rate=1e-2, max_length=256, lora=LORA), inputs, run_context
+    )
+    assert outputs.policy_adapter is not None
+    merged = load_file(str(Path(outputs.policy) / "model.safetensors"))
+    assert {tensor.dtype for tensor in merged.values()} == {torch.bfloat16}, "saved in the input's dtype"
+    adapter = load_file(str(Path(outputs.policy_adapter) / "adapter_model.safetensors"))
+    assert {tensor.dtype for tensor in adapter.values()} == {torch.float32}, "adapters train in float32"
+    base = load_file(str(Path(policy) / "model.safetensors"))
+    changed = [key for key, tensor in base.items() if not torch.equal(tensor, merged[key])]
+    assert changed and all(key.endswith("proj.weight") for key in changed), "only adapted layers moved"
