@@ -318,3 +318,20 @@ def test_a_bf16_checkpoint_trains_float32_adapters_and_is_saved_merged_in_bf16(
     base = load_file(str(Path(policy) / "model.safetensors"))
     changed = [key for key, tensor in base.items() if not torch.equal(tensor, merged[key])]
     assert changed and all(key.endswith("proj.weight") for key in changed), "only adapted layers moved"
+
+
+def test_a_reward_model_that_reads_text_its_own_way_gets_a_value_model_of_the_policy(
+    checkpoints: dict[str, str],
+) -> None:
+    """Then the value model cannot share the reward model's base: it is the policy's backbone, frozen, with
+    its own adapters and a new head, and the reward model stays a model of its own."""
+    inputs = ppo.Inputs(policy=checkpoints["qwen2"], reward_model=checkpoints["llama3"], prompts="unused")
+    models = _load_models(inputs, PPO, start_training(PPO, checkpoints["qwen2"], 0, "ppo"))
+    assert not models.reward.reads_policy_tokens
+    assert models.value_model is not models.reward.model and not has_adapters(models.reward.model)
+    assert models.reference is models.policy
+    trained = [name for name, p in models.value_model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in name or "modules_to_save" in name for name in trained)
+    result = rollout(models)
+    assert torch.isfinite(result.scores).all() and torch.isfinite(result.values).all()
+    assert torch.equal(result.ref_logprobs, response_logprobs(models.policy, result.batch, 1.0))
