@@ -76,14 +76,24 @@ class PipelineConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _dpo_gates_on_what_it_measures(self) -> PipelineConfig:
+    def _gates_on_what_evaluate_measures(self) -> PipelineConfig:
+        """A gate metric that evaluate never produces would hold every run, silently, for ever."""
         metric = self.register_and_promote.gate.metric
-        if self.pipeline == "dpo" and metric.startswith("rm_"):
-            raise ValueError(
-                f"register_and_promote.gate.metric: the dpo pipeline trains no reward model, so there is no "
-                f"{metric}; gate on the gold judge's win rate (gold_win_rate) instead"
-            )
-        return self
+        measured = {
+            "rm_win_rate": "the reward model" if self.pipeline == "rlhf" else None,
+            "gold_win_rate": "evaluate.gold_judge" if self.evaluate.gold_judge else None,
+        }
+        available = [name for name, source in measured.items() if source is not None]
+        if metric in available:
+            return self
+        if metric == "rm_win_rate":
+            why = "the dpo pipeline trains no reward model, so there is no rm_win_rate"
+        elif metric == "gold_win_rate":
+            why = "no evaluate.gold_judge is set, so there is no gold_win_rate"
+        else:
+            why = f"evaluate produces no {metric}"
+        can = f"gate on {' or '.join(available)}" if available else "this run measures no win rate to gate on"
+        raise ValueError(f"register_and_promote.gate.metric: {why}; {can}")
 
     def config_hash(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]

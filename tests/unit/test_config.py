@@ -71,8 +71,11 @@ def local_run_config(root: Path, *, weights: bool, tracking_uri: str | None = No
 
 def cli_env() -> dict[str, str]:
     """The test environment without anything that would point the CLI at a real server."""
-    return {key: value for key, value in os.environ.items()
-            if not key.startswith(("MLFLOW_", "KF_PIPELINES_", "AWS_"))}
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MLFLOW_", "KF_PIPELINES_", "AWS_"))
+    }
 
 
 # ----------------------------------------------------------------------------- loading in-process
@@ -188,6 +191,35 @@ def test_a_dpo_pipeline_cannot_gate_on_a_reward_model_it_does_not_train(tmp_path
     assert load_pipeline_config(write_yaml(tmp_path / "ok.yaml", data)).pipeline == "dpo"
 
 
+@pytest.mark.parametrize(
+    ("pipeline", "metric", "message"),
+    [
+        (
+            "rlhf",
+            "gold_win_rate",
+            "no evaluate.gold_judge is set, so there is no gold_win_rate; gate on rm_win_rate",
+        ),
+        ("dpo", "gold_win_rate", "no gold_win_rate; this run measures no win rate to gate on"),
+        ("dpo", "rm_win_rate", "no rm_win_rate; this run measures no win rate to gate on"),
+        ("rlhf", "judge_win_rate", "evaluate produces no judge_win_rate; gate on rm_win_rate"),
+    ],
+)
+def test_a_gate_metric_evaluate_cannot_produce_is_refused(
+    tmp_path: Path, pipeline: str, metric: str, message: str
+) -> None:
+    """Such a gate holds every run for ever (a DPO run on a model without a gold judge never promotes)."""
+    data = demo_mapping()
+    data["pipeline"] = pipeline
+    del data["evaluate"]["gold_judge"]
+    data["register_and_promote"]["gate"]["metric"] = metric
+    path = write_yaml(tmp_path / "gate.yaml", data)
+    with pytest.raises(ConfigError, match=rf"gate\.metric: .*{message}"):
+        load_pipeline_config(path)
+    data["evaluate"]["gold_judge"] = "demo-gold-sentiment"
+    data["register_and_promote"]["gate"]["metric"] = "gold_win_rate"
+    assert load_pipeline_config(write_yaml(tmp_path / "ok.yaml", data)).pipeline == pipeline
+
+
 def test_a_pretrained_reward_model_is_for_rlhf_and_paths_are_made_absolute(tmp_path: Path) -> None:
     data = demo_mapping()
     data["reward_model"] = "rm"
@@ -213,7 +245,7 @@ def test_missing_required_section_names_it(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "line"),
     [
-        ("name: demo\nseed: 0\npolicy: a: b\n", 3),             # a second mapping value on one line
+        ("name: demo\nseed: 0\npolicy: a: b\n", 3),  # a second mapping value on one line
         ("name: demo\nseed: 0\npolicy: x\n\tstorage_root: y\n", 4),  # a tab cannot indent YAML
     ],
 )
@@ -255,8 +287,6 @@ def test_duplicate_key_is_an_error_not_silently_overwritten(tmp_path: Path) -> N
 
 
 # ----------------------------------------------------------------------------- the CLI, as a subprocess
-
-
 
 
 @dataclass
@@ -303,8 +333,9 @@ class CliRuns:
         try:
             for name, case in cases.items():
                 with (case.cwd / "cli.stdout").open("wb") as out, (case.cwd / "cli.stderr").open("wb") as err:
-                    process = subprocess.Popen([str(RLHF), *case.args], cwd=case.cwd, env=cli_env(),
-                                               stdout=out, stderr=err)
+                    process = subprocess.Popen(
+                        [str(RLHF), *case.args], cwd=case.cwd, env=cli_env(), stdout=out, stderr=err
+                    )
                 self._running[name] = (process, case.cwd)
         except BaseException:
             self.stop()
@@ -314,8 +345,11 @@ class CliRuns:
         if name not in self._results:
             process, cwd = self._running[name]
             returncode = process.wait(timeout=CLI_TIMEOUT_S)
-            self._results[name] = CliResult(returncode, (cwd / "cli.stdout").read_text(encoding="utf-8"),
-                                            (cwd / "cli.stderr").read_text(encoding="utf-8"))
+            self._results[name] = CliResult(
+                returncode,
+                (cwd / "cli.stdout").read_text(encoding="utf-8"),
+                (cwd / "cli.stderr").read_text(encoding="utf-8"),
+            )
         return self._results[name]
 
     def stop(self) -> None:
