@@ -122,8 +122,10 @@ def test_rlhf_run_of_the_dpo_pipeline_registers_the_dpo_policy(
 ) -> None:
     config = tiny_pipeline_config(tiny_assets, tmp_path)
     del config["train_reward_model"], config["ppo"]
+    # DPO with LoRA here (the RLHF run above trains in full): the adapter travels to the registry.
     config |= {"name": "tiny-dpo", "pipeline": "dpo",
-               "dpo": {"epochs": 2, "batch_size": 16, "learning_rate": 0.0005, "max_length": 64}}
+               "dpo": {"epochs": 2, "batch_size": 16, "learning_rate": 0.005, "max_length": 64,
+                       "lora": {"rank": 8, "alpha": 16}}}
     config["register_and_promote"] = {
         "policy_name": "tiny-dpo-policy",
         "gate": {"metric": "gold_win_rate", "min_ci_low": 0.0, "max_kl": 100.0},
@@ -142,6 +144,10 @@ def test_rlhf_run_of_the_dpo_pipeline_registers_the_dpo_policy(
     assert str(version.version) == summary["registered"]["policy"]["version"]
     assert version.tags["rlhf.gate.decision"] == "promote"
     assert "rlhf.reward_model_version" not in version.tags
+    adapter = mlflow.artifacts.download_artifacts(
+        version.tags["rlhf.adapter"], dst_path=str(tmp_path / "a"), tracking_uri=client.tracking_uri
+    )
+    assert json.loads((Path(adapter) / "adapter_config.json").read_text())["r"] == 8
     assert [m.name for m in client.search_registered_models()] == ["tiny-dpo-policy"]
     parent = client.get_run(summary["pipeline_run_id"])
     children = client.search_runs(
