@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from rlhf_components.core.config import ModelStep
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.runtime import setup_logging
 from rlhf_pipelines.config import load_pipeline_config
@@ -121,6 +122,27 @@ def rollback(
     _use_tracking(tracking_uri)
     current, previous = rollback_model(model)
     console.print(f"{model}: production moved from version {current} back to {previous}")
+
+
+@app.command("serve-reward-model")
+def serve_reward_model(
+    model: Annotated[str, typer.Argument(help="a reward model: directory, s3:// or models:/name@alias")],
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    host: Annotated[str, typer.Option(help="address to bind (0.0.0.0: every interface)")] = "127.0.0.1",
+    batch_size: Annotated[int, typer.Option(min=1, help="answers scored per forward pass")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    chat_template: Annotated[str, typer.Option(help="auto, none or a Jinja file")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="run the checkpoint's own code")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (models:/ only)")] = None,
+) -> None:
+    """Serve a reward model over HTTP: POST /v1/score {prompts, responses} → {scores}."""
+    from rlhf_components.core.config import validate_mapping
+    from rlhf_components.core.reward_server import serve
+
+    if model.startswith("models:/"):
+        _use_tracking(tracking_uri)
+    settings = {"device": device, "chat_template": chat_template, "trust_remote_code": trust_remote_code}
+    serve(model, validate_mapping(ModelStep, settings, "serve-reward-model"), host, port, batch_size)
 
 
 @demo_assets_app.command("build")
