@@ -207,10 +207,11 @@ def _plain(prompt: Prompt) -> str:
 
 def encode_prompts(
     fmt: ChatFormat, records: Sequence[PromptRecord], limit: int, section: str
-) -> list[tuple[PromptRecord, list[int]]]:
+) -> list[EncodedPrompt]:
     """Each prompt with its ids, leaving out (never cutting) those longer than `limit` tokens: they are
     counted (`prompts_too_long`), logged, and listed in the step's MLflow run (`prompts_too_long.json`)."""
-    kept, too_long = [], []
+    kept: list[EncodedPrompt] = []
+    too_long = []
     for record in records:
         ids = fmt.prompt_ids(record.prompt)
         if len(ids) <= limit:
@@ -229,3 +230,27 @@ def encode_prompts(
         )
         log_dict(too_long, "prompts_too_long.json")
     return kept
+
+
+EncodedPrompt = tuple[PromptRecord, list[int]]
+"""a prompt record with its ids (encode_prompts)"""
+
+
+class PromptStream:
+    """Prompts in a seeded random order, reshuffled after each pass; its position is part of a checkpoint."""
+
+    def __init__(self, prompts: list[EncodedPrompt], generator: torch.Generator) -> None:
+        self.prompts = prompts
+        self.generator = generator
+        self.order = torch.randperm(len(prompts), generator=generator).tolist()
+        self.cursor = 0
+
+    def take(self, count: int) -> list[EncodedPrompt]:
+        chosen = []
+        for _ in range(count):
+            if self.cursor == len(self.order):
+                self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
+                self.cursor = 0
+            chosen.append(self.prompts[self.order[self.cursor]])
+            self.cursor += 1
+        return chosen

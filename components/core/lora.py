@@ -29,9 +29,10 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from rlhf_components.core import storage
+from rlhf_components.core.chat import ChatFormat
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.models import scalar_head_name
-from rlhf_components.core.trainer_config import Lora
+from rlhf_components.core.models import save_checkpoint, scalar_head_name
+from rlhf_components.core.trainer_config import Lora, TrainedPolicy
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,18 @@ def merge_adapters(model: PreTrainedModel) -> None:
     model._hf_peft_config_loaded = False
 
 
-def save_and_merge(model: PreTrainedModel, adapter_uri: str, base_uri: str) -> None:
-    """A trainer's LoRA result: the adapter alone at `adapter_uri`, then the adapters merged into `model`,
-    which the trainer saves as its checkpoint."""
-    save_adapter(model, adapter_uri, base_uri)
-    merge_adapters(model)
+def save_policy(
+    policy: PreTrainedModel, fmt: ChatFormat, outputs: TrainedPolicy, base_uri: str, dtype: torch.dtype
+) -> None:
+    """A policy trainer's result: under LoRA first the adapter alone, then the adapters merged in; the policy
+    saved in `dtype` (the input's)."""
+    save_and_merge(policy, outputs.policy_adapter, base_uri)
+    save_checkpoint(policy, fmt, outputs.policy, dtype)
+
+
+def save_and_merge(model: PreTrainedModel, adapter_uri: str | None, base_uri: str) -> None:
+    """Under LoRA (`adapter_uri` set): the adapter alone at `adapter_uri`, then the adapters merged into
+    `model`, which the trainer saves as its checkpoint."""
+    if adapter_uri is not None:
+        save_adapter(model, adapter_uri, base_uri)
+        merge_adapters(model)

@@ -173,3 +173,53 @@ def preference_loss(
     else:
         raise ValueError(f"unknown preference loss {loss_type!r}")
     return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, method: str, scale: bool) -> torch.Tensor:
+    """Critic-free advantages of rewards [G·K], K consecutive answers to each of G prompts; [G·K].
+
+    grpo  A_i = r_i − mean(group), divided by (std(group) + 1e-4) with `scale` (std with Bessel's
+          correction, as in the GRPO paper's code)
+    rloo  A_i = r_i − mean of the other K − 1 answers' rewards (REINFORCE leave-one-out)
+    """
+    groups = rewards.view(-1, group_size)
+    mean = groups.mean(-1, keepdim=True)
+    if method == "rloo":
+        return ((groups - mean) * group_size / (group_size - 1)).reshape(-1)
+    if method != "grpo":
+        raise ValueError(f"unknown advantage {method!r}")
+    centred = groups - mean
+    if scale:
+        centred = centred / (groups.std(-1, keepdim=True) + 1e-4)
+    return centred.reshape(-1)
+
+
+def clipped_token_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped surrogate per token for sequence advantages [B]: (−min(r·A, clip(r, 1 − ε_low,
+    1 + ε_high)·A) [B, T], the ratio r = π/π_old [B, T])."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    advantage = advantages[:, None]
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    return -torch.minimum(ratio * advantage, clipped * advantage), ratio
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_tokens: int) -> torch.Tensor:
+    """A batch's loss from per-token losses [B, T] over valid tokens: a scalar.
+
+    token     Σ loss / Σ tokens: every token weighs the same (DAPO)
+    sequence  mean over answers of each answer's mean token loss (the GRPO paper)
+    dr_grpo   Σ loss / (B · max_tokens): a constant normaliser, no length bias (Dr. GRPO)
+    """
+    if mode == "token":
+        return masked_mean(per_token, mask)
+    if mode == "sequence":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if mode == "dr_grpo":
+        return (per_token * mask).sum() / (per_token.shape[0] * max_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}")

@@ -172,11 +172,18 @@ def read_records(uri: str, record: type[RecordT]) -> list[RecordT]:
 
 def read_prompts(uri: str) -> list[PromptRecord]:
     """Prompt records; a row with only `prompt` gets the prompt's content id and its line as source."""
+    return [record for record, _ in read_prompt_rows(uri)]
+
+
+def read_prompt_rows(uri: str) -> list[tuple[PromptRecord, dict[str, Any]]]:
+    """Prompt records, each with its row's other fields (a dataset's columns: the answers a reward function
+    checks)."""
     records = []
     for location, row in _rows(uri):
         if isinstance(row, dict):
             row = {"id": _content_id(row.get("prompt")), "source": location, **row}
-        records.append(_validated(PromptRecord, row, location))
+        record = _validated(PromptRecord, row, location)
+        records.append((record, {k: v for k, v in row.items() if k not in PromptRecord.model_fields}))
     return records
 
 

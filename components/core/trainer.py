@@ -267,6 +267,21 @@ class Kernel:
         return result
 
 
+def policy_outputs(context: RunContext, section: str, config: TrainerConfig) -> dict[str, str | None]:
+    """Where a policy trainer writes its policy, and under LoRA its adapter (TrainedPolicy's fields)."""
+    return {
+        "policy": step_output(context, section, "policy"),
+        "policy_adapter": step_output(context, section, "policy_adapter") if config.lora else None,
+    }
+
+
+def units(section: str, done: int, total: int) -> tqdm[int]:
+    """A trainer loop's units, done + 1 to total, with a progress bar that counts the done ones."""
+    return tqdm(
+        range(done + 1, total + 1), desc=section, disable=progress_disabled(), initial=done, total=total
+    )
+
+
 def _trained(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The parameters a run changes, by name: all of them in full fine-tuning, the adapters (and a scalar
     head) under LoRA. Only these are checkpointed; the rest is the input checkpoint's, loaded again."""

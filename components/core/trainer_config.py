@@ -34,6 +34,13 @@ class Lora(StrictModel):
     )
 
 
+class TrainedPolicy(StrictModel):
+    """The outputs every policy trainer has (PPO, DPO, GRPO)."""
+
+    policy: str = Field(description="the trained policy; under LoRA with its adapter merged in")
+    policy_adapter: str | None = Field(default=None, description="under LoRA: the adapter alone")
+
+
 class TrainerConfig(Distributed):
     learning_rate: float = Field(default=1e-5, gt=0.0)
     lr_schedule: Literal["linear", "constant"] = Field(

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from rlhf_components.core.config import StrictModel
-from rlhf_components.core.trainer_config import PairTrainerConfig
+from rlhf_components.core.trainer_config import PairTrainerConfig, TrainedPolicy
 
 
 class Config(PairTrainerConfig):
@@ -34,9 +34,7 @@ class Inputs(StrictModel):
     eval: str = Field(description="held-out preference pairs")
 
 
-class Outputs(StrictModel):
-    policy: str = Field(description="the trained policy; under LoRA with its adapter merged in")
-    policy_adapter: str | None = Field(default=None, description="under LoRA: the adapter alone")
+class Outputs(TrainedPolicy):
     steps: int
     eval_reward_accuracy: float
     eval_reward_margin: float

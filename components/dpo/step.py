@@ -28,12 +28,18 @@ from transformers import PreTrainedModel
 
 from rlhf_components.core.chat import ChatFormat
 from rlhf_components.core.generation import positions
-from rlhf_components.core.lora import add_adapters, save_and_merge
+from rlhf_components.core.lora import add_adapters, save_policy
 from rlhf_components.core.losses import preference_loss
-from rlhf_components.core.models import load_policy, save_checkpoint
-from rlhf_components.core.step import step_output
+from rlhf_components.core.models import load_policy
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
-from rlhf_components.core.trainer import EncodedPair, Pairs, encode_pairs, fit_pairs, start_training
+from rlhf_components.core.trainer import (
+    EncodedPair,
+    Pairs,
+    encode_pairs,
+    fit_pairs,
+    policy_outputs,
+    start_training,
+)
 from rlhf_components.dpo.config import Config, Inputs, Outputs
 
 log = logging.getLogger(__name__)
@@ -65,8 +71,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
 
         kernel = fit_pairs(config, {"policy": policy}, job, pairs, context, batch_loss)
         outputs = Outputs(
-            policy=step_output(context, STEP, "policy"),
-            policy_adapter=step_output(context, STEP, "policy_adapter") if config.lora else None,
+            **policy_outputs(context, STEP, config),
             steps=config.total_steps(len(pairs.train)),
             eval_reward_accuracy=math.nan,
             eval_reward_margin=math.nan,
@@ -75,9 +80,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
 
         def evaluate_and_save() -> Outputs:
             evaluated = _evaluate(outputs, policy, fmt, pairs.held_out, reference_eval, config)
-            if outputs.policy_adapter is not None:
-                save_and_merge(policy, outputs.policy_adapter, inputs.policy)
-            save_checkpoint(policy, fmt, outputs.policy, job.dtype)
+            save_policy(policy, fmt, outputs, inputs.policy, job.dtype)
             return evaluated
 
         return kernel.finish(evaluate_and_save) or outputs

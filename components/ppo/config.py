@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rlhf_components.core.config import SamplingConfig, StrictModel
-from rlhf_components.core.trainer_config import TrainerConfig
+from rlhf_components.core.trainer_config import TrainedPolicy, TrainerConfig
 
 
 class Config(TrainerConfig):
@@ -64,9 +64,7 @@ class Inputs(StrictModel):
     prompts: str = Field(description="JSONL of {prompt} records")
 
 
-class Outputs(StrictModel):
-    policy: str = Field(description="the trained policy; under LoRA with its adapter merged in")
-    policy_adapter: str | None = Field(default=None, description="under LoRA: the adapter alone")
+class Outputs(TrainedPolicy):
     iterations: int
     final_score: float
     final_kl: float

@@ -33,10 +33,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from rlhf_components.core.chat import ChatFormat, encode_prompts, same_reading
+from rlhf_components.core.chat import ChatFormat, PromptStream, encode_prompts, same_reading
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import (
     Batch,
@@ -45,7 +44,7 @@ from rlhf_components.core.generation import (
     response_logprobs,
     sample,
 )
-from rlhf_components.core.lora import adapters_disabled, add_adapters, save_and_merge
+from rlhf_components.core.lora import adapters_disabled, add_adapters, save_policy
 from rlhf_components.core.losses import (
     KLController,
     entropy,
@@ -62,16 +61,15 @@ from rlhf_components.core.models import (
     load_policy,
     load_scalar_model,
     normalized_rewards,
-    save_checkpoint,
     score_texts,
     sequence_scores,
     token_scores,
 )
-from rlhf_components.core.records import Prompt, PromptRecord, read_prompts
-from rlhf_components.core.runtime import progress_disabled, sampling_generator
+from rlhf_components.core.records import Prompt, read_prompts
+from rlhf_components.core.runtime import sampling_generator
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, step_run
-from rlhf_components.core.trainer import Job, Kernel, Resumed, start_training
+from rlhf_components.core.trainer import Job, Kernel, Resumed, policy_outputs, start_training, units
 from rlhf_components.distributed.collectives import Workers
 from rlhf_components.ppo.config import Config, Inputs, Outputs
 
@@ -283,29 +281,6 @@ def ppo_update(
 # ----------------------------------------------------------------------------- the run
 
 
-EncodedPrompt = tuple[PromptRecord, list[int]]
-
-
-class PromptStream:
-    """Prompts in a seeded random order, reshuffled after each pass; its position is part of a checkpoint."""
-
-    def __init__(self, prompts: list[EncodedPrompt], generator: torch.Generator) -> None:
-        self.prompts = prompts
-        self.generator = generator
-        self.order = torch.randperm(len(prompts), generator=generator).tolist()
-        self.cursor = 0
-
-    def take(self, count: int) -> list[EncodedPrompt]:
-        chosen = []
-        for _ in range(count):
-            if self.cursor == len(self.order):
-                self.order = torch.randperm(len(self.prompts), generator=self.generator).tolist()
-                self.cursor = 0
-            chosen.append(self.prompts[self.order[self.cursor]])
-            self.cursor += 1
-        return chosen
-
-
 @dataclass
 class LoopState:
     """PPO's own part of a checkpoint (the kernel keeps weights, optimizer and schedule): with it a resumed
@@ -449,32 +424,19 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         with kernel:
             resumed = kernel.resume()
             loop.restore(resumed)
-            progress = tqdm(
-                range(resumed.done + 1, iterations + 1),
-                desc=STEP,
-                disable=progress_disabled(),
-                initial=resumed.done,
-                total=iterations,
-            )
+            progress = units(STEP, resumed.done, iterations)
             for iteration in progress:
                 metrics = _iteration(models, kernel, loop, config, context.seed, iteration)
                 progress.set_postfix(score=f"{metrics['score']:.2f}", kl=f"{metrics['kl']:.2f}")
                 kernel.completed(iteration, iterations, metrics, loop.state(), loop.tensors())
         outputs = Outputs(
-            policy=step_output(context, STEP, "policy"),
-            policy_adapter=step_output(context, STEP, "policy_adapter") if config.lora else None,
+            **policy_outputs(context, STEP, config),
             iterations=iterations,
             final_score=metrics["score"],
             final_kl=metrics["kl"],
         )
-
-        def save() -> None:
-            if outputs.policy_adapter is not None:
-                save_and_merge(models.policy, outputs.policy_adapter, inputs.policy)
-            save_checkpoint(models.policy, models.fmt, outputs.policy, job.dtype)
-
         # The policy is written, in the input's dtype, before any worker reports success.
-        kernel.finish(save)
+        kernel.finish(lambda: save_policy(models.policy, models.fmt, outputs, inputs.policy, job.dtype))
         log.info(
             "ppo: %d iterations, final score %.3f, KL %.3f", iterations, outputs.final_score, outputs.final_kl
         )

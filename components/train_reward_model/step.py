@@ -61,8 +61,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         adapter = step_output(context, STEP, "adapter") if config.lora else None
 
         def save() -> Outputs:
-            if adapter is not None:
-                save_and_merge(model, adapter, base)
+            save_and_merge(model, adapter, base)
             saved = _normalise_and_save(model, fmt, pairs, config, uri, job.dtype)
             return saved.model_copy(update={"adapter": adapter})
 

@@ -1,0 +1,126 @@
+"""GRPO's rewards: Python functions (built-in or `module:function`) and reward models, weighted into one.
+
+A function is called as f(prompts, completions, columns, **options), with the prompts (text or
+conversations), the completions' text and the prompt rows' other fields (column name → one value per
+completion), and returns one float per completion. A reward model scores each completion as PPO reads it
+(normalised; the text re-encoded its way). Every reward is logged as reward/<name>, and the total is
+Σ weight · reward.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhf_components.core.config import ModelStep
+from rlhf_components.core.errors import UserError
+from rlhf_components.core.models import load_scalar_model, normalized_rewards, score_texts
+from rlhf_components.core.records import Prompt
+from rlhf_components.grpo.config import Reward
+
+Columns = dict[str, list[Any]]
+RewardFunction = Callable[..., Sequence[float]]
+
+
+def exact_match(
+    prompts: Sequence[Prompt], completions: Sequence[str], columns: Columns, field: str = "answer"
+) -> list[float]:
+    """1 where the completion, stripped, is the row's `field` (as text), else 0."""
+    if field not in columns:
+        raise UserError(f"exact_match: the prompts have no {field!r} field (give it as options.field)")
+    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, columns[field], strict=True)]
+
+
+def regex(
+    prompts: Sequence[Prompt], completions: Sequence[str], columns: Columns, pattern: str = ""
+) -> list[float]:
+    """1 where the whole completion, stripped, matches `pattern`, else 0 (a format reward)."""
+    compiled = re.compile(pattern, re.DOTALL)
+    return [float(compiled.fullmatch(c.strip()) is not None) for c in completions]
+
+
+def length(
+    prompts: Sequence[Prompt], completions: Sequence[str], columns: Columns, target: int = 100
+) -> list[float]:
+    """−|characters − target| / target: 0 at the target length, lower the further from it."""
+    return [-abs(len(c) - target) / target for c in completions]
+
+
+BUILT_IN: dict[str, RewardFunction] = {"exact_match": exact_match, "regex": regex, "length": length}
+
+
+@dataclass
+class Scorer:
+    """One configured reward, ready to score."""
+
+    name: str
+    weight: float
+    score: Callable[[Sequence[Prompt], Sequence[str], Columns], torch.Tensor]
+
+
+def load(rewards: list[Reward], step: ModelStep, device: torch.device, dtype: torch.dtype) -> list[Scorer]:
+    scorers = []
+    for index, reward in enumerate(rewards):
+        where = f"grpo.rewards[{index}]"
+        if reward.reward_model is not None:
+            scorers.append(
+                Scorer(reward.label, reward.weight, _model_scorer(reward.reward_model, step, device, dtype))
+            )
+        else:
+            assert reward.function is not None
+            function = BUILT_IN.get(reward.function) or _import(reward.function, where)
+            scorers.append(
+                Scorer(reward.label, reward.weight, _function_scorer(function, reward.options, where))
+            )
+    names = [scorer.name for scorer in scorers]
+    if len(set(names)) < len(names):
+        raise UserError(f"grpo.rewards: two rewards are named alike ({names}); give each a name")
+    return scorers
+
+
+def _import(path: str, where: str) -> RewardFunction:
+    module_name, _, attribute = path.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise UserError(f"{where}.function: cannot import {path}: {error}") from None
+    if not callable(function):
+        raise UserError(f"{where}.function: {path} is not callable")
+    return function
+
+
+def _function_scorer(
+    function: RewardFunction, options: dict[str, Any], where: str
+) -> Callable[[Sequence[Prompt], Sequence[str], Columns], torch.Tensor]:
+    def score(prompts: Sequence[Prompt], completions: Sequence[str], columns: Columns) -> torch.Tensor:
+        try:
+            values = [float(v) for v in function(prompts, completions, columns, **options)]
+        except TypeError as error:
+            raise UserError(f"{where}: the reward function failed: {error}") from None
+        if len(values) != len(completions) or not all(math.isfinite(v) for v in values):
+            raise UserError(
+                f"{where}: the reward function must return one finite number per completion "
+                f"({len(completions)}); it returned {len(values)}"
+            )
+        return torch.tensor(values)
+
+    return score
+
+
+def _model_scorer(
+    uri: str, step: ModelStep, device: torch.device, dtype: torch.dtype
+) -> Callable[[Sequence[Prompt], Sequence[str], Columns], torch.Tensor]:
+    model, fmt = load_scalar_model(uri, step, device, dtype=dtype)
+    model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def score(prompts: Sequence[Prompt], completions: Sequence[str], columns: Columns) -> torch.Tensor:
+        return normalized_rewards(model, score_texts(model, fmt, prompts, completions)).float().cpu()
+
+    return score
