@@ -3,15 +3,21 @@
 A function is called as f(prompts, completions, columns, **options), with the prompts (text or
 conversations), the completions' text and the prompt rows' other fields (column name → one value per
 completion), and returns one float per completion. A reward model scores each completion as PPO reads it
-(normalised; the text re-encoded its way). Every reward is logged as reward/<name>, and the total is
+(normalised; the text re-encoded its way); so does a `url` served by `rlhf serve-reward-model` (or any
+endpoint with its JSON contract). Every reward is logged as reward/<name>, and the total is
 Σ weight · reward.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import logging
 import math
 import re
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +29,8 @@ from rlhf_components.core.errors import UserError
 from rlhf_components.core.models import load_scalar_model, normalized_rewards, score_texts
 from rlhf_components.core.records import Prompt
 from rlhf_components.grpo.config import Reward
+
+log = logging.getLogger(__name__)
 
 Columns = dict[str, list[Any]]
 RewardFunction = Callable[..., Sequence[float]]
@@ -69,15 +77,14 @@ def load(rewards: list[Reward], step: ModelStep, device: torch.device, dtype: to
     for index, reward in enumerate(rewards):
         where = f"grpo.rewards[{index}]"
         if reward.reward_model is not None:
-            scorers.append(
-                Scorer(reward.label, reward.weight, _model_scorer(reward.reward_model, step, device, dtype))
-            )
+            score = _model_scorer(reward.reward_model, step, device, dtype)
+        elif reward.url is not None:
+            score = _http_scorer(reward, where)
         else:
             assert reward.function is not None
             function = BUILT_IN.get(reward.function) or _import(reward.function, where)
-            scorers.append(
-                Scorer(reward.label, reward.weight, _function_scorer(function, reward.options, where))
-            )
+            score = _function_scorer(function, reward.options, where)
+        scorers.append(Scorer(reward.label, reward.weight, score))
     names = [scorer.name for scorer in scorers]
     if len(set(names)) < len(names):
         raise UserError(f"grpo.rewards: two rewards are named alike ({names}); give each a name")
@@ -122,5 +129,55 @@ def _model_scorer(
     @torch.no_grad()
     def score(prompts: Sequence[Prompt], completions: Sequence[str], columns: Columns) -> torch.Tensor:
         return normalized_rewards(model, score_texts(model, fmt, prompts, completions)).float().cpu()
+
+    return score
+
+
+def _http_scorer(
+    reward: Reward, where: str
+) -> Callable[[Sequence[Prompt], Sequence[str], Columns], torch.Tensor]:
+    """Scores from an endpoint (rlhf serve-reward-model's contract), `batch_size` completions a request. A
+    request that fails to connect, times out or gets a 5xx is retried `retries` times with backoff; a 4xx is
+    the request's own fault and ends the run with the server's answer."""
+    assert reward.url is not None
+    url = reward.url
+
+    def post(prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
+        body = json.dumps(
+            {
+                "prompts": [p if isinstance(p, str) else [m.model_dump() for m in p] for p in prompts],
+                "responses": list(completions),
+            }
+        ).encode()
+        request = urllib.request.Request(url, body, {"Content-Type": "application/json"}, method="POST")
+        scores: Any = None
+        for attempt in range(reward.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=reward.timeout_s) as response:
+                    scores = json.loads(response.read()).get("scores")
+                break
+            except urllib.error.HTTPError as error:
+                if error.code < 500 or attempt == reward.retries:
+                    detail = error.read()[:300].decode(errors="replace")
+                    raise UserError(f"{where}: {url} answered {error.code}: {detail}") from None
+            except (urllib.error.URLError, TimeoutError, OSError) as error:
+                if attempt == reward.retries:
+                    raise UserError(
+                        f"{where}: {url} did not answer ({error}) in {reward.retries + 1} attempts"
+                    ) from None
+            log.warning(
+                "%s: %s failed (attempt %d of %d); retrying", where, url, attempt + 1, reward.retries + 1
+            )
+            time.sleep(min(0.5 * 2**attempt, 10.0))
+        if not isinstance(scores, list) or len(scores) != len(completions):
+            raise UserError(f"{where}: {url} did not answer one score per completion ({len(completions)})")
+        return [float(score) for score in scores]
+
+    def score(prompts: Sequence[Prompt], completions: Sequence[str], columns: Columns) -> torch.Tensor:
+        values: list[float] = []
+        for start in range(0, len(completions), reward.batch_size):
+            end = start + reward.batch_size
+            values += post(prompts[start:end], completions[start:end])
+        return torch.tensor(values)
 
     return score

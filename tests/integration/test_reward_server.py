@@ -1,16 +1,19 @@
 """`rlhf serve-reward-model` as a real process on 127.0.0.1: its scores are the in-process reward model's,
-for plain prompts and for conversations, and a malformed request is a 422 naming the field."""
+for plain prompts and for conversations, and a malformed request is a 422 naming the field. GRPO's HTTP
+reward client against it, and against a server in the test that fails on purpose."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -18,9 +21,12 @@ from pydantic import TypeAdapter
 from unit import chat_models
 from unit._helpers import tiny_reward_model
 
+from rlhf_components import grpo
+from rlhf_components.core.errors import UserError
 from rlhf_components.core.models import load_scalar_model, normalized_rewards, save_checkpoint, score_texts
 from rlhf_components.core.records import Prompt
 from rlhf_components.demo import DemoAssets
+from rlhf_components.grpo import rewards
 
 from .conftest import _healthy, _start, _stop, _wait_until, free_port
 
@@ -115,3 +121,66 @@ def test_a_reward_model_that_is_not_there_is_one_line(tmp_path: Path) -> None:
         timeout=120,
     )
     assert (done.returncode, done.stderr.strip()) == (2, f"error: {missing}: directory not found")
+
+
+def test_grpo_scores_through_the_served_reward_model_as_in_process(demo_server: tuple[str, str]) -> None:
+    url, model_uri = demo_server
+    spec = [grpo.config.Reward(url=f"{url}/v1/score", batch_size=2)]  # 3 completions: two requests
+    (scorer,) = rewards.load(spec, grpo.Config(rewards=spec), torch.device("cpu"), torch.float32)
+    prompts = [TypeAdapter(Prompt).validate_python(p) for p in PROMPTS]
+    model, fmt = load_scalar_model(model_uri)
+    with torch.no_grad():
+        expected = normalized_rewards(model, score_texts(model, fmt, prompts, RESPONSES))
+    assert scorer.name == "http"
+    assert torch.allclose(scorer.score(prompts, RESPONSES, {}), expected, atol=1e-5)
+
+
+class Flaky(BaseHTTPRequestHandler):
+    """Answers each POST with the next status of `Flaky.statuses` (200: a score of 1 per response)."""
+
+    statuses: ClassVar[list[int]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        status = Flaky.statuses.pop(0)
+        answer = {"scores": [1.0] * len(body["responses"])} if status == 200 else {"detail": "busy"}
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def flaky() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Flaky)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1/score"
+    finally:
+        server.shutdown()
+
+
+def http_scorer(url: str, retries: int) -> rewards.Scorer:
+    spec = [grpo.config.Reward(url=url, retries=retries, timeout_s=5)]
+    return rewards.load(spec, grpo.Config(rewards=spec), torch.device("cpu"), torch.float32)[0]
+
+
+def test_an_endpoint_that_fails_is_retried_and_a_4xx_is_one_line(flaky: str) -> None:
+    Flaky.statuses = [503, 502, 200]
+    assert http_scorer(flaky, retries=2).score(["p", "q"], ["a", "b"], {}).tolist() == [1.0, 1.0]
+    Flaky.statuses = [503, 503]
+    with pytest.raises(UserError, match=r"grpo\.rewards\[0\]: .* answered 503: .*busy"):
+        http_scorer(flaky, retries=1).score(["p"], ["a"], {})
+    Flaky.statuses = [400, 200]
+    with pytest.raises(UserError, match=r"answered 400"):
+        http_scorer(flaky, retries=3).score(["p"], ["a"], {})
+    assert Flaky.statuses == [200], "a 4xx is not retried"
+    closed = f"http://127.0.0.1:{free_port()}/v1/score"
+    with pytest.raises(UserError, match=r"did not answer .* in 2 attempts"):
+        http_scorer(closed, retries=1).score(["p"], ["a"], {})
