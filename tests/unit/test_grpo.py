@@ -120,7 +120,7 @@ def wrong_length(prompts: list[Any], completions: list[str], columns: dict[str, 
 def test_reward_mistakes_name_the_reward() -> None:
     with pytest.raises(ConfigError, match=r"neither a built-in .* nor module:function"):
         validate_mapping(grpo.Config, {"rewards": [{"function": "nope"}]}, "job.yaml")
-    with pytest.raises(ConfigError, match="set exactly one of function and reward_model"):
+    with pytest.raises(ConfigError, match="set exactly one of function, reward_model and url"):
         validate_mapping(grpo.Config, {"rewards": [{}]}, "job.yaml")
     cpu = torch.device("cpu")
     missing = [grpo.config.Reward(function="no_such_module:f")]
