@@ -171,10 +171,6 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
             module.enable_adapters(True)
 
 
-def has_adapters(model: torch.nn.Module) -> bool:
-    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
-
-
 def save_adapter(model: PreTrainedModel, uri: str, base_uri: str) -> None:
     """The adapter alone (with a scalar model's trained head), recording `base_uri` as the model it adapts."""
     with tempfile.TemporaryDirectory() as temp:

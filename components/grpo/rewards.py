@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import TypeAdapter
 
 from rlhf_components.core.config import ModelStep
 from rlhf_components.core.errors import UserError
@@ -33,6 +34,7 @@ from rlhf_components.grpo.config import Reward
 log = logging.getLogger(__name__)
 
 Columns = dict[str, list[Any]]
+_PROMPTS: TypeAdapter[list[Prompt]] = TypeAdapter(list[Prompt])
 RewardFunction = Callable[..., Sequence[float]]
 
 
@@ -144,10 +146,7 @@ def _http_scorer(
 
     def post(prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
         body = json.dumps(
-            {
-                "prompts": [p if isinstance(p, str) else [m.model_dump() for m in p] for p in prompts],
-                "responses": list(completions),
-            }
+            {"prompts": _PROMPTS.dump_python(list(prompts)), "responses": list(completions)}
         ).encode()
         request = urllib.request.Request(url, body, {"Content-Type": "application/json"}, method="POST")
         scores: Any = None

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedModel
@@ -218,7 +218,8 @@ def _step(
 ) -> dict[str, float]:
     started, workers = time.perf_counter(), kernel.workers
     chosen = loop.stream.take(config.prompts_per_step)[workers.shard(config.prompts_per_step)]
-    records = [record for record, _ in chosen if isinstance(record, PromptWithColumns)]
+    # The stream holds the PromptWithColumns records `run` encoded.
+    records = cast(list[PromptWithColumns], [record for record, _ in chosen])
     group = collect_group(
         models,
         records,

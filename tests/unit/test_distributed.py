@@ -4,6 +4,7 @@ the launcher's own code, checked against one process and against the definitions
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -41,16 +42,22 @@ def assert_same_weights(
         assert torch.allclose(actual[key], expected[key], atol=atol), (key, gap)
 
 
+def ppo_steps(
+    mode: str, step: Callable[..., dict[str, torch.Tensor]], tmp_path: Path, assets: DemoAssets, reward: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the weights after one PPO step of 2 torchrun workers in `mode`, after `step` in one process with
+    accumulation 2 over all the prompts)."""
+    torchrun(mode, tmp_path / "two.safetensors", assets.sft_model_dir, reward)
+    one_process = step(assets.sft_model_dir, reward, worker.ppo_config(workers=1, accumulation=2), Workers())
+    return load_file(tmp_path / "two.safetensors"), one_process
+
+
 def test_two_workers_take_the_ppo_step_of_one_process_with_their_rollouts(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_assets: DemoAssets
 ) -> None:
     """Worker r answers half of the prompts; one process with accumulation 2 answers all of them."""
     reward = tiny_reward_model(tmp_path_factory, tiny_assets.sft_model_dir)
-    torchrun("ppo", tmp_path / "two.safetensors", tiny_assets.sft_model_dir, reward)
-    two_workers = load_file(tmp_path / "two.safetensors")
-    one_process = worker.ppo_step(
-        tiny_assets.sft_model_dir, reward, worker.ppo_config(workers=1, accumulation=2), Workers()
-    )
+    two_workers, one_process = ppo_steps("ppo", worker.ppo_step, tmp_path, tiny_assets, reward)
     initial = worker.load_weights(tiny_assets.sft_model_dir, reward)
     # The update moved the weights well beyond the tolerance, so the equality below is not trivial.
     assert max(float((one_process[k] - initial[k]).abs().max()) for k in initial) > 1e-3
@@ -62,11 +69,7 @@ def test_two_workers_take_the_lora_ppo_step_of_one_process(
 ) -> None:
     """The same with LoRA: only the adapters and the value head are all-reduced, and they end alike."""
     reward = tiny_reward_model(tmp_path_factory, tiny_assets.sft_model_dir)
-    torchrun("ppo-lora", tmp_path / "two.safetensors", tiny_assets.sft_model_dir, reward)
-    two_workers = load_file(tmp_path / "two.safetensors")
-    one_process = worker.ppo_lora_step(
-        tiny_assets.sft_model_dir, reward, worker.ppo_config(workers=1, accumulation=2), Workers()
-    )
+    two_workers, one_process = ppo_steps("ppo-lora", worker.ppo_lora_step, tmp_path, tiny_assets, reward)
     assert two_workers and all("lora_" in key or "modules_to_save" in key for key in two_workers)
     moved = max(float(t.abs().max()) for k, t in one_process.items() if "lora_B" in k)
     assert moved > 1e-4, "the adapters left zero, so the equality below is not trivial"

@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
 from rlhf_components import dpo, ppo, register_and_promote, train_reward_model
@@ -20,7 +21,6 @@ from rlhf_components.core.lora import (
     ADAPTER_TAG,
     adapters_disabled,
     add_adapters,
-    has_adapters,
     merge_adapters,
 )
 from rlhf_components.core.models import load_policy, load_scalar_model, token_scores
@@ -50,6 +50,10 @@ PPO = ppo.Config(
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("lora-models")
     return {name: chat_models.build_checkpoint(name, root / name) for name in ARCHITECTURES}
+
+
+def has_adapters(model: torch.nn.Module) -> bool:
+    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
 
 
 def ppo_models(policy: str, config: ppo.Config = PPO) -> ppo.step.Models:
@@ -162,6 +166,15 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     )
 
 
+def lora_dpo(
+    policy: str, pairs: tuple[str, str], context: RunContext
+) -> tuple[dpo.Inputs, dpo.Config, dpo.Outputs]:
+    """A DPO run with LoRA on the pairs: its inputs, its config and its outputs."""
+    inputs = dpo.Inputs(policy=policy, train=pairs[0], eval=pairs[1])
+    config = dpo.Config(batch_size=8, learning_rate=1e-2, max_length=256, lora=LORA)
+    return inputs, config, dpo.run(config, inputs, context)
+
+
 def answer_logps(policy_uri: str) -> torch.Tensor:
     model, fmt = load_policy(policy_uri)
     answers = [(*fmt.answer_ids(p, " lovely food"), fmt.answer_ids(p, " awful food")[1]) for p in PROMPTS]
@@ -173,9 +186,7 @@ def test_dpo_with_lora_writes_a_merged_policy_and_an_adapter_a_next_run_continue
     checkpoints: dict[str, str], pairs: tuple[str, str], run_context: RunContext, tmp_path: Path
 ) -> None:
     policy = checkpoints["qwen2"]
-    inputs = dpo.Inputs(policy=policy, train=pairs[0], eval=pairs[1])
-    config = dpo.Config(batch_size=8, learning_rate=1e-2, max_length=256, lora=LORA)
-    first = dpo.run(config, inputs, run_context)
+    inputs, config, first = lora_dpo(policy, pairs, run_context)
     assert first.policy_adapter is not None
     adapter = Path(first.policy_adapter)
     saved = json.loads((adapter / "adapter_config.json").read_text())
@@ -239,9 +250,7 @@ def test_a_registered_adapter_is_logged_beside_its_model_and_a_next_run_continue
     checkpoints: dict[str, str], pairs: tuple[str, str], run_context: RunContext, tmp_path: Path
 ) -> None:
     policy = checkpoints["llama3"]
-    inputs = dpo.Inputs(policy=policy, train=pairs[0], eval=pairs[1])
-    config = dpo.Config(batch_size=8, learning_rate=1e-2, max_length=256, lora=LORA)
-    trained = dpo.run(config, inputs, run_context)
+    inputs, config, trained = lora_dpo(policy, pairs, run_context)
     registered = register_and_promote.run(
         register_and_promote.Config(policy_name="lora-policy"),
         register_and_promote.Inputs(
