@@ -46,4 +46,4 @@ bench: $(STAMP)
 	benchmarks/run.sh
 
 clean:
-	rm -rf .rlhf-demo .rlhf-demo-chat .rlhf-runs .rlhf-runs-chat kfp-local mlflow.db summary.json rlhf.yaml
+	rm -rf .rlhf-demo .rlhf-demo-chat .rlhf-demo-arithmetic .rlhf-runs .rlhf-runs-chat kfp-local mlflow.db summary.json rlhf.yaml

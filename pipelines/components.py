@@ -16,8 +16,8 @@ IMAGE = os.environ.get("RLHF_IMAGE", "ghcr.io/rlhf-pipelines/rlhf-pipelines:0.1.
 # Credentials reach the pods from Kubernetes secrets, never from the config or the compiled YAML.
 S3_SECRET = os.environ.get("RLHF_S3_SECRET", "rlhf-s3-credentials")
 MLFLOW_SECRET = os.environ.get("RLHF_MLFLOW_SECRET", "rlhf-mlflow-credentials")
-# GPUs each model step's pod requests (generate_candidates, train_reward_model, ppo, dpo, evaluate); their
-# `device: auto` then runs there. 0: CPU pods. Needs an image with CUDA PyTorch (containers/Dockerfile).
+# GPUs each model step's pod requests (generate_candidates, train_reward_model, ppo, dpo, grpo, evaluate);
+# their `device: auto` then runs there. 0: CPU pods. Needs an image with CUDA PyTorch (containers/Dockerfile).
 TASK_GPUS = os.environ.get("RLHF_TASK_GPUS", "0")
 
 
@@ -92,6 +92,13 @@ def dpo(config: str, run: str, feedback: str) -> str:
     from rlhf_pipelines.steps import run_dpo
 
     return run_dpo(config, run, feedback)
+
+
+@_component
+def grpo(config: str, run: str, prompts: str) -> str:
+    from rlhf_pipelines.steps import run_grpo
+
+    return run_grpo(config, run, prompts)
 
 
 @_component

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -17,12 +17,14 @@ from rlhf_components.demo import DemoAssetsSpec
 from rlhf_components.dpo import Config as DPOConfig
 from rlhf_components.evaluate import Config as EvaluateConfig
 from rlhf_components.generate_candidates import Config as GenerateCandidatesConfig
+from rlhf_components.grpo import Config as GRPOConfig
 from rlhf_components.ingest_feedback import Config as IngestFeedbackConfig
 from rlhf_components.ppo import Config as PPOConfig
 from rlhf_components.register_and_promote import Config as RegisterConfig
 from rlhf_components.train_reward_model import Config as RewardModelConfig
 
-MODEL_STEPS = ("generate_candidates", "train_reward_model", "ppo", "dpo", "evaluate")
+MODEL_STEPS = ("generate_candidates", "train_reward_model", "ppo", "dpo", "grpo", "evaluate")
+TRAINERS = ("train_reward_model", "ppo", "dpo", "grpo")
 
 
 class DemoAssetsConfig(StrictModel):
@@ -34,8 +36,10 @@ class DemoAssetsConfig(StrictModel):
 
 class PipelineConfig(StrictModel):
     name: str = Field(default="rlhf", pattern=r"^[a-z0-9][a-z0-9-]*$")
-    pipeline: Literal["rlhf", "dpo"] = Field(
-        default="rlhf", description="rlhf: reward model + PPO; dpo: Direct Preference Optimization"
+    pipeline: Literal["rlhf", "dpo", "grpo"] = Field(
+        default="rlhf",
+        description="rlhf: reward model + PPO; dpo: Direct Preference Optimization; grpo: GRPO/RLOO on "
+        "the rewards of the grpo section",
     )
     seed: int = 0
     policy: str = Field(description="the SFT policy: checkpoint dir, s3:// prefix or models:/name@alias")
@@ -45,8 +49,9 @@ class PipelineConfig(StrictModel):
         "checkpoint dir, s3:// prefix or models:/name@alias; it is scored on the feedback, never trained",
     )
     storage_root: str = Field(description="step outputs go to <storage_root>/<pipeline run id>/<step>/")
-    feedback_inbox: str = Field(
-        description="annotation tasks are written to tasks/, judgements read from labels/"
+    feedback_inbox: str | None = Field(
+        default=None,
+        description="annotation tasks are written to tasks/, judgements read from labels/ (rlhf and dpo)",
     )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     demo_assets: DemoAssetsConfig | None = None
@@ -56,13 +61,15 @@ class PipelineConfig(StrictModel):
     train_reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    grpo: GRPOConfig | None = Field(default=None, description="the grpo pipeline's trainer and its rewards")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register_and_promote: RegisterConfig = Field(default_factory=RegisterConfig)
 
     @model_validator(mode="after")
     def _pytorchjob_pods_can_reach_storage(self) -> PipelineConfig:
-        for step in ("train_reward_model", "ppo", "dpo"):
-            if getattr(self, step).launcher == "pytorchjob" and not storage.is_s3(self.storage_root):
+        for step in TRAINERS:
+            section = getattr(self, step)
+            if section and section.launcher == "pytorchjob" and not storage.is_s3(self.storage_root):
                 raise ValueError(
                     f"{step}.launcher: pytorchjob pods read and write through storage_root, "
                     f"which must be s3:// (it is {self.storage_root!r})"
@@ -71,9 +78,28 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _a_reward_model_only_for_rlhf(self) -> PipelineConfig:
-        if self.pipeline == "dpo" and self.reward_model is not None:
-            raise ValueError("reward_model: the dpo pipeline uses no reward model (remove it, or use rlhf)")
+        if self.pipeline != "rlhf" and self.reward_model is not None:
+            where = "grpo.rewards" if self.pipeline == "grpo" else "the rlhf pipeline"
+            raise ValueError(
+                f"reward_model: the {self.pipeline} pipeline trains with no reward model of its own (give "
+                f"one in {where})"
+            )
         return self
+
+    @model_validator(mode="after")
+    def _each_pipeline_has_its_inputs(self) -> PipelineConfig:
+        if self.pipeline == "grpo" and self.grpo is None:
+            raise ValueError("grpo: the grpo pipeline needs a grpo section, with at least one reward")
+        if self.pipeline != "grpo" and self.feedback_inbox is None:
+            raise ValueError(
+                f"feedback_inbox: the {self.pipeline} pipeline learns from feedback; name its inbox"
+            )
+        return self
+
+    @property
+    def inbox(self) -> str:
+        assert self.feedback_inbox is not None, "validated: rlhf and dpo runs have an inbox"
+        return self.feedback_inbox
 
     @model_validator(mode="after")
     def _gates_on_what_evaluate_measures(self) -> PipelineConfig:
@@ -81,15 +107,17 @@ class PipelineConfig(StrictModel):
         metric = self.register_and_promote.gate.metric
         measured = {
             "rm_win_rate": "the reward model" if self.pipeline == "rlhf" else None,
-            "gold_win_rate": "evaluate.gold_judge" if self.evaluate.gold_judge else None,
+            "gold_win_rate": "a gold judge" if self.evaluate.gold_judge else None,
+            "judge_win_rate": "an LLM judge" if self.evaluate.judge else None,
         }
         available = [name for name, source in measured.items() if source is not None]
         if metric in available:
             return self
         if metric == "rm_win_rate":
-            why = "the dpo pipeline trains no reward model, so there is no rm_win_rate"
-        elif metric == "gold_win_rate":
-            why = "no evaluate.gold_judge is set, so there is no gold_win_rate"
+            why = f"the {self.pipeline} pipeline trains no reward model, so there is no rm_win_rate"
+        elif metric in measured:
+            field = {"gold_win_rate": "evaluate.gold_judge", "judge_win_rate": "evaluate.judge"}[metric]
+            why = f"no {field} is set, so there is no {metric}"
         else:
             why = f"evaluate produces no {metric}"
         can = f"gate on {' or '.join(available)}" if available else "this run measures no win rate to gate on"
@@ -122,18 +150,27 @@ def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
         "policy": _absolute(config.policy),
         "reward_model": config.reward_model and _absolute(config.reward_model),
         "storage_root": _absolute(config.storage_root),
-        "feedback_inbox": _absolute(config.feedback_inbox),
+        "feedback_inbox": config.feedback_inbox and _absolute(config.feedback_inbox),
         "collect_prompts": config.collect_prompts.model_copy(
             update={"sources": [_absolute(s) for s in config.collect_prompts.sources]}
         ),
     }
     for step in MODEL_STEPS:
         section = getattr(config, step)
-        paths: dict[str, str | None] = {}
+        if section is None:
+            continue
+        paths: dict[str, Any] = {}
         if section.chat_template not in ("auto", "none"):
             paths["chat_template"] = _absolute(section.chat_template)
         if getattr(section, "base", None):
             paths["base"] = _absolute(section.base)
+        if step == "grpo":
+            paths["rewards"] = [
+                reward.model_copy(
+                    update={"reward_model": reward.reward_model and _absolute(reward.reward_model)}
+                )
+                for reward in section.rewards
+            ]
         updates[step] = section.model_copy(update=paths)
     if config.demo_assets is not None:
         updates["demo_assets"] = config.demo_assets.model_copy(

@@ -1,6 +1,8 @@
-"""The two DAGs, RLHF and DPO. Every task receives the whole run config (a JSON string) and its upstream
-tasks' outputs. Both start alike: candidates come from the champion (the last promoted policy), so each
-run's annotation tasks are answered by the newest policy; DPO then trains on the preferences directly.
+"""The three DAGs: RLHF, DPO and GRPO. Every task receives the whole run config (a JSON string) and its
+upstream tasks' outputs. RLHF and DPO start alike: candidates come from the champion (the last promoted
+policy), so each run's annotation tasks are answered by the newest policy; DPO then trains on the
+preferences directly. GRPO needs no feedback: its rewards (functions, reward models, endpoints) score the
+policy's own samples of the prompts.
 The trainers are retried, and a retry resumes from the checkpoint the failed attempt left behind."""
 
 from typing import Any
@@ -9,6 +11,9 @@ from kfp import dsl
 from kfp.dsl import PipelineTask as Task
 
 from rlhf_pipelines import components as c
+
+NONE = "null"
+"""An upstream output a pipeline does not have (DPO's and GRPO's reward model, GRPO's feedback)."""
 
 
 def _preferences(config: str) -> tuple[Task, Task, Task, Task]:
@@ -21,7 +26,7 @@ def _preferences(config: str) -> tuple[Task, Task, Task, Task]:
 
 
 def _evaluate_and_gate(
-    config: str, run: Task, prompts: Task, feedback: Task, reward: Any, policy: Task
+    config: str, run: Task, prompts: Task, feedback: Any, reward: Any, policy: Task
 ) -> tuple[Task, Task]:
     """evaluate (vs SFT and champion) → register_and_promote (lineage, aliases, evidence gate)."""
     evaluation = c.evaluate(
@@ -31,7 +36,7 @@ def _evaluate_and_gate(
         config=config,
         run=run.output,
         prompts=prompts.output,
-        feedback=feedback.output,
+        feedback=feedback,
         reward=reward,
         policy=policy.output,
         evaluation=evaluation.output,
@@ -44,7 +49,7 @@ def rlhf_pipeline(config: str) -> str:
     run, prompts, candidates, feedback = _preferences(config)
     reward = c.train_reward_model(config=config, run=run.output, feedback=feedback.output).set_retry(2)
     policy = c.ppo(config=config, run=run.output, prompts=prompts.output, reward=reward.output).set_retry(2)
-    evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback, reward.output, policy)
+    evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback.output, reward.output, policy)
     for task in (run, prompts, candidates, feedback, reward, policy, evaluation, registered):
         c.use_cluster_credentials(task)
     for task in (candidates, reward, policy, evaluation):
@@ -56,8 +61,7 @@ def rlhf_pipeline(config: str) -> str:
 def dpo_pipeline(config: str) -> str:
     run, prompts, candidates, feedback = _preferences(config)
     policy = c.dpo(config=config, run=run.output, feedback=feedback.output).set_retry(2)
-    no_reward_model = "null"
-    evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback, no_reward_model, policy)
+    evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback.output, NONE, policy)
     for task in (run, prompts, candidates, feedback, policy, evaluation, registered):
         c.use_cluster_credentials(task)
     for task in (candidates, policy, evaluation):
@@ -65,4 +69,17 @@ def dpo_pipeline(config: str) -> str:
     return registered.output
 
 
-PIPELINES = {"rlhf": rlhf_pipeline, "dpo": dpo_pipeline}
+@dsl.pipeline(name="grpo", description="GRPO/RLOO: prompts → grpo (rewards on the policy's samples) → gate")
+def grpo_pipeline(config: str) -> str:
+    run = c.start_run(config=config).set_retry(2)
+    prompts = c.collect_prompts(config=config, run=run.output)
+    policy = c.grpo(config=config, run=run.output, prompts=prompts.output).set_retry(2)
+    evaluation, registered = _evaluate_and_gate(config, run, prompts, NONE, NONE, policy)
+    for task in (run, prompts, policy, evaluation, registered):
+        c.use_cluster_credentials(task)
+    for task in (policy, evaluation):
+        c.request_gpus(task)
+    return registered.output
+
+
+PIPELINES = {"rlhf": rlhf_pipeline, "dpo": dpo_pipeline, "grpo": grpo_pipeline}

@@ -130,7 +130,8 @@ def _check_for_kubernetes(config: PipelineConfig) -> None:
         raise UserError(
             "tracking.uri: a pipeline on Kubernetes needs an MLflow server URL (http:// or https://)"
         )
-    shared = [("storage_root", config.storage_root), ("feedback_inbox", config.feedback_inbox)]
+    shared = [("storage_root", config.storage_root)]
+    shared += [("feedback_inbox", config.feedback_inbox)] if config.feedback_inbox else []
     shared += [(f"collect_prompts.sources[{i}]", s) for i, s in enumerate(config.collect_prompts.sources)]
     for name, uri in shared:
         if not storage.is_s3(uri):
@@ -220,9 +221,10 @@ def schedule(config: PipelineConfig, host: str, cron: str, experiment: str, max_
 
 def summary_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
-    for key in ("gold_win_rate", "rm_win_rate", "kl", "reward_model_accuracy", "promoted"):
+    keys = ("gold_win_rate", "rm_win_rate", "judge_win_rate", "gold_score", "reference_gold_score", "kl")
+    for key in (*keys, "reward_model_accuracy", "promoted"):
         value = summary.get(key)
-        if value is not None:  # a DPO run has no reward model, so no rm_win_rate or its accuracy
+        if value is not None:  # what a run does not measure (DPO: no reward model) stays out
             rows.append((key, f"{value:.3f}" if isinstance(value, float) else str(value)))
     for role, entry in summary.get("registered", {}).items():
         rows.append(

@@ -24,6 +24,7 @@ from rlhf_components import (
     dpo,
     evaluate,
     generate_candidates,
+    grpo,
     ingest_feedback,
     ppo,
     register_and_promote,
@@ -137,16 +138,14 @@ def run_collect_prompts(config: PipelineConfig, started: Started) -> collect_pro
 def run_generate_candidates(
     config: PipelineConfig, started: Started, prompts: collect_prompts.Outputs
 ) -> generate_candidates.Inputs:
-    return generate_candidates.Inputs(
-        policy=started.champion, prompts=prompts.train, inbox=config.feedback_inbox
-    )
+    return generate_candidates.Inputs(policy=started.champion, prompts=prompts.train, inbox=config.inbox)
 
 
 @_step()
 def run_ingest_feedback(
     config: PipelineConfig, started: Started, candidates: generate_candidates.Outputs
 ) -> ingest_feedback.Inputs:
-    return ingest_feedback.Inputs(inbox=config.feedback_inbox, tasks=candidates.tasks)
+    return ingest_feedback.Inputs(inbox=config.inbox, tasks=candidates.tasks)
 
 
 @_step()
@@ -174,12 +173,17 @@ def run_dpo(config: PipelineConfig, started: Started, feedback: ingest_feedback.
 
 
 @_step()
+def run_grpo(config: PipelineConfig, started: Started, prompts: collect_prompts.Outputs) -> grpo.Inputs:
+    return grpo.Inputs(policy=config.policy, prompts=prompts.train)
+
+
+@_step()
 def run_evaluate(
     config: PipelineConfig,
     started: Started,
     prompts: collect_prompts.Outputs,
     reward: train_reward_model.Outputs | None,
-    policy: ppo.Outputs | dpo.Outputs,
+    policy: ppo.Outputs | dpo.Outputs | grpo.Outputs,
 ) -> evaluate.Inputs:
     return evaluate.Inputs(
         candidate=policy.policy,
@@ -195,9 +199,9 @@ def run_register_and_promote(
     config: PipelineConfig,
     started: Started,
     prompts: collect_prompts.Outputs,
-    feedback: ingest_feedback.Outputs,
+    feedback: ingest_feedback.Outputs | None,
     reward: train_reward_model.Outputs | None,
-    policy: ppo.Outputs | dpo.Outputs,
+    policy: ppo.Outputs | dpo.Outputs | grpo.Outputs,
     evaluation: evaluate.Outputs,
 ) -> register_and_promote.Inputs:
     return register_and_promote.Inputs(
@@ -209,9 +213,9 @@ def run_register_and_promote(
         reward_model_accuracy=reward.eval_accuracy if reward else None,
         lineage={
             "prompts_hash": prompts.content_hash,
-            "feedback_hash": feedback.content_hash,
             "config_hash": config.config_hash(),
             "base_policy": config.policy,
-        },
+        }
+        | ({"feedback_hash": feedback.content_hash} if feedback else {}),
         parent_version=started.champion_version,
     )

@@ -3,7 +3,8 @@ s3://, into a versioned train/eval dataset with a manifest.
 
 A prompt is plain text or a conversation (`messages`: {role, content} turns, system turns included), kept
 exactly as written: only the dedupe key is normalised (Unicode NFKC, whitespace collapsed, case folded), so
-the same prompt typed twice is one prompt. The counts say what each filter removed: invalid rows
+the same prompt typed twice is one prompt. The `columns` a config names (a reference answer, a test case)
+travel with their prompt, and into its content hash. The counts say what each filter removed: invalid rows
 (quarantined with a reason code and message, counted per code), lengths out of range, duplicates, and prompts
 over `max_prompts`.
 """
@@ -98,6 +99,17 @@ def _prompt(row: Any, field: str) -> Prompt:
     return messages
 
 
+def _columns(row: Any, names: list[str]) -> dict[str, Any]:
+    """The named columns of a (valid) row, as JSON values."""
+    missing = [name for name in names if row.get(name) is None]
+    if missing:
+        raise Invalid("missing_column", f"no value in column(s) {', '.join(missing)}")
+    try:
+        return {name: json.loads(json.dumps(row[name], default=str)) for name in names}
+    except ValueError as error:
+        raise Invalid("bad_column", f"a column is not a JSON value: {error}") from None
+
+
 def _is_hf_dataset(uri: str) -> bool:
     return any(storage.exists(storage.join(uri, marker)) for marker in HF_DATASET_MARKERS)
 
@@ -142,6 +154,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                     counts["read"] += 1
                     try:
                         prompt = _prompt(row, config.text_field)
+                        columns = _columns(row, config.columns)
                     except Invalid as error:
                         quarantine.write({"location": location, "code": error.code, "reason": str(error)})
                         counts["invalid"] += 1
@@ -151,10 +164,9 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                         counts["filtered_length"] += 1
                         continue
                     record = PromptRecord(id=prompt_id(prompt), prompt=prompt, source=location)
+                    body = json.dumps(record.model_dump(mode="json") | columns)
                     # The first of a prompt's copies is kept.
-                    added = kept.execute(
-                        "INSERT OR IGNORE INTO prompts VALUES (?, ?)", (record.id, record.model_dump_json())
-                    )
+                    added = kept.execute("INSERT OR IGNORE INTO prompts VALUES (?, ?)", (record.id, body))
                     counts["duplicates"] += added.rowcount == 0
         unique = int(kept.execute("SELECT count(*) FROM prompts").fetchone()[0])
         if config.max_prompts is not None:
@@ -178,9 +190,9 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             for (body,) in kept.execute(
                 "SELECT body FROM prompts ORDER BY id LIMIT ?", (config.max_prompts or -1,)
             ):
-                record = PromptRecord.model_validate_json(body)
-                digest.add(record.model_dump(exclude={"source"}))
-                (evaluation if is_eval(record.id, config.eval_fraction) else train).write(record.model_dump())
+                row = json.loads(body)
+                digest.add({key: value for key, value in row.items() if key != "source"})
+                (evaluation if is_eval(row["id"], config.eval_fraction) else train).write(row)
         counts.update(kept=train.rows + evaluation.rows, train=train.rows, eval=evaluation.rows)
         outputs = outputs.model_copy(update={"content_hash": digest.hexdigest(), "counts": dict(counts)})
         # The manifest goes last: its presence marks a complete dataset.
@@ -194,12 +206,12 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             },
         )
         log_metrics(dict(counts))
-        _log_dataset(outputs.manifest, outputs.content_hash, counts["kept"])
+        _log_dataset(outputs.manifest, outputs.content_hash, counts["kept"], config.columns)
         log.info("collect_prompts: %s", dict(counts))
         return outputs
 
 
-def _log_dataset(manifest_uri: str, content_hash: str, rows: int) -> None:
+def _log_dataset(manifest_uri: str, content_hash: str, rows: int, extra_columns: list[str]) -> None:
     """The dataset as an MLflow input: where it is, its digest, columns and row count; no rows (it can be
     large)."""
     import mlflow
@@ -212,7 +224,7 @@ def _log_dataset(manifest_uri: str, content_hash: str, rows: int) -> None:
         def profile(self) -> dict[str, int]:
             return {"num_rows": rows}
 
-    columns = Schema([ColSpec("string", name) for name in ("id", "prompt", "source")])
+    columns = Schema([ColSpec("string", name) for name in ("id", "prompt", "source", *extra_columns)])
     dataset = Prompts(
         resolve_dataset_source(manifest_uri), name="prompts", digest=content_hash[:16], schema=columns
     )

@@ -4,7 +4,8 @@ Layout of an assets directory::
 
     <out_dir>/
       corpus.jsonl     {"prompt", "response"} per line: the SFT corpus
-      prompts.jsonl    {"prompt"} per line: the prompts RLHF starts from
+      prompts.jsonl    {"prompt"} per line: the prompts RLHF starts from ({"prompt", "answer"} for the
+                       arithmetic task)
       sft_model/       Hugging Face checkpoint (safetensors) + tokenizer of the SFT policy
       manifest.json    the spec and its hash; written last, so its presence means "complete"
 """
@@ -21,11 +22,12 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..core.records import Message, Prompt
+from . import arithmetic
 from .grammar import SYSTEM_PROMPTS, as_conversation, build_corpus, build_prompts
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,11 @@ class DemoAssetsSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    task: Literal["reviews", "arithmetic"] = Field(
+        default="reviews",
+        description="reviews: the RLHF demo (sentiment, a gold judge); arithmetic: the GRPO demo (exact "
+        "answers, n_prompts unused: every question is a prompt)",
+    )
     seed: int = 0
     n_corpus: int = Field(default=4000, ge=2)
     n_prompts: int = Field(default=400, ge=1)
@@ -64,6 +71,8 @@ class DemoAssetsSpec(BaseModel):
     def _heads_divide_width(self) -> DemoAssetsSpec:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.task == "arithmetic" and self.chat:
+            raise ValueError("chat: the arithmetic task has plain-text prompts only")
         return self
 
     def spec_hash(self) -> str:
@@ -120,19 +129,34 @@ def _cached(root: Path, spec_hash: str) -> DemoAssets | None:
     return assets if all(path.exists() for path in required) else None
 
 
-def _build_into(staging: Path, spec: DemoAssetsSpec, spec_hash: str) -> None:
-    # Imported here: torch and transformers are only needed to build, not to describe, the assets.
-    from .sft import train_sft_policy
-    from .tokenizer import train_tokenizer
+TaskData = tuple[list[tuple[str, str]], list[tuple[Any, str]], list[dict[str, Any]]]
+"""(prompt text, response) pairs, the SFT corpus (prompts as the policy reads them), the prompt rows"""
 
+
+def _reviews(spec: DemoAssetsSpec) -> TaskData:
     texts = build_corpus(spec.n_corpus, seed=spec.seed)
     # A different stream from the corpus, so the RLHF prompts are not the SFT prompts in order.
     prompt_texts = build_prompts(spec.n_prompts, seed=spec.seed + 1)
     rng = random.Random(spec.seed + 2)
     corpus: list[tuple[Any, str]] = [(as_conversation(p, rng) if spec.chat else p, r) for p, r in texts]
-    prompts = [as_conversation(p, rng) if spec.chat else p for p in prompt_texts]
+    prompts = [{"prompt": as_conversation(p, rng) if spec.chat else p} for p in prompt_texts]
+    return texts, corpus, prompts
+
+
+def _arithmetic(spec: DemoAssetsSpec) -> TaskData:
+    texts = arithmetic.build_corpus(spec.n_corpus, seed=spec.seed)
+    prompts: list[dict[str, Any]] = [{"prompt": q, "answer": a} for q, a in arithmetic.build_problems()]
+    return texts, list(texts), prompts
+
+
+def _build_into(staging: Path, spec: DemoAssetsSpec, spec_hash: str) -> None:
+    # Imported here: torch and transformers are only needed to build, not to describe, the assets.
+    from .sft import train_sft_policy
+    from .tokenizer import train_tokenizer
+
+    texts, corpus, prompt_rows = (_arithmetic if spec.task == "arithmetic" else _reviews)(spec)
     _write_jsonl(staging / CORPUS_NAME, ({"prompt": p, "response": r} for p, r in corpus))
-    _write_jsonl(staging / PROMPTS_NAME, ({"prompt": p} for p in prompts))
+    _write_jsonl(staging / PROMPTS_NAME, prompt_rows)
     model_dir = staging / SFT_MODEL_NAME
     system_turns = SYSTEM_PROMPTS if spec.chat else ()
     tokenizer = train_tokenizer(

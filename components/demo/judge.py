@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 
 from rlhf_components.core.errors import UserError
+from rlhf_components.demo.arithmetic import ARITHMETIC_JUDGE_NAME, arithmetic_score
 
 Judge = Callable[[str, str], float]
 """(prompt, response) → score, higher is better; the simulated annotator and evaluate find judges by name."""
@@ -70,7 +71,7 @@ def gold_score(prompt: str, response: str) -> float:
     return max(-1.0, min(1.0, score))
 
 
-JUDGES: dict[str, Judge] = {GOLD_JUDGE_NAME: gold_score}
+JUDGES: dict[str, Judge] = {GOLD_JUDGE_NAME: gold_score, ARITHMETIC_JUDGE_NAME: arithmetic_score}
 
 
 def resolve_judge(name: str) -> Judge:

@@ -1,11 +1,12 @@
 """Evaluate a candidate policy against a baseline on held-out prompts.
 
 For each baseline (the SFT reference, and the current champion when there is one) both policies answer the
-same prompts; per prompt the candidate wins (1), ties (½) or loses (0) by the reward model and, when a gold
-judge exists (the demo's), by the gold judge. Win rates carry a bootstrap confidence interval over prompts.
-The judged answers are near-greedy (temperature 0.01 by default): a policy is judged by its best answer,
-not by the luck of one sample. The KL to the reference is estimated on a separate sampled pass at PPO's
-temperature (k1 summed over each response): the log-ratio of near-greedy answers is not the KL PPO bounded.
+same prompts; per prompt the candidate wins (1), ties (½) or loses (0) by the reward model, by a gold judge
+when one exists (the demos'), and by an LLM judge when one is configured (judge.py). Win rates carry a
+bootstrap confidence interval over prompts. The judged answers are near-greedy (temperature 0.01 by default):
+a policy is judged by its best answer, not by the luck of one sample. The KL to the reference is estimated on
+a separate sampled pass at PPO's temperature (k1 summed over each response): the log-ratio of near-greedy
+answers is not the KL PPO bounded.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 from rlhf_components.demo.judge import Judge, resolve_judge
 from rlhf_components.evaluate.config import Config, Inputs, Outputs
+from rlhf_components.evaluate.judge import PairwiseJudge
 
 log = logging.getLogger(__name__)
 
@@ -180,18 +182,25 @@ class Judges:
 
 
 def _compare(
-    candidate: Judged, baseline: Judged, name: str, config: Config, generator: torch.Generator
+    candidate: Judged,
+    baseline: Judged,
+    name: str,
+    config: Config,
+    generator: torch.Generator,
+    llm_outcomes: list[float] | None,
 ) -> dict[str, float]:
-    """Win rates of the candidate over one baseline, by each judge there is, with bootstrap intervals and
-    length-controlled variants; the baseline's own mean scores and length."""
+    """Win rates of the candidate over one baseline, by each judge there is (reward model, gold judge, LLM
+    judge), with bootstrap intervals and length-controlled variants; the baseline's own mean scores and
+    length."""
     metrics: dict[str, float] = {}
-    for judge_name, ours, theirs in (
-        ("rm", candidate.rm, baseline.rm),
-        ("gold", candidate.gold, baseline.gold),
-    ):
-        if not ours:
+    outcomes_by_judge = {
+        "rm": win_rate(candidate.rm, baseline.rm) if candidate.rm else None,
+        "gold": win_rate(candidate.gold, baseline.gold) if candidate.gold else None,
+        "judge": llm_outcomes,
+    }
+    for judge_name, outcomes in outcomes_by_judge.items():
+        if outcomes is None:
             continue
-        outcomes = win_rate(ours, theirs)
         low, high = bootstrap_interval(outcomes, config.bootstrap_samples, config.confidence, generator)
         prefix = f"{judge_name}_win_rate" + ("" if name == "reference" else f"_vs_{name}")
         metrics[prefix] = _mean(outcomes)
@@ -267,8 +276,17 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             name: judges.judge(answer(models[uri], fmt, prompt_ids, config, answer_generator))
             for name, uri in baselines.items()
         }
+        llm_outcomes: dict[str, list[float]] = {}
+        if config.judge is not None:
+            llm = PairwiseJudge.open(config.judge, step_output(context, "evaluate", "judge_cache.jsonl"))
+            texts = [prompt_text(p) for p in prompts]
+            llm_outcomes = llm.compare(
+                {name: (texts, candidate.answers.texts, b.answers.texts) for name, b in judged.items()}
+            )
+            metrics["judge_requests"] = float(llm.requests)
+            metrics["judge_unparsed_fraction"] = llm.unparsed / max(1, llm.verdicts_read)
         for name, baseline in judged.items():
-            metrics |= _compare(candidate, baseline, name, config, generator)
+            metrics |= _compare(candidate, baseline, name, config, generator, llm_outcomes.get(name))
         log_metrics(metrics)
         examples = _examples(prompts, candidate, judged["reference"])
         report_uri = step_output(context, "evaluate", "report.json")

@@ -11,13 +11,8 @@ endpoint with its JSON contract). Every reward is logged as reward/<name>, and t
 from __future__ import annotations
 
 import importlib
-import json
-import logging
 import math
 import re
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +22,10 @@ from pydantic import TypeAdapter
 
 from rlhf_components.core.config import ModelStep
 from rlhf_components.core.errors import UserError
+from rlhf_components.core.http import post_json
 from rlhf_components.core.models import load_scalar_model, normalized_rewards, score_texts
 from rlhf_components.core.records import Prompt
 from rlhf_components.grpo.config import Reward
-
-log = logging.getLogger(__name__)
 
 Columns = dict[str, list[Any]]
 _PROMPTS: TypeAdapter[list[Prompt]] = TypeAdapter(list[Prompt])
@@ -138,36 +132,20 @@ def _model_scorer(
 def _http_scorer(
     reward: Reward, where: str
 ) -> Callable[[Sequence[Prompt], Sequence[str], Columns], torch.Tensor]:
-    """Scores from an endpoint (rlhf serve-reward-model's contract), `batch_size` completions a request. A
-    request that fails to connect, times out or gets a 5xx is retried `retries` times with backoff; a 4xx is
-    the request's own fault and ends the run with the server's answer."""
+    """Scores from an endpoint (rlhf serve-reward-model's contract), `batch_size` completions a request,
+    retried as core.http does."""
     assert reward.url is not None
     url = reward.url
 
     def post(prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
-        body = json.dumps(
-            {"prompts": _PROMPTS.dump_python(list(prompts)), "responses": list(completions)}
-        ).encode()
-        request = urllib.request.Request(url, body, {"Content-Type": "application/json"}, method="POST")
-        scores: Any = None
-        for attempt in range(reward.retries + 1):
-            try:
-                with urllib.request.urlopen(request, timeout=reward.timeout_s) as response:
-                    scores = json.loads(response.read()).get("scores")
-                break
-            except urllib.error.HTTPError as error:
-                if error.code < 500 or attempt == reward.retries:
-                    detail = error.read()[:300].decode(errors="replace")
-                    raise UserError(f"{where}: {url} answered {error.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, OSError) as error:
-                if attempt == reward.retries:
-                    raise UserError(
-                        f"{where}: {url} did not answer ({error}) in {reward.retries + 1} attempts"
-                    ) from None
-            log.warning(
-                "%s: %s failed (attempt %d of %d); retrying", where, url, attempt + 1, reward.retries + 1
-            )
-            time.sleep(min(0.5 * 2**attempt, 10.0))
+        answer = post_json(
+            url,
+            {"prompts": _PROMPTS.dump_python(list(prompts)), "responses": list(completions)},
+            where=where,
+            timeout_s=reward.timeout_s,
+            retries=reward.retries,
+        )
+        scores = answer.get("scores") if isinstance(answer, dict) else None
         if not isinstance(scores, list) or len(scores) != len(completions):
             raise UserError(f"{where}: {url} did not answer one score per completion ({len(completions)})")
         return [float(score) for score in scores]

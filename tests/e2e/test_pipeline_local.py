@@ -41,7 +41,10 @@ def tiny_pipeline_config(assets: DemoAssets, root: Path) -> dict[str, object]:
         "ingest_feedback": {"simulated_annotator": "demo-gold-sentiment"},
         # Both trainers on 2 torchrun workers: the distributed path runs inside kfp.local like any step.
         "train_reward_model": {
-            "learning_rate": 0.001, "batch_size": 16, "launcher": "torchrun", "workers": 2,
+            "learning_rate": 0.001,
+            "batch_size": 16,
+            "launcher": "torchrun",
+            "workers": 2,
         },
         "ppo": {
             "launcher": "torchrun",
@@ -123,9 +126,17 @@ def test_rlhf_run_of_the_dpo_pipeline_registers_the_dpo_policy(
     config = tiny_pipeline_config(tiny_assets, tmp_path)
     del config["train_reward_model"], config["ppo"]
     # DPO with LoRA here (the RLHF run above trains in full): the adapter travels to the registry.
-    config |= {"name": "tiny-dpo", "pipeline": "dpo",
-               "dpo": {"epochs": 2, "batch_size": 16, "learning_rate": 0.005, "max_length": 64,
-                       "lora": {"rank": 8, "alpha": 16}}}
+    config |= {
+        "name": "tiny-dpo",
+        "pipeline": "dpo",
+        "dpo": {
+            "epochs": 2,
+            "batch_size": 16,
+            "learning_rate": 0.005,
+            "max_length": 64,
+            "lora": {"rank": 8, "alpha": 16},
+        },
+    }
     config["register_and_promote"] = {
         "policy_name": "tiny-dpo-policy",
         "gate": {"metric": "gold_win_rate", "min_ci_low": 0.0, "max_kl": 100.0},

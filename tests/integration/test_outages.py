@@ -86,8 +86,9 @@ def test_an_s3_outage_inside_the_retry_window_is_waited_out(
         outputs = collect_prompts.run(config, collect_prompts.Inputs(), context)
     read = [row for uri in (outputs.train, outputs.eval) for _, row in storage.read_jsonl(uri)]
     assert len(read) == len(PROMPTS) and outputs.train.startswith("s3://")
-    assert any("failed (Could not connect" in r.getMessage() and "retrying" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "failed (Could not connect" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_an_s3_outage_past_the_retry_window_is_one_line(

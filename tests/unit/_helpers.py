@@ -42,7 +42,6 @@ class CliResult:
         return [line for line in self.stderr.splitlines() if line.strip()]
 
 
-
 def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
     """One JSON value per line (any JSON value, so tests can write non-object rows too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,8 +59,13 @@ def make_context(root: Path, experiment: str = "tests", seed: int = 0) -> RunCon
     root.mkdir(parents=True, exist_ok=True)
     tracking = TrackingConfig(uri=f"sqlite:///{root / 'mlflow.db'}", experiment=experiment)
     uri, run_id = start_pipeline_run(tracking, "test-pipeline", {"test": True}, {})
-    return RunContext(tracking_uri=uri, experiment=experiment, parent_run_id=run_id,
-                      output_root=str(root / "outputs"), seed=seed)
+    return RunContext(
+        tracking_uri=uri,
+        experiment=experiment,
+        parent_run_id=run_id,
+        output_root=str(root / "outputs"),
+        seed=seed,
+    )
 
 
 def child_runs(context: RunContext, step: str) -> list[Run]:
@@ -69,11 +73,14 @@ def child_runs(context: RunContext, step: str) -> list[Run]:
     mlflow.set_tracking_uri(context.tracking_uri)
     experiment = mlflow.get_experiment_by_name(context.experiment)
     assert experiment is not None
-    return list(mlflow.MlflowClient().search_runs(
-        [experiment.experiment_id],
-        filter_string=(f"tags.`mlflow.parentRunId` = '{context.parent_run_id}' "
-                       f"and tags.`rlhf.step` = '{step}'"),
-    ))
+    return list(
+        mlflow.MlflowClient().search_runs(
+            [experiment.experiment_id],
+            filter_string=(
+                f"tags.`mlflow.parentRunId` = '{context.parent_run_id}' and tags.`rlhf.step` = '{step}'"
+            ),
+        )
+    )
 
 
 def sentiment_pairs(n: int, seed: int) -> list[dict[str, str]]:
@@ -118,26 +125,59 @@ P = "Review of the diner downtown:"
 def write_feedback_in_every_format(folder: Path) -> int:
     """One feedback file of each type (JSONL, CSV, Parquet, a Label Studio export), 2 records each;
     returns the number of records."""
-    write_jsonl(folder / "pairs.jsonl", [{"prompt": P, "chosen": "yes", "rejected": "no", "annotator": "j"},
-                                         {"prompt": P, "response": "fine", "rating": 4, "annotator": "j"}])
+    write_jsonl(
+        folder / "pairs.jsonl",
+        [
+            {"prompt": P, "chosen": "yes", "rejected": "no", "annotator": "j"},
+            {"prompt": P, "response": "fine", "rating": 4, "annotator": "j"},
+        ],
+    )
     with (folder / "ratings.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, ["prompt", "response", "rating", "annotator", "responses", "ranking"])
         writer.writeheader()
         writer.writerow({"prompt": P, "response": "meh", "rating": "2", "annotator": "j"})
         writer.writerow({"prompt": "Q", "responses": json.dumps(["a", "b", "c"]), "ranking": "[1, 0, 2]"})
-    pq.write_table(pa.Table.from_pylist([
-        {"prompt": "R", "response_a": "x", "response_b": "y", "choice": "a", "annotator": "k"},
-        {"prompt": "R", "response_a": "x", "response_b": "y", "choice": "tie", "annotator": "l"},
-    ]), folder / "choices.parquet")
-    (folder / "export.json").write_text(json.dumps([
-        {"id": 1, "data": {"prompt": "S", "response_a": "u", "response_b": "v"},
-         "annotations": [{"completed_by": {"email": "m@x.org"}, "result": [
-             {"from_name": "choice", "to_name": "prompt", "type": "choices", "value": {"choices": ["B"]}}]},
-             {"was_cancelled": True, "result": []}]},
-        {"id": 2, "data": {"prompt": "S", "response_a": "u", "response_b": "v"}, "annotations": [
-            {"completed_by": 3, "result": [{"type": "choices", "value": {"choices": ["Tie"]}}]}]},
-        {"id": 3, "data": {"prompt": "S", "response_a": "u", "response_b": "w"}, "annotations": []},
-    ]))
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"prompt": "R", "response_a": "x", "response_b": "y", "choice": "a", "annotator": "k"},
+                {"prompt": "R", "response_a": "x", "response_b": "y", "choice": "tie", "annotator": "l"},
+            ]
+        ),
+        folder / "choices.parquet",
+    )
+    (folder / "export.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": 1,
+                    "data": {"prompt": "S", "response_a": "u", "response_b": "v"},
+                    "annotations": [
+                        {
+                            "completed_by": {"email": "m@x.org"},
+                            "result": [
+                                {
+                                    "from_name": "choice",
+                                    "to_name": "prompt",
+                                    "type": "choices",
+                                    "value": {"choices": ["B"]},
+                                }
+                            ],
+                        },
+                        {"was_cancelled": True, "result": []},
+                    ],
+                },
+                {
+                    "id": 2,
+                    "data": {"prompt": "S", "response_a": "u", "response_b": "v"},
+                    "annotations": [
+                        {"completed_by": 3, "result": [{"type": "choices", "value": {"choices": ["Tie"]}}]}
+                    ],
+                },
+                {"id": 3, "data": {"prompt": "S", "response_a": "u", "response_b": "w"}, "annotations": []},
+            ]
+        )
+    )
     return 8
 
 

@@ -19,28 +19,29 @@ from ._helpers import child_runs, make_context, read_jsonl, write_jsonl
 
 
 def _run(sources: list[str], context: RunContext, **overrides: object) -> collect_prompts.Outputs:
-    config = collect_prompts.Config.model_validate({"sources": sources, "min_chars": 3, "max_chars": 60,
-                                                   "eval_fraction": 0.3, **overrides})
+    config = collect_prompts.Config.model_validate(
+        {"sources": sources, "min_chars": 3, "max_chars": 60, "eval_fraction": 0.3, **overrides}
+    )
     return collect_prompts.run(config, collect_prompts.Inputs(), context)
 
 
 def _mixed_sources(root: Path) -> tuple[Path, Path]:
     """A JSONL and a CSV file whose every row has one known fate."""
     jsonl_lines = [
-        json.dumps({"prompt": "Review of the diner downtown:"}),               # 1 kept
-        json.dumps({"prompt": "Review of the diner downtown:"}),               # 2 exact duplicate
-        json.dumps({"prompt": "  Review   of the\tdiner downtown:  "}),        # 3 whitespace duplicate
-        json.dumps({"prompt": "Ｒｅｖｉｅｗ of the diner downtown:"}),           # 4 NFKC duplicate
-        json.dumps({"prompt": "Cafe\u0301 on the corner:"}),                   # 5 kept (decomposed é)
-        json.dumps({"prompt": "Caf\u00e9 on the corner:"}),                    # 6 NFC duplicate of 5
-        json.dumps({"prompt": "ab"}),                                          # 7 too short
-        json.dumps({"prompt": "x" * 61}),                                      # 8 too long
-        '{"prompt": "broken',                                                  # 9 malformed JSON
-        json.dumps({"text": "no prompt field here"}),                          # 10 missing field
-        json.dumps({"prompt": 42}),                                            # 11 non-text field
-        "",                                                                    # blank: not a row
-        json.dumps(["a", "list"]),                                             # 13 not an object
-        json.dumps({"prompt": "My review of the blender I got as a gift:"}),   # 14 kept
+        json.dumps({"prompt": "Review of the diner downtown:"}),  # 1 kept
+        json.dumps({"prompt": "Review of the diner downtown:"}),  # 2 exact duplicate
+        json.dumps({"prompt": "  Review   of the\tdiner downtown:  "}),  # 3 whitespace duplicate
+        json.dumps({"prompt": "Ｒｅｖｉｅｗ of the diner downtown:"}),  # 4 NFKC duplicate
+        json.dumps({"prompt": "Cafe\u0301 on the corner:"}),  # 5 kept (decomposed é)
+        json.dumps({"prompt": "Caf\u00e9 on the corner:"}),  # 6 NFC duplicate of 5
+        json.dumps({"prompt": "ab"}),  # 7 too short
+        json.dumps({"prompt": "x" * 61}),  # 8 too long
+        '{"prompt": "broken',  # 9 malformed JSON
+        json.dumps({"text": "no prompt field here"}),  # 10 missing field
+        json.dumps({"prompt": 42}),  # 11 non-text field
+        "",  # blank: not a row
+        json.dumps(["a", "list"]),  # 13 not an object
+        json.dumps({"prompt": "My review of the blender I got as a gift:"}),  # 14 kept
     ]
     jsonl = root / "src" / "a.jsonl"
     jsonl.parent.mkdir(parents=True, exist_ok=True)
@@ -48,10 +49,10 @@ def _mixed_sources(root: Path) -> tuple[Path, Path]:
     csv_file = root / "src" / "b.csv"
     csv_file.write_text(
         "prompt,topic\n"
-        '"What I thought of the bakery by the river:",food\n'     # line 2 kept
-        '"review of the DINER downtown:",food\n'                  # line 3 case-folded duplicate of jsonl 1
-        "no,x\n"                                                  # line 4 too short
-        "short\n"                                                 # line 5 kept (topic column missing is fine)
+        '"What I thought of the bakery by the river:",food\n'  # line 2 kept
+        '"review of the DINER downtown:",food\n'  # line 3 case-folded duplicate of jsonl 1
+        "no,x\n"  # line 4 too short
+        "short\n"  # line 5 kept (topic column missing is fine)
         '"Review of the keyboard from the online store:",tech\n',  # line 6 kept
         encoding="utf-8",
     )
@@ -75,14 +76,16 @@ def test_every_row_is_accounted_for(tmp_path: Path, run_context: RunContext) -> 
 
     kept = read_jsonl(outputs.train) + read_jsonl(outputs.eval)
     texts = sorted(row["prompt"] for row in kept)
-    assert texts == sorted([
-        "Review of the diner downtown:",
-        "Cafe\u0301 on the corner:",
-        "My review of the blender I got as a gift:",
-        "What I thought of the bakery by the river:",
-        "short",
-        "Review of the keyboard from the online store:",
-    ])
+    assert texts == sorted(
+        [
+            "Review of the diner downtown:",
+            "Cafe\u0301 on the corner:",
+            "My review of the blender I got as a gift:",
+            "What I thought of the bakery by the river:",
+            "short",
+            "Review of the keyboard from the online store:",
+        ]
+    )
     # The first occurrence wins, and every record says where it came from.
     by_text = {row["prompt"]: row for row in kept}
     assert by_text["Review of the diner downtown:"]["source"] == f"{jsonl}:1"
@@ -102,8 +105,9 @@ def test_every_row_is_accounted_for(tmp_path: Path, run_context: RunContext) -> 
 
 def test_csv_missing_text_column_is_quarantined(tmp_path: Path, run_context: RunContext) -> None:
     source = tmp_path / "prompts.csv"
-    source.write_text("id,prompt\n1,Review of the diner downtown:\n2\n3,Review of the bistro downtown:\n",
-                      encoding="utf-8")
+    source.write_text(
+        "id,prompt\n1,Review of the diner downtown:\n2\n3,Review of the bistro downtown:\n", encoding="utf-8"
+    )
     outputs = _run([str(source)], run_context)
     assert outputs.counts["read"] == 3
     assert outputs.counts["kept"] == 2
@@ -115,12 +119,49 @@ def test_csv_missing_text_column_is_quarantined(tmp_path: Path, run_context: Run
 
 def test_custom_text_field(tmp_path: Path, run_context: RunContext) -> None:
     source = tmp_path / "q.jsonl"
-    source.write_text(json.dumps({"question": "What is RLHF, briefly?"}) + "\n"
-                      + json.dumps({"prompt": "wrong key"}) + "\n", encoding="utf-8")
+    source.write_text(
+        json.dumps({"question": "What is RLHF, briefly?"})
+        + "\n"
+        + json.dumps({"prompt": "wrong key"})
+        + "\n",
+        encoding="utf-8",
+    )
     outputs = _run([str(source)], run_context, text_field="question")
     assert outputs.counts["kept"] == 1
     assert outputs.counts["invalid"] == 1
     assert "'question'" in read_jsonl(outputs.quarantine)[0]["reason"]
+
+
+def test_named_columns_travel_with_their_prompt_into_the_hash(tmp_path: Path) -> None:
+    """A GRPO dataset's reference answers: kept per prompt, part of the content hash; a row without one is
+    quarantined, never silently kept without its answer."""
+    source = tmp_path / "math.jsonl"
+    rows = [
+        {"prompt": "what is 2 + 3 ?", "answer": "5", "level": 1, "note": "dropped"},
+        {"prompt": "what is 4 + 4 ?", "answer": 8, "level": 2},
+        {"prompt": "what is 1 + 1 ?", "level": 1},
+        {"prompt": "what is 9 - 9 ?", "answer": None, "level": 1},
+    ]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    outputs = _run(
+        [str(source)], make_context(tmp_path / "a"), eval_fraction=0.0, columns=["answer", "level"]
+    )
+    kept = {row["prompt"]: row for row in read_jsonl(outputs.train)}
+    assert {p: (r["answer"], r["level"]) for p, r in kept.items()} == {
+        "what is 2 + 3 ?": ("5", 1),
+        "what is 4 + 4 ?": (8, 2),
+    }
+    assert all("note" not in row for row in kept.values())
+    assert outputs.counts["invalid_missing_column"] == 2
+    reasons = [row["reason"] for row in read_jsonl(outputs.quarantine)]
+    assert reasons == ["no value in column(s) answer"] * 2
+
+    rows[0]["answer"] = "6"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    other = _run([str(source)], make_context(tmp_path / "b"), eval_fraction=0.0, columns=["answer", "level"])
+    assert other.content_hash != outputs.content_hash
+    with pytest.raises(ValueError, match=r"columns: \['prompt'\] already name"):
+        collect_prompts.Config(sources=[str(source)], columns=["prompt"])
 
 
 def test_csv_location_is_the_file_line(tmp_path: Path, run_context: RunContext) -> None:
@@ -190,8 +231,10 @@ def test_manifest_and_content_hash(tmp_path: Path, run_context: RunContext) -> N
     assert manifest["counts"] == outputs.counts
 
     changed = tmp_path / "changed.jsonl"
-    changed.write_text("".join(json.dumps(row) + "\n" for row in [*_prompts(9), {"prompt": "Something new"}]),
-                       encoding="utf-8")
+    changed.write_text(
+        "".join(json.dumps(row) + "\n" for row in [*_prompts(9), {"prompt": "Something new"}]),
+        encoding="utf-8",
+    )
     other = _run([str(changed)], make_context(tmp_path / "other"))
     assert other.content_hash != outputs.content_hash
 
@@ -238,10 +281,14 @@ def test_parquet_and_saved_hf_datasets_are_sources(tmp_path: Path, run_context: 
     lamp_and_ramen = {"prompt": ["Review  of\tthe lamp:", "Review of the ramen:"]}
     datasets.Dataset.from_dict(lamp_and_ramen).save_to_disk(single)
     splits = tmp_path / "splits"
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"prompt": ["Ｒｅｖｉｅｗ of the lamp:"]}),  # full-width letters
-        "test": datasets.Dataset.from_dict({"prompt": ["Review of the blender:"]}),
-    }).save_to_disk(splits)
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {"prompt": ["Ｒｅｖｉｅｗ of the lamp:"]}
+            ),  # full-width letters
+            "test": datasets.Dataset.from_dict({"prompt": ["Review of the blender:"]}),
+        }
+    ).save_to_disk(splits)
     outputs = _run([str(tmp_path / "p.parquet"), str(single), str(splits)], run_context, eval_fraction=0.0)
     prompts = {row["prompt"]: row["source"] for row in read_jsonl(outputs.train)}
     # NFKC and whitespace folding make the lamp prompts one prompt, whatever their width and spacing; the
@@ -291,27 +338,36 @@ def test_conversations_from_every_file_type_are_kept_as_written(
 
     source = tmp_path / "src"
     source.mkdir()
-    write_jsonl(source / "chat.jsonl", [
-        {"prompt": [SYSTEM, USER]},
-        {"messages": [USER, {"role": "assistant", "content": "an answer, not part of the prompt"}]},
-        {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Review the lamp?\n\nAssistant:"},
-    ])
+    write_jsonl(
+        source / "chat.jsonl",
+        [
+            {"prompt": [SYSTEM, USER]},
+            {"messages": [USER, {"role": "assistant", "content": "an answer, not part of the prompt"}]},
+            {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Review the lamp?\n\nAssistant:"},
+        ],
+    )
     with (source / "chat.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, ["prompt"])
         writer.writeheader()
         writer.writerow({"prompt": json.dumps([{"role": "user", "content": "Review of the cafe:"}])})
         writer.writerow({"prompt": "[plain text that only starts with a bracket]"})
-    pq.write_table(pa.Table.from_pylist([{"prompt": [USER, {"role": "user", "content": "and the bakery?"}]}]),
-                   source / "chat.parquet")
-    datasets.Dataset.from_dict({"messages": [[SYSTEM, {"role": "user", "content": "Review of the ramen:"}]]}
-                               ).save_to_disk(tmp_path / "saved")
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": [USER, {"role": "user", "content": "and the bakery?"}]}]),
+        source / "chat.parquet",
+    )
+    datasets.Dataset.from_dict(
+        {"messages": [[SYSTEM, {"role": "user", "content": "Review of the ramen:"}]]}
+    ).save_to_disk(tmp_path / "saved")
     outputs = _run([str(source), str(tmp_path / "saved")], run_context, max_chars=200, eval_fraction=0.0)
     prompts = [row["prompt"] for row in read_jsonl(outputs.train)]
     assert outputs.counts["kept"] == 7 and "invalid" not in outputs.counts
     assert [SYSTEM, USER] in prompts  # whitespace, newlines and code fences exactly as written
     assert [USER] in prompts  # the dataset's answer is not part of the prompt
-    assert [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "Review the lamp?"}] in prompts  # HH-RLHF turns become messages
+    assert [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Review the lamp?"},
+    ] in prompts  # HH-RLHF turns become messages
     assert [{"role": "user", "content": "Review of the cafe:"}] in prompts
     assert "[plain text that only starts with a bracket]" in prompts
     assert [USER, {"role": "user", "content": "and the bakery?"}] in prompts
@@ -323,18 +379,21 @@ def test_conversations_from_every_file_type_are_kept_as_written(
     assert counts["duplicates"] == 1
 
 
-@pytest.mark.parametrize(("row", "code"), [
-    ({"prompt": []}, "no_user_turn"),
-    ({"prompt": [{"role": "user"}]}, "bad_messages"),
-    ({"prompt": [{"role": "user", "content": 3}]}, "bad_messages"),
-    ({"prompt": [{"role": "system", "content": "only a system turn"}]}, "no_user_turn"),
-    ({"prompt": [{"role": "user", "content": "  "}]}, "empty_prompt"),
-    ({"prompt": "   "}, "empty_prompt"),
-    ({"messages": "not a list"}, "bad_messages"),
-    ({"prompt": 42}, "bad_messages"),
-    ({"text": "no prompt field"}, "missing_prompt"),
-    ({"prompt": [["user", "hi"]]}, "bad_messages"),
-])
+@pytest.mark.parametrize(
+    ("row", "code"),
+    [
+        ({"prompt": []}, "no_user_turn"),
+        ({"prompt": [{"role": "user"}]}, "bad_messages"),
+        ({"prompt": [{"role": "user", "content": 3}]}, "bad_messages"),
+        ({"prompt": [{"role": "system", "content": "only a system turn"}]}, "no_user_turn"),
+        ({"prompt": [{"role": "user", "content": "  "}]}, "empty_prompt"),
+        ({"prompt": "   "}, "empty_prompt"),
+        ({"messages": "not a list"}, "bad_messages"),
+        ({"prompt": 42}, "bad_messages"),
+        ({"text": "no prompt field"}, "missing_prompt"),
+        ({"prompt": [["user", "hi"]]}, "bad_messages"),
+    ],
+)
 def test_a_malformed_conversation_is_quarantined_with_its_reason_code(
     tmp_path: Path, run_context: RunContext, row: dict[str, object], code: str
 ) -> None:

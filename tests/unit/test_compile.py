@@ -19,8 +19,14 @@ from rlhf_pipelines import cli as cli_module
 from rlhf_pipelines.components import IMAGE
 
 TASKS = {
-    "start-run", "collect-prompts", "generate-candidates", "ingest-feedback",
-    "train-reward-model", "ppo", "evaluate", "register-and-promote",
+    "start-run",
+    "collect-prompts",
+    "generate-candidates",
+    "ingest-feedback",
+    "train-reward-model",
+    "ppo",
+    "evaluate",
+    "register-and-promote",
 }
 
 
@@ -54,14 +60,21 @@ def run_cli(args: list[str], cwd: Path) -> CliResult:
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CliResult]:
-    """`rlhf compile` of the rlhf and dpo DAGs and of an unknown pipeline, each in its own directory."""
+    """`rlhf compile` of the rlhf, dpo and grpo DAGs and of an unknown pipeline, each in its own directory."""
     return {
-        "rlhf": run_cli(["compile", "--pipeline", "rlhf", "-o", "out/rlhf.yaml"],
-                        tmp_path_factory.mktemp("compile-rlhf")),
-        "dpo": run_cli(["compile", "--pipeline", "dpo", "-o", "dpo.yaml"],
-                       tmp_path_factory.mktemp("compile-dpo")),
-        "unknown": run_cli(["compile", "--pipeline", "no-such-dag", "-o", "unknown.yaml"],
-                           tmp_path_factory.mktemp("compile-unknown")),
+        "rlhf": run_cli(
+            ["compile", "--pipeline", "rlhf", "-o", "out/rlhf.yaml"], tmp_path_factory.mktemp("compile-rlhf")
+        ),
+        "dpo": run_cli(
+            ["compile", "--pipeline", "dpo", "-o", "dpo.yaml"], tmp_path_factory.mktemp("compile-dpo")
+        ),
+        "grpo": run_cli(
+            ["compile", "--pipeline", "grpo", "-o", "grpo.yaml"], tmp_path_factory.mktemp("compile-grpo")
+        ),
+        "unknown": run_cli(
+            ["compile", "--pipeline", "no-such-dag", "-o", "unknown.yaml"],
+            tmp_path_factory.mktemp("compile-unknown"),
+        ),
     }
 
 
@@ -159,7 +172,7 @@ def test_compile_unknown_pipeline_is_a_one_line_error(cli: dict[str, CliResult])
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["error: unknown pipeline 'no-such-dag'; available: dpo, rlhf"]
+    assert lines == ["error: unknown pipeline 'no-such-dag'; available: dpo, grpo, rlhf"]
     assert not (result.cwd / "unknown.yaml").exists()
 
 
@@ -170,14 +183,41 @@ def test_the_dpo_dag_trains_from_the_feedback_without_a_reward_model(cli: dict[s
     spec = docs[0]
     assert spec["pipelineInfo"]["name"] == "dpo"
     depends = {name: set(task.get("dependentTasks", [])) for name, task in _tasks(spec).items()}
-    assert set(depends) == {"start-run", "collect-prompts", "generate-candidates", "ingest-feedback", "dpo",
-                            "evaluate", "register-and-promote"}
+    assert set(depends) == {
+        "start-run",
+        "collect-prompts",
+        "generate-candidates",
+        "ingest-feedback",
+        "dpo",
+        "evaluate",
+        "register-and-promote",
+    }
     assert "ingest-feedback" in depends["dpo"]
     assert {"dpo", "collect-prompts"} <= depends["evaluate"]
     assert {"evaluate", "dpo", "ingest-feedback"} <= depends["register-and-promote"]
     reward = _tasks(spec)["evaluate"]["inputs"]["parameters"]["reward"]
     assert reward["runtimeValue"]["constant"] == "null"
     assert _tasks(spec)["dpo"]["retryPolicy"]["maxRetryCount"] == 2
+
+
+def test_the_grpo_dag_trains_on_the_prompts_alone(cli: dict[str, CliResult]) -> None:
+    result = cli["grpo"]
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all((result.cwd / "grpo.yaml").read_text(encoding="utf-8")) if doc]
+    spec = docs[0]
+    assert spec["pipelineInfo"]["name"] == "grpo"
+    depends = {name: set(task.get("dependentTasks", [])) for name, task in _tasks(spec).items()}
+    assert depends == {
+        "start-run": set(),
+        "collect-prompts": {"start-run"},
+        "grpo": {"start-run", "collect-prompts"},
+        "evaluate": {"start-run", "collect-prompts", "grpo"},
+        "register-and-promote": {"start-run", "collect-prompts", "grpo", "evaluate"},
+    }
+    register = _tasks(spec)["register-and-promote"]["inputs"]["parameters"]
+    assert register["feedback"]["runtimeValue"]["constant"] == "null"
+    assert register["reward"]["runtimeValue"]["constant"] == "null"
+    assert _tasks(spec)["grpo"]["retryPolicy"]["maxRetryCount"] == 2
 
 
 MODEL_EXECUTORS = {"exec-generate-candidates", "exec-train-reward-model", "exec-ppo", "exec-evaluate"}

@@ -201,7 +201,13 @@ def test_a_dpo_pipeline_cannot_gate_on_a_reward_model_it_does_not_train(tmp_path
         ),
         ("dpo", "gold_win_rate", "no gold_win_rate; this run measures no win rate to gate on"),
         ("dpo", "rm_win_rate", "no rm_win_rate; this run measures no win rate to gate on"),
-        ("rlhf", "judge_win_rate", "evaluate produces no judge_win_rate; gate on rm_win_rate"),
+        (
+            "rlhf",
+            "judge_win_rate",
+            "no evaluate.judge is set, so there is no judge_win_rate; gate on rm_win_rate",
+        ),
+        ("grpo", "rm_win_rate", "grpo pipeline trains no reward model, so there is no rm_win_rate; this run"),
+        ("rlhf", "bleu", "evaluate produces no bleu; gate on rm_win_rate"),
     ],
 )
 def test_a_gate_metric_evaluate_cannot_produce_is_refused(
@@ -210,6 +216,8 @@ def test_a_gate_metric_evaluate_cannot_produce_is_refused(
     """Such a gate holds every run for ever (a DPO run on a model without a gold judge never promotes)."""
     data = demo_mapping()
     data["pipeline"] = pipeline
+    if pipeline == "grpo":
+        data["grpo"] = {"rewards": [{"function": "length"}]}
     del data["evaluate"]["gold_judge"]
     data["register_and_promote"]["gate"]["metric"] = metric
     path = write_yaml(tmp_path / "gate.yaml", data)
@@ -230,8 +238,28 @@ def test_a_pretrained_reward_model_is_for_rlhf_and_paths_are_made_absolute(tmp_p
     assert config.evaluate.chat_template == "auto"
     data["pipeline"] = "dpo"
     data["register_and_promote"]["gate"]["metric"] = "gold_win_rate"
-    with pytest.raises(ConfigError, match="reward_model: the dpo pipeline uses no reward model"):
+    with pytest.raises(
+        ConfigError, match="reward_model: the dpo pipeline trains with no reward model of its own"
+    ):
         load_pipeline_config(write_yaml(tmp_path / "dpo.yaml", data))
+
+
+def test_a_grpo_run_needs_its_section_and_no_inbox_and_its_reward_models_get_absolute_paths(
+    tmp_path: Path,
+) -> None:
+    data = demo_mapping()
+    data["pipeline"] = "grpo"
+    data["register_and_promote"]["gate"]["metric"] = "gold_win_rate"
+    with pytest.raises(ConfigError, match="grpo: the grpo pipeline needs a grpo section"):
+        load_pipeline_config(write_yaml(tmp_path / "none.yaml", data))
+    data["grpo"] = {"rewards": [{"reward_model": "rm"}, {"function": "exact_match"}]}
+    del data["feedback_inbox"]
+    config = with_absolute_paths(load_pipeline_config(write_yaml(tmp_path / "grpo.yaml", data)))
+    assert config.grpo is not None and config.feedback_inbox is None
+    assert [r.reward_model for r in config.grpo.rewards] == [str(Path("rm").resolve()), None]
+    data["pipeline"] = "rlhf"
+    with pytest.raises(ConfigError, match="feedback_inbox: the rlhf pipeline learns from feedback"):
+        load_pipeline_config(write_yaml(tmp_path / "rlhf.yaml", data))
 
 
 def test_missing_required_section_names_it(tmp_path: Path) -> None:

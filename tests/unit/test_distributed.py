@@ -197,8 +197,15 @@ def test_ppo_resumes_a_two_worker_checkpoint_with_one_worker(
     inputs = ppo.Inputs(
         policy=tiny_assets.sft_model_dir, reward_model=reward, prompts=tiny_assets.prompts_file
     )
-    config = ppo.Config(total_episodes=16, rollout_batch_size=8, num_minibatches=2, ppo_epochs=1,
-                        checkpoint_every=1, launcher="torchrun", workers=2)
+    config = ppo.Config(
+        total_episodes=16,
+        rollout_batch_size=8,
+        num_minibatches=2,
+        ppo_epochs=1,
+        checkpoint_every=1,
+        launcher="torchrun",
+        workers=2,
+    )
     launch("ppo", config, inputs, run_context)
     checkpoint = Path(run_context.output_root, run_context.parent_run_id, "ppo", "checkpoint", "latest.json")
     assert checkpoint.is_file()  # written by rank 0 after iteration 1 of 2
@@ -223,4 +230,3 @@ def test_worker_counts_the_data_cannot_feed_are_config_errors() -> None:
             ppo.Inputs(policy="p", reward_model="r", prompts="x"),
             RunContext(tracking_uri="sqlite://", experiment="e", parent_run_id="p", output_root="o"),
         )
-

@@ -44,15 +44,19 @@ def reference_loss(loss: str, beta: float, smoothing: float, i: int) -> float:
     return (h - 1 / (2 * beta)) ** 2
 
 
-@pytest.mark.parametrize(("loss", "smoothing"), [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.2),
-                                                  ("hinge", 0.0), ("ipo", 0.0)])
+@pytest.mark.parametrize(
+    ("loss", "smoothing"), [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0)]
+)
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_every_loss_equals_its_formula(loss: str, smoothing: float, beta: float) -> None:
     config = dpo.Config(loss=loss, beta=beta, label_smoothing=smoothing)  # type: ignore[arg-type]
-    tensors = [torch.tensor(v, dtype=torch.float64) for v in
-               (POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED)]
-    losses, chosen_rewards, rejected_rewards = preference_loss(*tensors, config.loss, config.beta,
-                                                               config.label_smoothing)
+    tensors = [
+        torch.tensor(v, dtype=torch.float64)
+        for v in (POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED)
+    ]
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        *tensors, config.loss, config.beta, config.label_smoothing
+    )
     for i in range(len(POLICY_CHOSEN)):
         assert losses[i].item() == pytest.approx(reference_loss(loss, beta, smoothing, i), abs=1e-6)
         chosen, rejected = POLICY_CHOSEN[i] - REFERENCE_CHOSEN[i], POLICY_REJECTED[i] - REFERENCE_REJECTED[i]
@@ -68,7 +72,8 @@ def test_a_policy_equal_to_its_reference_has_zero_rewards_and_loss_log_2(tiny_as
     with torch.no_grad():
         chosen, rejected, _ = pair_logps(policy, fmt, encoded)
         losses, chosen_rewards, rejected_rewards = preference_loss(
-            chosen, rejected, chosen, rejected, config.loss, config.beta)
+            chosen, rejected, chosen, rejected, config.loss, config.beta
+        )
     assert torch.equal(chosen_rewards, torch.zeros(6)) and torch.equal(rejected_rewards, torch.zeros(6))
     assert torch.allclose(losses, torch.full((6,), math.log(2)), atol=1e-7)
 
@@ -84,7 +89,8 @@ def test_only_response_tokens_count_and_padding_changes_nothing(tiny_assets: Dem
         n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         n_response = len(tokenizer(response, add_special_tokens=False)["input_ids"]) + 1  # and EOS
         assert response_mask[row].tolist() == [0] * n_prompt + [1] * n_response + [0] * (
-            ids.shape[1] - n_prompt - n_response)
+            ids.shape[1] - n_prompt - n_response
+        )
         assert ids[row, n_prompt + n_response - 1] == tokenizer.eos_token_id
     with torch.no_grad():
         together, counts = response_logps(model, fmt, answers)
@@ -104,8 +110,10 @@ def test_only_response_tokens_count_and_padding_changes_nothing(tiny_assets: Dem
 
 
 def _pairs(tmp_path: Path) -> tuple[str, str]:
-    return (str(write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(48, seed=21))),
-            str(write_jsonl(tmp_path / "eval.jsonl", sentiment_pairs(16, seed=22))))
+    return (
+        str(write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(48, seed=21))),
+        str(write_jsonl(tmp_path / "eval.jsonl", sentiment_pairs(16, seed=22))),
+    )
 
 
 def test_dpo_learns_the_preferences_and_logs_each_step(
@@ -113,16 +121,25 @@ def test_dpo_learns_the_preferences_and_logs_each_step(
 ) -> None:
     train, evaluation = _pairs(tmp_path)
     config = dpo.Config(epochs=2, batch_size=8, learning_rate=1e-3, beta=0.1, sft_coef=0.1, max_length=64)
-    outputs = dpo.run(config, dpo.Inputs(policy=tiny_assets.sft_model_dir, train=train, eval=evaluation),
-                      run_context)
+    outputs = dpo.run(
+        config, dpo.Inputs(policy=tiny_assets.sft_model_dir, train=train, eval=evaluation), run_context
+    )
     assert outputs.steps == 12
     assert outputs.eval_reward_accuracy >= 0.8 and outputs.eval_reward_margin > 0
     assert outputs.eval_loss < math.log(2)
     assert (Path(outputs.policy) / "model.safetensors").is_file()
     [run] = child_runs(run_context, "dpo")
     history = mlflow.MlflowClient().get_metric_history
-    for metric in ("loss", "rewards_chosen", "rewards_rejected", "reward_margin",
-                   "reward_accuracy", "logps_chosen", "logps_rejected", "pairs_per_second"):
+    for metric in (
+        "loss",
+        "rewards_chosen",
+        "rewards_rejected",
+        "reward_margin",
+        "reward_accuracy",
+        "logps_chosen",
+        "logps_rejected",
+        "pairs_per_second",
+    ):
         assert [m.step for m in history(run.info.run_id, metric)] == list(range(1, 13)), metric
     assert run.data.metrics["eval_reward_accuracy"] == pytest.approx(outputs.eval_reward_accuracy)
 
@@ -143,8 +160,12 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
         resumed = load_file(Path(dpo.run(config, inputs, whole).policy) / "model.safetensors")
     finally:
         torch.set_num_threads(threads)
-    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(
-        sorted(child_runs(whole, "dpo"), key=lambda r: r.info.start_time)[-1].info.run_id, "loss")]
+    steps = [
+        m.step
+        for m in mlflow.MlflowClient().get_metric_history(
+            sorted(child_runs(whole, "dpo"), key=lambda r: r.info.start_time)[-1].info.run_id, "loss"
+        )
+    ]
     assert steps == [6]
     for key, tensor in uninterrupted.items():
         assert torch.equal(resumed[key], tensor), key

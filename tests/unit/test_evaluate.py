@@ -68,23 +68,36 @@ def eval_prompts(tmp_path: Path, tiny_assets: DemoAssets) -> Path:
 
 
 def _config(**overrides: object) -> evaluate.Config:
-    return evaluate.Config.model_validate({
-        "max_prompts": 40, "sampling": SamplingConfig(max_new_tokens=16, temperature=0.7),
-        "batch_size": 16, "bootstrap_samples": 200, "gold_judge": GOLD_JUDGE_NAME,
-        **overrides,
-    })
+    return evaluate.Config.model_validate(
+        {
+            "max_prompts": 40,
+            "sampling": SamplingConfig(max_new_tokens=16, temperature=0.7),
+            "batch_size": 16,
+            "bootstrap_samples": 200,
+            "gold_judge": GOLD_JUDGE_NAME,
+            **overrides,
+        }
+    )
 
 
 def test_policy_against_itself(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_assets: DemoAssets, eval_prompts: Path,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_assets: DemoAssets,
+    eval_prompts: Path,
     run_context: RunContext,
 ) -> None:
     reward_model = tiny_reward_model(tmp_path_factory, tiny_assets.sft_model_dir)
     # The champion is the same weights under another path, so both baselines are exercised.
     champion = tmp_path / "champion"
     shutil.copytree(tiny_assets.sft_model_dir, champion)
-    inputs = evaluate.Inputs(candidate=tiny_assets.sft_model_dir, reference=tiny_assets.sft_model_dir,
-                             champion=str(champion), reward_model=reward_model, prompts=str(eval_prompts))
+    inputs = evaluate.Inputs(
+        candidate=tiny_assets.sft_model_dir,
+        reference=tiny_assets.sft_model_dir,
+        champion=str(champion),
+        reward_model=reward_model,
+        prompts=str(eval_prompts),
+    )
     outputs = evaluate.run(_config(), inputs, run_context)
     metrics = outputs.metrics
 
@@ -98,8 +111,13 @@ def test_policy_against_itself(
     assert 0.0 <= metrics["eos_rate"] <= 1.0
     assert 1.0 <= metrics["response_length"] <= 16.0
     assert -1.0 <= metrics["gold_score"] <= 1.0
-    expected = {"reference_rm_score", "reference_gold_score", "champion_rm_score", "champion_gold_score",
-                "reference_response_length"}
+    expected = {
+        "reference_rm_score",
+        "reference_gold_score",
+        "champion_rm_score",
+        "champion_gold_score",
+        "reference_response_length",
+    }
     assert expected <= set(metrics)
 
     report = json.loads(Path(outputs.report).read_text(encoding="utf-8"))
@@ -115,8 +133,11 @@ def test_policy_against_itself(
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert artifacts == {"evaluation/report.md", "evaluation/reward_distribution.png"}
-    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation",
-                                                     dst_path=str(tmp_path / "download")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="evaluation", dst_path=str(tmp_path / "download")
+        )
+    )
     assert (local / "reward_distribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (local / "report.md").read_text(encoding="utf-8")
     assert markdown.startswith("# Evaluation report")
@@ -125,12 +146,19 @@ def test_policy_against_itself(
 
 
 def test_rerun_is_reproducible(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_assets: DemoAssets, eval_prompts: Path,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_assets: DemoAssets,
+    eval_prompts: Path,
     run_context: RunContext,
 ) -> None:
     reward_model = tiny_reward_model(tmp_path_factory, tiny_assets.sft_model_dir)
-    inputs = evaluate.Inputs(candidate=tiny_assets.sft_model_dir, reference=tiny_assets.sft_model_dir,
-                             reward_model=reward_model, prompts=str(eval_prompts))
+    inputs = evaluate.Inputs(
+        candidate=tiny_assets.sft_model_dir,
+        reference=tiny_assets.sft_model_dir,
+        reward_model=reward_model,
+        prompts=str(eval_prompts),
+    )
     config = _config(max_prompts=8, gold_judge=None)
     first = evaluate.run(config, inputs, run_context)
     again = evaluate.run(config, inputs, run_context)
@@ -144,14 +172,21 @@ def test_no_prompts_is_a_user_error(
 ) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("", encoding="utf-8")
-    inputs = evaluate.Inputs(candidate=tiny_assets.sft_model_dir, reference=tiny_assets.sft_model_dir,
-                             reward_model=tiny_assets.sft_model_dir, prompts=str(empty))
+    inputs = evaluate.Inputs(
+        candidate=tiny_assets.sft_model_dir,
+        reference=tiny_assets.sft_model_dir,
+        reward_model=tiny_assets.sft_model_dir,
+        prompts=str(empty),
+    )
     with pytest.raises(UserError, match="no held-out prompts"):
         evaluate.run(_config(), inputs, run_context)
 
 
 def test_answers_are_near_greedy_and_kl_comes_from_its_own_sampled_pass(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_assets: DemoAssets, eval_prompts: Path,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_assets: DemoAssets,
+    eval_prompts: Path,
     run_context: RunContext,
 ) -> None:
     defaults = evaluate.Config()
@@ -169,12 +204,18 @@ def test_answers_are_near_greedy_and_kl_comes_from_its_own_sampled_pass(
         return answer(policy, fmt, prompts, config, torch.Generator().manual_seed(0)).texts
 
     greedy = answers(near_greedy.model_copy(update={"greedy": True}))
-    agreement = [sum(a == g for a, g in zip(answers(s), greedy, strict=True)) / len(greedy)
-                 for s in (near_greedy, defaults.kl_sampling.model_copy(update={"max_new_tokens": 16}))]
+    agreement = [
+        sum(a == g for a, g in zip(answers(s), greedy, strict=True)) / len(greedy)
+        for s in (near_greedy, defaults.kl_sampling.model_copy(update={"max_new_tokens": 16}))
+    ]
     assert agreement[0] >= 0.5 and agreement[1] <= 0.2, agreement
 
-    itself = evaluate.Inputs(candidate=tiny_assets.sft_model_dir, reference=tiny_assets.sft_model_dir,
-                             reward_model=reward_model, prompts=str(eval_prompts))
+    itself = evaluate.Inputs(
+        candidate=tiny_assets.sft_model_dir,
+        reference=tiny_assets.sft_model_dir,
+        reward_model=reward_model,
+        prompts=str(eval_prompts),
+    )
     # A different policy: the KL depends on the KL pass's temperature and the judged answers do not.
     torch.manual_seed(0)
     with torch.no_grad():
@@ -183,8 +224,9 @@ def test_answers_are_near_greedy_and_kl_comes_from_its_own_sampled_pass(
     save_checkpoint(policy, fmt, str(tmp_path / "perturbed"))
     perturbed = itself.model_copy(update={"candidate": str(tmp_path / "perturbed")})
     kl_passes = [near_greedy.model_copy(update={"temperature": t}) for t in (0.7, 1.0)]
-    at_07, at_10 = (evaluate.run(_config(sampling=near_greedy, kl_sampling=kl), perturbed, run_context)
-                    .metrics
-                    for kl in kl_passes)
+    at_07, at_10 = (
+        evaluate.run(_config(sampling=near_greedy, kl_sampling=kl), perturbed, run_context).metrics
+        for kl in kl_passes
+    )
     assert at_07["kl"] > 0.1 and at_10["kl"] > 0.1 and at_07["kl"] != at_10["kl"]
     assert {k: v for k, v in at_07.items() if k != "kl"} == {k: v for k, v in at_10.items() if k != "kl"}

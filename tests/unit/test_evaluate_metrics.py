@@ -1,11 +1,15 @@
-"""Length-controlled win rate and distinct-n against hand-built cases and an independent float64 fit."""
+"""Length-controlled win rate and distinct-n against hand-built cases and an independent float64 fit; the LLM
+judge's verdict parsing and template check."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+from pydantic import ValidationError
 
+from rlhf_components.evaluate.config import JudgeConfig
+from rlhf_components.evaluate.judge import UNPARSED, parse_verdict
 from rlhf_components.evaluate.step import distinct_n, length_controlled_win_rate
 
 
@@ -52,3 +56,23 @@ def test_distinct_n_counts_unique_ngrams_over_all_answers() -> None:
     # bigrams: the food, food was, was great, the food, food was, was bad, great great ×2 → 8, 5 unique
     assert distinct_n(texts, 2) == pytest.approx(5 / 8)
     assert distinct_n([""], 2) == 0.0
+
+
+def test_a_verdict_is_the_first_word_of_the_reply() -> None:
+    assert [parse_verdict(r) for r in ("A", " b.", "TIE", "Tie: both fine", "**B**", "B is better")] == [
+        "A",
+        "B",
+        "TIE",
+        "TIE",
+        "B",
+        "B",
+    ]
+    for unclear in ("", "Answer A", "AB", "Both are fine", "I think A"):
+        assert parse_verdict(unclear) == UNPARSED, unclear
+
+
+def test_a_judge_template_must_hold_all_three_fields() -> None:
+    with pytest.raises(ValidationError, match=r"template: must contain \{second\}"):
+        JudgeConfig(url="http://judge/v1", model="m", template="{prompt} {first}")
+    with pytest.raises(ValidationError, match="url"):
+        JudgeConfig(url="judge:8000", model="m")

@@ -42,9 +42,7 @@ def judged(raw: dict[str, Any], rating_range: tuple[float, float] = (1, 5)) -> l
 
 def preferred(found: list[Any]) -> set[tuple[str, str]]:
     """(better, worse) of each pair judgement, whatever text order it is stored in."""
-    return {
-        (j.response_a, j.response_b) if j.choice == "a" else (j.response_b, j.response_a) for j in found
-    }
+    return {(j.response_a, j.response_b) if j.choice == "a" else (j.response_b, j.response_a) for j in found}
 
 
 def test_pairwise_shapes_agree_on_what_was_preferred() -> None:
@@ -68,8 +66,11 @@ def test_a_ranking_becomes_every_pair_in_its_order() -> None:
 def test_hh_rlhf_conversations_split_at_the_last_assistant_turn() -> None:
     shared = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Review the diner?\n\nAssistant:"
     [found] = judged({"chosen": shared + " It was lovely.", "rejected": shared + " No."})
-    assert found.prompt == [Message(role="user", content="Hi"), Message(role="assistant", content="Hello!"),
-                            Message(role="user", content="Review the diner?")]
+    assert found.prompt == [
+        Message(role="user", content="Hi"),
+        Message(role="assistant", content="Hello!"),
+        Message(role="user", content="Review the diner?"),
+    ]
     assert preferred([found]) == {("It was lovely.", "No.")}
     with pytest.raises(Invalid) as raised:
         judged({"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"})
@@ -78,10 +79,16 @@ def test_hh_rlhf_conversations_split_at_the_last_assistant_turn() -> None:
 
 def test_trl_conversational_preferences_are_pairs_of_their_assistant_answers() -> None:
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Review the diner?"}]
-    explicit = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "Lovely."}],
-                "rejected": [{"role": "assistant", "content": "Bad."}]}
-    implicit = {"prompt": prompt, "chosen": [*prompt, {"role": "assistant", "content": "Lovely."}],
-                "rejected": [*prompt, {"role": "assistant", "content": "Bad."}]}
+    explicit = {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "Lovely."}],
+        "rejected": [{"role": "assistant", "content": "Bad."}],
+    }
+    implicit = {
+        "prompt": prompt,
+        "chosen": [*prompt, {"role": "assistant", "content": "Lovely."}],
+        "rejected": [*prompt, {"role": "assistant", "content": "Bad."}],
+    }
     for raw in (explicit, implicit):
         [found] = judged(raw)
         assert found.prompt == [Message(**m) for m in prompt]
@@ -124,8 +131,9 @@ def test_bad_records_are_refused_with_a_reason_code(raw: Any, code: str) -> None
 
 def test_ratings_pair_up_within_one_annotator_by_their_difference() -> None:
     def rating(response: str, value: float, annotator: str = "ann") -> RatingJudgement:
-        return RatingJudgement(prompt=P, response=response, rating=value, annotator=annotator,
-                               sources=[response])
+        return RatingJudgement(
+            prompt=P, response=response, rating=value, annotator=annotator, sources=[response]
+        )
 
     ratings = [rating("a", 5), rating("b", 4.5), rating("c", 2), rating("d", 2), rating("e", 1, "other")]
     pairs, _ = pairs_from_ratings(ratings, min_difference=1.0, max_pairs=1000)
@@ -165,11 +173,23 @@ def krippendorff_alpha_nominal(units: list[list[str]]) -> float | None:
 
 def test_majority_votes_and_the_tie_policy() -> None:
     def vote(choice: str, annotator: str, prompt: str = P) -> PairJudgement:
-        return PairJudgement(prompt=prompt, response_a="no", response_b="yes", choice=choice,  # type: ignore[arg-type]
-                             annotator=annotator, sources=[annotator])
+        return PairJudgement(
+            prompt=prompt,
+            response_a="no",
+            response_b="yes",
+            choice=choice,  # type: ignore[arg-type]
+            annotator=annotator,
+            sources=[annotator],
+        )
 
-    votes = [vote("b", "x"), vote("b", "y"), vote("a", "z"), vote("a", "x", "Q2"), vote("b", "y", "Q2"),
-             vote("tie", "x", "Q3")]
+    votes = [
+        vote("b", "x"),
+        vote("b", "y"),
+        vote("a", "z"),
+        vote("a", "x", "Q2"),
+        vote("b", "y", "Q2"),
+        vote("tie", "x", "Q3"),
+    ]
     kept, dropped = preferences(votes, "drop")
     assert dropped == 2
     [majority] = kept
@@ -206,11 +226,23 @@ def test_krippendorff_alpha_matches_its_definition_and_known_cases() -> None:
 
 def test_agreement_per_annotator() -> None:
     def vote(choice: str, annotator: str, prompt: str) -> PairJudgement:
-        return PairJudgement(prompt=prompt, response_a="no", response_b="yes", choice=choice,  # type: ignore[arg-type]
-                             annotator=annotator, sources=["s"])
+        return PairJudgement(
+            prompt=prompt,
+            response_a="no",
+            response_b="yes",
+            choice=choice,  # type: ignore[arg-type]
+            annotator=annotator,
+            sources=["s"],
+        )
 
-    votes = [vote("a", "x", "1"), vote("a", "y", "1"), vote("b", "z", "1"), vote("tie", "x", "2"),
-             vote("tie", "y", "2"), vote("a", "x", "3")]
+    votes = [
+        vote("a", "x", "1"),
+        vote("a", "y", "1"),
+        vote("b", "z", "1"),
+        vote("tie", "x", "2"),
+        vote("tie", "y", "2"),
+        vote("a", "x", "3"),
+    ]
     result = agreement(votes)
     assert result.shared_pairs == 2
     assert result.raw_agreement == pytest.approx(2 / 4)  # (x,y) (x,z) (y,z) on 1; (x,y) on 2
@@ -228,12 +260,20 @@ def test_every_file_type_reads_to_the_records_written(tmp_path: Path) -> None:
             found.update(records(str(path), handle))
     assert len(found) == 8  # the cancelled annotation and the unannotated task are not records
     assert found[f"{tmp_path}/ratings.csv:2"] == {
-        "prompt": P, "response": "meh", "rating": 2.0, "annotator": "j"}
+        "prompt": P,
+        "response": "meh",
+        "rating": 2.0,
+        "annotator": "j",
+    }
     assert found[f"{tmp_path}/ratings.csv:3"]["ranking"] == [1, 0, 2]
     assert found[f"{tmp_path}/choices.parquet#row2"]["choice"] == "tie"
     assert found[f"{tmp_path}/export.json#task0/annotation0"] == {
-        "choice": "b", "annotator": "label-studio:m@x.org", "prompt": "S", "response_a": "u",
-        "response_b": "v"}
+        "choice": "b",
+        "annotator": "label-studio:m@x.org",
+        "prompt": "S",
+        "response_a": "u",
+        "response_b": "v",
+    }
     assert found[f"{tmp_path}/export.json#task1/annotation0"]["annotator"] == "label-studio:3"
 
 
@@ -249,7 +289,9 @@ def test_a_mixed_inbox_ingests_every_format(tmp_path: Path, run_context: RunCont
     assert pairs == {
         (P, "yes", "no"),
         (P, "fine", "meh"),  # ratings 4 and 2 by j, one from JSONL and one from CSV
-        ("Q", "b", "a"), ("Q", "b", "c"), ("Q", "a", "c"),  # the ranking
+        ("Q", "b", "a"),
+        ("Q", "b", "c"),
+        ("Q", "a", "c"),  # the ranking
         ("R", "x", "y"),  # one vote for x and one tie: x wins
         ("S", "v", "u"),  # one vote for v and one tie (Label Studio): v wins
     }
@@ -266,19 +308,40 @@ def test_label_studio_round_trip_joins_judgements_to_their_candidates(
 
     values = [c.attrib["value"] for c in ElementTree.fromstring(LABEL_STUDIO_CONFIG).iter("Choice")]
     assert values == ["A", "B", "Tie"]
-    tasks = [AnnotationTask(task_id=f"t{i}", prompt_id=f"p{i}", prompt=f"{P} {i}", response_a_id="x",
-                            response_a=f"first {i}", response_b_id="y", response_b=f"second {i}")
-             for i in range(3)]
+    tasks = [
+        AnnotationTask(
+            task_id=f"t{i}",
+            prompt_id=f"p{i}",
+            prompt=f"{P} {i}",
+            response_a_id="x",
+            response_a=f"first {i}",
+            response_b_id="y",
+            response_b=f"second {i}",
+        )
+        for i in range(3)
+    ]
     inbox = tmp_path / "inbox"
     write_jsonl(inbox / "tasks" / "run.jsonl", [t.model_dump() for t in tasks])
     export = json.loads(label_studio_json(tasks))
     for item, value in zip(export, values, strict=True):
-        item["annotations"] = [{"completed_by": 1, "result": [
-            {"from_name": "choice", "to_name": "prompt", "type": "choices", "value": {"choices": [value]}}]}]
+        item["annotations"] = [
+            {
+                "completed_by": 1,
+                "result": [
+                    {
+                        "from_name": "choice",
+                        "to_name": "prompt",
+                        "type": "choices",
+                        "value": {"choices": [value]},
+                    }
+                ],
+            }
+        ]
     (inbox / "labels").mkdir()
     (inbox / "labels" / "export.json").write_text(json.dumps(export))
-    outputs = ingest_feedback.run(ingest_feedback.Config(eval_fraction=0.0),
-                                  ingest_feedback.Inputs(inbox=str(inbox)), run_context)
+    outputs = ingest_feedback.run(
+        ingest_feedback.Config(eval_fraction=0.0), ingest_feedback.Inputs(inbox=str(inbox)), run_context
+    )
     pairs = {(p["prompt"], p["chosen"], p["rejected"]) for p in read_jsonl(outputs.train)}
     assert pairs == {(f"{P} 0", "first 0", "second 0"), (f"{P} 1", "second 1", "first 1")}
     assert outputs.counts["ties_dropped"] == 1 and outputs.counts["quarantined"] == 0

@@ -21,8 +21,21 @@ from ._helpers import read_jsonl
 # Empties, self-pairs, repeats, characters that other tools take for line breaks or byte-order marks, a NUL,
 # and half a character (a lone surrogate: no text at all).
 TEXTS = st.sampled_from(
-    ["", " ", "good", "bad", "ok", "great", "good ", "a\u2028b", "c\u0085d", "e\u2029", "\ufefff", "n\x00l",
-     "\ud800"]
+    [
+        "",
+        " ",
+        "good",
+        "bad",
+        "ok",
+        "great",
+        "good ",
+        "a\u2028b",
+        "c\u0085d",
+        "e\u2029",
+        "\ufefff",
+        "n\x00l",
+        "\ud800",
+    ]
 )
 PROMPTS = st.sampled_from(["Review:", "Other:", ""])
 ANNOTATORS = st.sampled_from(["ann", "bob", "cy"])
@@ -30,21 +43,31 @@ ANNOTATORS = st.sampled_from(["ann", "bob", "cy"])
 CHOSEN_REJECTED = st.fixed_dictionaries(
     {"prompt": PROMPTS, "chosen": TEXTS, "rejected": TEXTS}, optional={"annotator": ANNOTATORS}
 )
-CHOICE = st.fixed_dictionaries({
-    "prompt": PROMPTS, "response_a": TEXTS, "response_b": TEXTS,
-    "choice": st.sampled_from(["a", "b", "tie", "c"]), "annotator": ANNOTATORS,
-})
+CHOICE = st.fixed_dictionaries(
+    {
+        "prompt": PROMPTS,
+        "response_a": TEXTS,
+        "response_b": TEXTS,
+        "choice": st.sampled_from(["a", "b", "tie", "c"]),
+        "annotator": ANNOTATORS,
+    }
+)
 RATING = st.fixed_dictionaries(
-    {"prompt": PROMPTS, "response": TEXTS,
-     "rating": st.one_of(st.integers(-1, 7), st.booleans(), st.floats())},  # true is no rating, nor is NaN
+    {
+        "prompt": PROMPTS,
+        "response": TEXTS,
+        "rating": st.one_of(st.integers(-1, 7), st.booleans(), st.floats()),
+    },  # true is no rating, nor is NaN
     optional={"annotator": ANNOTATORS},
 )
-RANKING = st.fixed_dictionaries({
-    "prompt": PROMPTS,
-    "responses": st.lists(TEXTS, min_size=1, max_size=4),
-    "ranking": st.lists(st.integers(0, 4), max_size=4),
-    "annotator": ANNOTATORS,
-})
+RANKING = st.fixed_dictionaries(
+    {
+        "prompt": PROMPTS,
+        "responses": st.lists(TEXTS, min_size=1, max_size=4),
+        "ranking": st.lists(st.integers(0, 4), max_size=4),
+        "annotator": ANNOTATORS,
+    }
+)
 JUNK = st.one_of(
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
     st.lists(st.integers(), max_size=3),
@@ -56,8 +79,17 @@ LINE = st.one_of(
     # Escaped or written out (a lone surrogate written out is bytes that are no UTF-8).
     RECORD.map(lambda record: json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogatepass")),
     RECORD.map(lambda record: json.dumps(record).encode()),
-    st.sampled_from([b'{"prompt": "Review', b"not json", b"[1,", b"[" * 5000 + b"]" * 5000, b"1" * 5000,
-                     b'{"prompt": "P", "chosen": "caf\xe9", "rejected": "b"}', b"\xff\xfe\x00"]),
+    st.sampled_from(
+        [
+            b'{"prompt": "Review',
+            b"not json",
+            b"[1,",
+            b"[" * 5000 + b"]" * 5000,
+            b"1" * 5000,
+            b'{"prompt": "P", "chosen": "caf\xe9", "rejected": "b"}',
+            b"\xff\xfe\x00",
+        ]
+    ),
 )
 
 

@@ -26,24 +26,30 @@ NUM_PROMPTS = 4
 
 
 def _config(**overrides: object) -> generate_candidates.Config:
-    return generate_candidates.Config.model_validate({
-        "samples_per_prompt": K, "sampling": SamplingConfig(temperature=1.0, max_new_tokens=8),
-        "batch_size": 3, **overrides,
-    })
+    return generate_candidates.Config.model_validate(
+        {
+            "samples_per_prompt": K,
+            "sampling": SamplingConfig(temperature=1.0, max_new_tokens=8),
+            "batch_size": 3,
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture
 def prompts_file(tmp_path: Path, tiny_assets: DemoAssets) -> Path:
     """collect_prompts' output shape: {id, prompt}."""
-    texts = [row["prompt"] for row in read_jsonl(tiny_assets.prompts_file)][:NUM_PROMPTS + 2]
+    texts = [row["prompt"] for row in read_jsonl(tiny_assets.prompts_file)][: NUM_PROMPTS + 2]
     rows = [{"id": f"p{i}", "prompt": text} for i, text in enumerate(texts)]
     return write_jsonl(tmp_path / "prompts.jsonl", rows)
 
 
-def _generate(tiny_assets: DemoAssets, prompts: Path, inbox: Path, context: RunContext,
-              policy: str | None = None) -> generate_candidates.Outputs:
-    inputs = generate_candidates.Inputs(policy=policy or tiny_assets.sft_model_dir, prompts=str(prompts),
-                                        inbox=str(inbox))
+def _generate(
+    tiny_assets: DemoAssets, prompts: Path, inbox: Path, context: RunContext, policy: str | None = None
+) -> generate_candidates.Outputs:
+    inputs = generate_candidates.Inputs(
+        policy=policy or tiny_assets.sft_model_dir, prompts=str(prompts), inbox=str(inbox)
+    )
     return generate_candidates.run(_config(max_prompts=NUM_PROMPTS), inputs, context)
 
 
@@ -102,9 +108,7 @@ def test_candidates_tasks_and_label_studio_export(
     assert 0.0 <= run.data.metrics["candidate_eos_rate"] <= 1.0
 
 
-def test_same_seed_same_candidates(
-    tmp_path: Path, tiny_assets: DemoAssets, prompts_file: Path
-) -> None:
+def test_same_seed_same_candidates(tmp_path: Path, tiny_assets: DemoAssets, prompts_file: Path) -> None:
     # Three pipeline runs on one store: each writes under its own run id.
     first = _generate(tiny_assets, prompts_file, tmp_path / "inbox", make_context(tmp_path))
     again = _generate(tiny_assets, prompts_file, tmp_path / "inbox", make_context(tmp_path))
@@ -129,8 +133,9 @@ def test_policy_without_weights_is_a_user_error(
     with pytest.raises(UserError, match=r"pickled pytorch_model\.bin"):
         _generate(tiny_assets, prompts_file, tmp_path / "inbox", run_context, policy=str(no_weights))
     with pytest.raises(UserError, match="directory not found"):
-        _generate(tiny_assets, prompts_file, tmp_path / "inbox", run_context,
-                  policy=str(tmp_path / "missing"))
+        _generate(
+            tiny_assets, prompts_file, tmp_path / "inbox", run_context, policy=str(tmp_path / "missing")
+        )
 
 
 def test_empty_prompts_file_is_a_user_error(
@@ -150,11 +155,14 @@ def test_k_below_two_is_rejected() -> None:
 def test_conversations_are_answered_and_shown_to_annotators_as_turns(
     tmp_path: Path, tiny_assets: DemoAssets, run_context: RunContext
 ) -> None:
-    conversation = [{"role": "system", "content": "Be kind."},
-                    {"role": "user", "content": "Review of the ramen:"}]
+    conversation = [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Review of the ramen:"},
+    ]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "c", "prompt": conversation}])
-    inputs = generate_candidates.Inputs(policy=tiny_assets.sft_model_dir, prompts=str(prompts),
-                                        inbox=str(tmp_path / "inbox"))
+    inputs = generate_candidates.Inputs(
+        policy=tiny_assets.sft_model_dir, prompts=str(prompts), inbox=str(tmp_path / "inbox")
+    )
     outputs = generate_candidates.run(_config(samples_per_prompt=4), inputs, run_context)
     assert all(c["prompt"] == conversation for c in read_jsonl(outputs.candidates))
     assert outputs.num_tasks > 0 and all(t["prompt"] == conversation for t in read_jsonl(outputs.tasks))
@@ -165,11 +173,14 @@ def test_conversations_are_answered_and_shown_to_annotators_as_turns(
 def test_prompts_longer_than_the_limit_are_left_out_counted_and_listed(
     tmp_path: Path, tiny_assets: DemoAssets, run_context: RunContext
 ) -> None:
-    rows = [{"id": "short", "prompt": "Review of the ramen:"},
-            {"id": "long", "prompt": "Review of the ramen and the cafe and the diner and the bakery:"}]
+    rows = [
+        {"id": "short", "prompt": "Review of the ramen:"},
+        {"id": "long", "prompt": "Review of the ramen and the cafe and the diner and the bakery:"},
+    ]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
-    inputs = generate_candidates.Inputs(policy=tiny_assets.sft_model_dir, prompts=str(prompts),
-                                        inbox=str(tmp_path / "inbox"))
+    inputs = generate_candidates.Inputs(
+        policy=tiny_assets.sft_model_dir, prompts=str(prompts), inbox=str(tmp_path / "inbox")
+    )
     _, fmt = load_policy(tiny_assets.sft_model_dir)
     limit = len(fmt.prompt_ids(rows[0]["prompt"]))
     assert len(fmt.prompt_ids(rows[1]["prompt"])) > limit

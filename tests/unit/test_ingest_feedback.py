@@ -28,8 +28,13 @@ ALSO_MEH = " The staff were fine."
 
 def _task(task_id: str, a: str, b: str, prompt: str = PROMPT) -> dict[str, Any]:
     return AnnotationTask(
-        task_id=task_id, prompt_id="p-" + task_id, prompt=prompt,
-        response_a_id=f"{task_id}a", response_a=a, response_b_id=f"{task_id}b", response_b=b,
+        task_id=task_id,
+        prompt_id="p-" + task_id,
+        prompt=prompt,
+        response_a_id=f"{task_id}a",
+        response_a=a,
+        response_b_id=f"{task_id}b",
+        response_b=b,
     ).model_dump()
 
 
@@ -52,15 +57,21 @@ def test_simulated_annotator_labels_every_task_with_the_gold_judge(
 ) -> None:
     inbox = tmp_path / "inbox"
     rows = [
-        _task("t1", GOOD, BAD),                                      # a wins
+        _task("t1", GOOD, BAD),  # a wins
         _task("t2", BAD, GOOD, prompt="My review of the blender:"),  # b wins
-        _task("t3", MEH, ALSO_MEH),                                  # equal gold score: tie
-        _task("t4", " Highly recommended.", MEH),                    # a wins
-        _task("t5", "", " What a delight."),                         # empty answer scores -1: b wins
+        _task("t3", MEH, ALSO_MEH),  # equal gold score: tie
+        _task("t4", " Highly recommended.", MEH),  # a wins
+        _task("t5", "", " What a delight."),  # empty answer scores -1: b wins
     ]
     tasks = write_jsonl(inbox / "tasks" / "run-1.jsonl", rows)
-    outputs = _ingest(inbox, run_context, tasks=tasks, simulated_annotator=GOLD_JUDGE_NAME, eval_fraction=0.3,
-                      max_invalid_fraction=0.5)
+    outputs = _ingest(
+        inbox,
+        run_context,
+        tasks=tasks,
+        simulated_annotator=GOLD_JUDGE_NAME,
+        eval_fraction=0.3,
+        max_invalid_fraction=0.5,
+    )
 
     [labels_file] = (inbox / "labels").glob("*.jsonl")
     assert labels_file.name == f"simulated-{run_context.parent_run_id}.jsonl"
@@ -86,7 +97,8 @@ def test_simulated_annotator_labels_every_task_with_the_gold_judge(
         assert preference["simulated"] is True
         assert preference["annotators"] == [f"simulated:{GOLD_JUDGE_NAME}"]
         assert gold_score(preference["prompt"], preference["chosen"]) > gold_score(
-            preference["prompt"], preference["rejected"])
+            preference["prompt"], preference["rejected"]
+        )
     assert outputs.counts["simulated"] == 3
     manifest = json.loads(Path(outputs.manifest).read_text(encoding="utf-8"))
     assert manifest["contains_simulated_labels"] is True
@@ -108,12 +120,15 @@ def test_unknown_judge_is_a_user_error(tmp_path: Path, run_context: RunContext) 
 
 def _hand_written_inbox(inbox: Path) -> tuple[Path, dict[int, tuple[str, str]]]:
     """Label lines with a known fate each; returns the file and {line: (reason code, message fragment)}."""
-    write_jsonl(inbox / "tasks" / "batch.jsonl", [
-        _task("t1", GOOD, BAD),
-        _task("t2", MEH, GOOD),
-        _task("t3", MEH, BAD),
-        _task("t4", GOOD, ""),
-    ])
+    write_jsonl(
+        inbox / "tasks" / "batch.jsonl",
+        [
+            _task("t1", GOOD, BAD),
+            _task("t2", MEH, GOOD),
+            _task("t3", MEH, BAD),
+            _task("t4", GOOD, ""),
+        ],
+    )
     lines = [
         json.dumps({"prompt": PROMPT, "chosen": GOOD, "rejected": BAD, "annotator": "alice"}),  # 1 valid
         json.dumps({"prompt": "My review of the keyboard:", "chosen": MEH, "rejected": BAD}),  # 2 valid
@@ -191,9 +206,16 @@ def test_every_record_is_accounted_for_once(tmp_path: Path, run_context: RunCont
     manifest = json.loads(Path(outputs.manifest).read_text(encoding="utf-8"))
     assert manifest["row_count"] == 2 and manifest["dataset_version"] == 1
     assert manifest["content_hash"] == outputs.content_hash
-    assert manifest["invalid_reasons"] == {"unknown_task": 1, "empty_text": 3, "self_pair": 1,
-                                           "invalid_json": 1, "bad_value": 1, "not_an_object": 1,
-                                           "missing_field": 1, "conflicting_duplicate": 1}
+    assert manifest["invalid_reasons"] == {
+        "unknown_task": 1,
+        "empty_text": 3,
+        "self_pair": 1,
+        "invalid_json": 1,
+        "bad_value": 1,
+        "not_an_object": 1,
+        "missing_field": 1,
+        "conflicting_duplicate": 1,
+    }
     # Alice, Bob and Carol agree on one pair (3 agreeing couples); Carol and Dave disagree on another.
     assert manifest["agreement"]["shared_pairs"] == 2
     assert manifest["agreement"]["raw_agreement"] == pytest.approx(3 / 4)
@@ -211,8 +233,10 @@ def test_each_file_is_folded_in_once_into_a_versioned_dataset(
     tmp_path: Path, run_context: RunContext
 ) -> None:
     inbox = tmp_path / "inbox"
-    write_jsonl(inbox / "labels" / "week-1.jsonl",
-                [{"prompt": f"{PROMPT} {i}", "chosen": GOOD, "rejected": BAD} for i in range(4)])
+    write_jsonl(
+        inbox / "labels" / "week-1.jsonl",
+        [{"prompt": f"{PROMPT} {i}", "chosen": GOOD, "rejected": BAD} for i in range(4)],
+    )
     first = _ingest(inbox, run_context)
     again = _ingest(inbox, run_context)
     assert (first.dataset_version, again.dataset_version) == (1, 1)
@@ -221,8 +245,10 @@ def test_each_file_is_folded_in_once_into_a_versioned_dataset(
 
     # A copy under another name is the same content: still once. New content is a new version.
     (inbox / "labels" / "copy.jsonl").write_bytes((inbox / "labels" / "week-1.jsonl").read_bytes())
-    write_jsonl(inbox / "labels" / "week-2.jsonl",
-                [{"prompt": f"{PROMPT} {i}", "chosen": MEH, "rejected": BAD} for i in range(3)])
+    write_jsonl(
+        inbox / "labels" / "week-2.jsonl",
+        [{"prompt": f"{PROMPT} {i}", "chosen": MEH, "rejected": BAD} for i in range(3)],
+    )
     later = _ingest(inbox, run_context)
     assert later.dataset_version == 2
     assert later.counts["read"] == 3 and later.counts["files_already_ingested"] == 2
@@ -230,7 +256,9 @@ def test_each_file_is_folded_in_once_into_a_versioned_dataset(
     # Versions are incremental: each holds the files it ingested, and its own judgements.
     ledger = [e for v in ("v000001", "v000002") for e in read_jsonl(inbox / "dataset" / v / "ledger.jsonl")]
     assert [(Path(e["uri"]).name, e["version"], e["records"]) for e in ledger] == [
-        ("week-1.jsonl", 1, 4), ("week-2.jsonl", 2, 3)]
+        ("week-1.jsonl", 1, 4),
+        ("week-2.jsonl", 2, 3),
+    ]
     assert len(read_jsonl(inbox / "dataset" / "v000002" / "judgements.jsonl")) == 3
     manifest = json.loads((inbox / "dataset" / "v000002" / "manifest.json").read_text())
     assert manifest["judgements"] == 7 and manifest["new_files"] == [str(inbox / "labels" / "week-2.jsonl")]
@@ -269,12 +297,15 @@ def test_too_many_invalid_records_fails_naming_the_worst_file(
 def test_simulated_marking_follows_the_annotator(tmp_path: Path, run_context: RunContext) -> None:
     inbox = tmp_path / "inbox"
     write_jsonl(inbox / "tasks" / "t.jsonl", [_task("t1", ALSO_MEH, BAD)])
-    write_jsonl(inbox / "labels" / "mixed.jsonl", [
-        {"prompt": PROMPT, "chosen": GOOD, "rejected": BAD, "annotator": "human-1"},
-        {"prompt": PROMPT, "chosen": MEH, "rejected": BAD, "annotator": f"simulated:{GOLD_JUDGE_NAME}"},
-        {"prompt": PROMPT, "chosen": GOOD, "rejected": MEH, "annotator": "bot", "simulated": True},
-        {"task_id": "t1", "choice": "b", "annotator": f"simulated:{GOLD_JUDGE_NAME}"},
-    ])
+    write_jsonl(
+        inbox / "labels" / "mixed.jsonl",
+        [
+            {"prompt": PROMPT, "chosen": GOOD, "rejected": BAD, "annotator": "human-1"},
+            {"prompt": PROMPT, "chosen": MEH, "rejected": BAD, "annotator": f"simulated:{GOLD_JUDGE_NAME}"},
+            {"prompt": PROMPT, "chosen": GOOD, "rejected": MEH, "annotator": "bot", "simulated": True},
+            {"task_id": "t1", "choice": "b", "annotator": f"simulated:{GOLD_JUDGE_NAME}"},
+        ],
+    )
     outputs = _ingest(inbox, run_context, eval_fraction=0.0)
     flags = {(p["chosen"], p["rejected"]): p["simulated"] for p in _all_preferences(outputs)}
     assert flags == {(GOOD, BAD): False, (MEH, BAD): True, (GOOD, MEH): True, (BAD, ALSO_MEH): True}
@@ -286,8 +317,10 @@ def test_malformed_task_file_is_a_user_error(tmp_path: Path, run_context: RunCon
     inbox = tmp_path / "inbox"
     tasks = write_jsonl(inbox / "tasks" / "broken.jsonl", [{"task_id": "t1"}])
     # Task files are read when a record names a task.
-    write_jsonl(inbox / "labels" / "l.jsonl", [{"prompt": PROMPT, "chosen": GOOD, "rejected": BAD},
-                                              {"task_id": "t1", "choice": "a"}])
+    write_jsonl(
+        inbox / "labels" / "l.jsonl",
+        [{"prompt": PROMPT, "chosen": GOOD, "rejected": BAD}, {"task_id": "t1", "choice": "a"}],
+    )
     with pytest.raises(UserError, match=re.escape(f"{tasks}:1")):
         _ingest(inbox, run_context)
 

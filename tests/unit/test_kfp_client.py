@@ -48,8 +48,14 @@ RLHF = Path(sys.executable).parent / "rlhf"
 CLI_TIMEOUT_S = 180
 API = "/apis/v2beta1"
 TASKS = {
-    "start-run", "collect-prompts", "generate-candidates", "ingest-feedback",
-    "train-reward-model", "ppo", "evaluate", "register-and-promote",
+    "start-run",
+    "collect-prompts",
+    "generate-candidates",
+    "ingest-feedback",
+    "train-reward-model",
+    "ppo",
+    "evaluate",
+    "register-and-promote",
 }
 # kfp.Client warns on every construction that it needs a v2 backend; noise here, not a finding.
 pytestmark = pytest.mark.filterwarnings("ignore:This client only works:FutureWarning")
@@ -113,13 +119,18 @@ class FakeKfp:
                 return 200, experiment
             if route == ("POST", f"{API}/runs"):
                 body = request.json()
-                return 200, {"run_id": self.next_id("run"), "display_name": body.get("display_name"),
-                             "experiment_id": body.get("experiment_id")}
+                return 200, {
+                    "run_id": self.next_id("run"),
+                    "display_name": body.get("display_name"),
+                    "experiment_id": body.get("experiment_id"),
+                }
             if route == ("POST", f"{API}/recurringruns"):
                 body = request.json()
-                return 200, {"recurring_run_id": self.next_id("recurring"),
-                             "display_name": body.get("display_name"),
-                             "experiment_id": body.get("experiment_id")}
+                return 200, {
+                    "recurring_run_id": self.next_id("recurring"),
+                    "display_name": body.get("display_name"),
+                    "experiment_id": body.get("experiment_id"),
+                }
             if route == ("POST", f"{API}/pipelines/upload"):
                 name = request.query.get("name", ["pipeline"])[0]
                 return 200, {"pipeline_id": self.next_id("pipeline"), "display_name": name}
@@ -206,14 +217,16 @@ def closed_port() -> int:
 def kubernetes_config(**updates: Any) -> PipelineConfig:
     """examples/demo.yaml with an MLflow server and S3 storage, as on Kubernetes; `updates` on top."""
     demo = load_pipeline_config(DEMO_CONFIG)
-    base = demo.model_copy(update={
-        "tracking": demo.tracking.model_copy(update={"uri": "http://mlflow.example:5000"}),
-        "storage_root": "s3://bucket/runs",
-        "feedback_inbox": "s3://bucket/inbox",
-        "policy": "s3://bucket/models/sft",
-        "demo_assets": None,
-        "collect_prompts": demo.collect_prompts.model_copy(update={"sources": ["s3://bucket/prompts/"]}),
-    })
+    base = demo.model_copy(
+        update={
+            "tracking": demo.tracking.model_copy(update={"uri": "http://mlflow.example:5000"}),
+            "storage_root": "s3://bucket/runs",
+            "feedback_inbox": "s3://bucket/inbox",
+            "policy": "s3://bucket/models/sft",
+            "demo_assets": None,
+            "collect_prompts": demo.collect_prompts.model_copy(update={"sources": ["s3://bucket/prompts/"]}),
+        }
+    )
     return base.model_copy(update=updates)
 
 
@@ -296,11 +309,13 @@ def test_submit_refuses_local_tracking_or_storage_before_any_request(
     fake_kfp: FakeKfp, tracking_uri: str | None, storage_root: str, feedback_inbox: str, field_name: str
 ) -> None:
     base = kubernetes_config()
-    config = base.model_copy(update={
-        "tracking": base.tracking.model_copy(update={"uri": tracking_uri}),
-        "storage_root": storage_root,
-        "feedback_inbox": feedback_inbox,
-    })
+    config = base.model_copy(
+        update={
+            "tracking": base.tracking.model_copy(update={"uri": tracking_uri}),
+            "storage_root": storage_root,
+            "feedback_inbox": feedback_inbox,
+        }
+    )
     with pytest.raises(UserError) as raised:
         runner.submit(config, fake_kfp.url, "rlhf-tests")
     assert str(raised.value).startswith(f"{field_name}: ") and "hunter2" not in str(raised.value)
@@ -317,8 +332,10 @@ def test_submit_to_unreachable_host_is_a_one_line_user_error() -> None:
 
 
 def test_submit_rejected_by_kfp_is_a_one_line_user_error(fake_kfp: FakeKfp) -> None:
-    fake_kfp.failures[("POST", f"{API}/runs")] = (403, {"error": "forbidden", "code": 7,
-                                                        "message": "user is not authorized"})
+    fake_kfp.failures[("POST", f"{API}/runs")] = (
+        403,
+        {"error": "forbidden", "code": 7, "message": "user is not authorized"},
+    )
     try:
         runner.submit(kubernetes_config(), fake_kfp.url, "rlhf-tests")
     except UserError as error:
@@ -419,8 +436,6 @@ def test_kfp_cron_rejects_other_field_counts(expression: str) -> None:
 # ----------------------------------------------------------------------------- the CLI
 
 
-
-
 def kubernetes_yaml(path: Path) -> Path:
     data = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
     data["tracking"]["uri"] = "http://mlflow.example:5000"
@@ -444,8 +459,11 @@ class BackgroundCli:
     def result(self) -> CliResult:
         if self._result is None:
             returncode = self.process.wait(timeout=CLI_TIMEOUT_S)
-            self._result = CliResult(returncode, (self.cwd / "cli.stdout").read_text(encoding="utf-8"),
-                                     (self.cwd / "cli.stderr").read_text(encoding="utf-8"))
+            self._result = CliResult(
+                returncode,
+                (self.cwd / "cli.stdout").read_text(encoding="utf-8"),
+                (self.cwd / "cli.stderr").read_text(encoding="utf-8"),
+            )
         return self._result
 
     def stop(self) -> None:
@@ -461,7 +479,12 @@ def unreachable_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backgr
     cwd = tmp_path_factory.mktemp("kfp-cli-unreachable")
     env = {key: value for key, value in os.environ.items() if not key.startswith("KF_PIPELINES_")}
     env["HOME"] = str(cwd)  # no ~/.config/kfp/context.json of the user's
-    args = ["submit", str(kubernetes_yaml(cwd / "config.yaml")), "--host", f"http://127.0.0.1:{closed_port()}"]
+    args = [
+        "submit",
+        str(kubernetes_yaml(cwd / "config.yaml")),
+        "--host",
+        f"http://127.0.0.1:{closed_port()}",
+    ]
     background = BackgroundCli(args, cwd, env)
     try:
         yield background
@@ -494,8 +517,9 @@ def test_cli_submit_request_reaches_fake_kfp_and_prints_run_id(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
     monkeypatch.chdir(tmp_path)
     kubernetes_yaml(tmp_path / "config.yaml")
-    monkeypatch.setattr(sys, "argv", ["rlhf", "submit", "config.yaml", "--host", fake_kfp.url,
-                                      "--experiment", "cli-tests"])
+    monkeypatch.setattr(
+        sys, "argv", ["rlhf", "submit", "config.yaml", "--host", fake_kfp.url, "--experiment", "cli-tests"]
+    )
     monkeypatch.setattr(cli_module, "setup_logging", lambda: None)
 
     cli_module.main()  # returns normally on success; errors end in SystemExit

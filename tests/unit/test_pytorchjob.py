@@ -74,13 +74,28 @@ class FakeKubernetes:
     def pods(self) -> dict[str, Any]:
         name = self.manifest["metadata"]["name"]
         waiting = {"waiting": {"reason": self.waiting_reason, "message": "image not found"}}
-        statuses = [{"name": "pytorch", "state": waiting if self.waiting_reason else {"running": {}},
-                     "ready": False, "restartCount": 0, "image": "x", "imageID": ""}]
-        return {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [
-            {"metadata": {"name": f"{name}-{role}-0", "namespace": "team"},
-             "status": {"phase": self.pod_phase, "containerStatuses": statuses}}
-            for role in ("master", "worker")
-        ]}
+        statuses = [
+            {
+                "name": "pytorch",
+                "state": waiting if self.waiting_reason else {"running": {}},
+                "ready": False,
+                "restartCount": 0,
+                "image": "x",
+                "imageID": "",
+            }
+        ]
+        return {
+            "kind": "PodList",
+            "apiVersion": "v1",
+            "metadata": {},
+            "items": [
+                {
+                    "metadata": {"name": f"{name}-{role}-0", "namespace": "team"},
+                    "status": {"phase": self.pod_phase, "containerStatuses": statuses},
+                }
+                for role in ("master", "worker")
+            ],
+        }
 
 
 @pytest.fixture
@@ -126,12 +141,20 @@ def kubernetes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "test", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
-        "users": [{"name": "test", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
-    }))
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "test",
+                "clusters": [
+                    {"name": "test", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}
+                ],
+                "users": [{"name": "test", "user": {"token": "test-token"}}],
+                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+            }
+        )
+    )
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     yield fake
@@ -164,10 +187,15 @@ def test_manifest_has_what_the_training_operator_requires() -> None:
         assert container["command"] == ["python", "-m", "rlhf_components.ppo"]
         assert container["resources"]["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}
         assert {s["secretRef"]["name"] for s in container["envFrom"]} == {
-            "rlhf-s3-credentials", "rlhf-mlflow-credentials"}
+            "rlhf-s3-credentials",
+            "rlhf-mlflow-credentials",
+        }
         assert all(s["secretRef"]["optional"] for s in container["envFrom"])
     assert manifest["spec"]["runPolicy"] == {
-        "backoffLimit": 0, "activeDeadlineSeconds": 86400, "cleanPodPolicy": "None"}
+        "backoffLimit": 0,
+        "activeDeadlineSeconds": 86400,
+        "cleanPodPolicy": "None",
+    }
     alone = build_manifest("j", "ppo", distributed().model_copy(update={"workers": 1}), ["x"])
     assert set(alone["spec"]["pytorchReplicaSpecs"]) == {"Master"}
 
@@ -220,9 +248,7 @@ def test_pods_that_never_run_fail_after_the_pending_timeout(
     assert time.monotonic() - started < 10
 
 
-def test_no_kubeconfig_is_a_clear_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_no_kubeconfig_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(UserError, match=r"no Kubernetes credentials: not in a cluster and no usable kube"):

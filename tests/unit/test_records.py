@@ -27,10 +27,13 @@ COMPONENTS = Path(__file__).resolve().parents[2] / "components"
 
 
 def test_bare_prompts_get_their_content_id_and_line_and_full_records_pass_through(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "prompts.jsonl", [
-        {"prompt": "Review of the ramen:", "category": "food"},
-        {"id": "p2", "prompt": "Review of the lamp:", "source": "s3://bucket/prompts.csv:3"},
-    ])
+    path = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"prompt": "Review of the ramen:", "category": "food"},
+            {"id": "p2", "prompt": "Review of the lamp:", "source": "s3://bucket/prompts.csv:3"},
+        ],
+    )
     assert read_prompts(str(path)) == [
         PromptRecord(id=prompt_id("Review of the ramen:"), prompt="Review of the ramen:", source=f"{path}:1"),
         PromptRecord(id="p2", prompt="Review of the lamp:", source="s3://bucket/prompts.csv:3"),
@@ -38,23 +41,40 @@ def test_bare_prompts_get_their_content_id_and_line_and_full_records_pass_throug
 
 
 def test_pairs_read_from_ingest_feedback_records_and_from_bare_triples(tmp_path: Path) -> None:
-    written = Preference(id="x", prompt="P", chosen="good", rejected="bad", votes=3, annotators=["a"],
-                         simulated=False, sources=["labels.jsonl:1"])
-    path = write_jsonl(tmp_path / "pairs.jsonl", [written.model_dump(), {"prompt": "Q", "chosen": "c",
-                                                                         "rejected": "r"}])
-    assert read_pairs(str(path)) == [PreferencePair(prompt="P", chosen="good", rejected="bad"),
-                                     PreferencePair(prompt="Q", chosen="c", rejected="r")]
+    written = Preference(
+        id="x",
+        prompt="P",
+        chosen="good",
+        rejected="bad",
+        votes=3,
+        annotators=["a"],
+        simulated=False,
+        sources=["labels.jsonl:1"],
+    )
+    path = write_jsonl(
+        tmp_path / "pairs.jsonl", [written.model_dump(), {"prompt": "Q", "chosen": "c", "rejected": "r"}]
+    )
+    assert read_pairs(str(path)) == [
+        PreferencePair(prompt="P", chosen="good", rejected="bad"),
+        PreferencePair(prompt="Q", chosen="c", rejected="r"),
+    ]
 
 
 BAD_PAIR = "not a valid preference pair record"
 
 
-@pytest.mark.parametrize(("row", "problem"), [
-    ('{"prompt": "P", "chosen": "c"}', rf"{BAD_PAIR}: rejected: Field required"),
-    ('{"prompt": "P", "chosen": 3, "rejected": "r"}', rf"{BAD_PAIR}: chosen: Input should be a valid string"),
-    ('["P", "c", "r"]', rf"{BAD_PAIR}: row: Input should be .*dictionary"),
-    ('{"prompt": "P", "chosen": "c", "rejected": "r"', r"not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        ('{"prompt": "P", "chosen": "c"}', rf"{BAD_PAIR}: rejected: Field required"),
+        (
+            '{"prompt": "P", "chosen": 3, "rejected": "r"}',
+            rf"{BAD_PAIR}: chosen: Input should be a valid string",
+        ),
+        ('["P", "c", "r"]', rf"{BAD_PAIR}: row: Input should be .*dictionary"),
+        ('{"prompt": "P", "chosen": "c", "rejected": "r"', r"not valid JSON"),
+    ],
+)
 def test_a_bad_pair_names_its_file_and_line(tmp_path: Path, row: str, problem: str) -> None:
     path = tmp_path / "pairs.jsonl"
     path.write_text('{"prompt": "P", "chosen": "c", "rejected": "r"}\n\n' + row + "\n", encoding="utf-8")
@@ -76,17 +96,24 @@ def test_every_consumer_reads_through_the_validating_readers(
     prompts = str(write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Review of the ramen:"}, {"id": "x"}]))
     policy = tiny_assets.sft_model_dir
     runs = [
-        lambda: train_reward_model.run(train_reward_model.Config(batch_size=1),
-                                       train_reward_model.Inputs(base_model=policy, train=pairs, eval=pairs),
-                                       run_context),
-        lambda: dpo.run(dpo.Config(batch_size=1), dpo.Inputs(policy=policy, train=pairs, eval=pairs),
-                        run_context),
-        lambda: ppo.run(ppo.Config(rollout_batch_size=4, num_minibatches=1),
-                        ppo.Inputs(policy=policy, reward_model=policy, prompts=prompts), run_context),
-        lambda: generate_candidates.run(generate_candidates.Config(),
-                                        generate_candidates.Inputs(policy=policy, prompts=prompts,
-                                                                   inbox=str(tmp_path / "inbox")),
-                                        run_context),
+        lambda: train_reward_model.run(
+            train_reward_model.Config(batch_size=1),
+            train_reward_model.Inputs(base_model=policy, train=pairs, eval=pairs),
+            run_context,
+        ),
+        lambda: dpo.run(
+            dpo.Config(batch_size=1), dpo.Inputs(policy=policy, train=pairs, eval=pairs), run_context
+        ),
+        lambda: ppo.run(
+            ppo.Config(rollout_batch_size=4, num_minibatches=1),
+            ppo.Inputs(policy=policy, reward_model=policy, prompts=prompts),
+            run_context,
+        ),
+        lambda: generate_candidates.run(
+            generate_candidates.Config(),
+            generate_candidates.Inputs(policy=policy, prompts=prompts, inbox=str(tmp_path / "inbox")),
+            run_context,
+        ),
     ]
     for run in runs:
         with pytest.raises(UserError, match=r"\.jsonl:2: not a valid (preference pair|prompt) record"):

@@ -17,14 +17,20 @@ from rlhf_components.register_and_promote.step import GateConfig, gate_decision
 
 from ._helpers import child_runs, make_context, tiny_reward_model
 
-PASSING = {"rm_win_rate": 0.7, "rm_win_rate_ci_low": 0.6, "rm_win_rate_ci_high": 0.8, "kl": 2.5,
-           "gold_win_rate": 0.68}
+PASSING = {
+    "rm_win_rate": 0.7,
+    "rm_win_rate_ci_low": 0.6,
+    "rm_win_rate_ci_high": 0.8,
+    "kl": 2.5,
+    "gold_win_rate": 0.68,
+}
 FAILING = {"rm_win_rate": 0.45, "rm_win_rate_ci_low": 0.3, "rm_win_rate_ci_high": 0.6, "kl": 2.5}
 LINEAGE = {"config_hash": "cfg-0123abcd", "prompts_hash": "p-4567", "feedback_hash": "f-89ab"}
 POLICY, REWARD = "test-policy", "test-reward-model"
 
 
 # --- the gate, on crafted metrics ---------------------------------------------------------------
+
 
 def test_gate_promotes_on_evidence() -> None:
     promoted, reasons = gate_decision(GateConfig(), {"rm_win_rate_ci_low": 0.62, "kl": 3.0})
@@ -80,20 +86,30 @@ def test_gate_holds_on_missing_or_nan_evidence() -> None:
 
 # --- registration against a sqlite store ---------------------------------------------------------
 
+
 def _register(
-    tiny_assets: DemoAssets, reward_model: str, context: RunContext, evaluation: dict[str, float],
+    tiny_assets: DemoAssets,
+    reward_model: str,
+    context: RunContext,
+    evaluation: dict[str, float],
     parent_version: str | None = None,
 ) -> register_and_promote.Outputs:
     config = register_and_promote.Config(policy_name=POLICY, reward_model_name=REWARD)
     inputs = register_and_promote.Inputs(
-        policy=tiny_assets.sft_model_dir, reward_model=reward_model, evaluation=evaluation,
-        reward_model_accuracy=0.9, lineage=LINEAGE, parent_version=parent_version,
+        policy=tiny_assets.sft_model_dir,
+        reward_model=reward_model,
+        evaluation=evaluation,
+        reward_model_accuracy=0.9,
+        lineage=LINEAGE,
+        parent_version=parent_version,
     )
     return register_and_promote.run(config, inputs, context)
 
 
 def test_register_gate_aliases_and_rollback(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_assets: DemoAssets,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_assets: DemoAssets,
     run_context: RunContext,
 ) -> None:
     reward_model = tiny_reward_model(tmp_path_factory, tiny_assets.sft_model_dir)
@@ -102,10 +118,16 @@ def test_register_gate_aliases_and_rollback(
     # 1. Evidence clears the gate: both models registered, staging and production.
     first = _register(tiny_assets, reward_model, run_context, PASSING)
     assert first.promoted
-    assert first.registered["policy"].model_dump() == {"name": POLICY, "version": "1",
-                                                       "aliases": ["production", "staging"]}
-    assert first.registered["reward_model"].model_dump() == {"name": REWARD, "version": "1",
-                                                             "aliases": ["production", "staging"]}
+    assert first.registered["policy"].model_dump() == {
+        "name": POLICY,
+        "version": "1",
+        "aliases": ["production", "staging"],
+    }
+    assert first.registered["reward_model"].model_dump() == {
+        "name": REWARD,
+        "version": "1",
+        "aliases": ["production", "staging"],
+    }
     for name in (POLICY, REWARD):
         version = client.get_model_version(name, "1")
         assert isinstance(version.version, str | int)
@@ -141,8 +163,11 @@ def test_register_gate_aliases_and_rollback(
     assert second_context.tracking_uri == run_context.tracking_uri
     second = _register(tiny_assets, reward_model, second_context, FAILING, parent_version="1")
     assert not second.promoted
-    assert second.registered["policy"].model_dump() == {"name": POLICY, "version": "2",
-                                                        "aliases": ["staging"]}
+    assert second.registered["policy"].model_dump() == {
+        "name": POLICY,
+        "version": "2",
+        "aliases": ["staging"],
+    }
     assert second.registered["reward_model"].aliases == ["staging"]
     assert registry.alias_version(POLICY, "production") == "1"
     assert registry.alias_version(POLICY, "staging") == "2"

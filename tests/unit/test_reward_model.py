@@ -46,8 +46,12 @@ def _reference_loss(chosen: list[float], rejected: list[float], margin: float, c
 @pytest.mark.parametrize(("margin", "center"), [(0.0, 0.0), (0.5, 0.0), (0.0, 0.01), (1.0, 0.1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_bradley_terry_loss_matches_the_formula(margin: float, center: float, dtype: torch.dtype) -> None:
-    loss = bradley_terry_loss(torch.tensor(CHOSEN, dtype=dtype), torch.tensor(REJECTED, dtype=dtype),
-                              margin=margin, center_coef=center)
+    loss = bradley_terry_loss(
+        torch.tensor(CHOSEN, dtype=dtype),
+        torch.tensor(REJECTED, dtype=dtype),
+        margin=margin,
+        center_coef=center,
+    )
     assert loss.shape == ()
     assert float(loss) == pytest.approx(_reference_loss(CHOSEN, REJECTED, margin, center), abs=1e-6)
 
@@ -66,7 +70,8 @@ def test_bradley_terry_gradient() -> None:
     # A wider score gap always lowers the loss; a tie costs exactly log 2.
     assert float(bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0]))) == pytest.approx(math.log(2))
     assert bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0])) < bradley_terry_loss(
-        torch.tensor([1.0]), torch.tensor([0.0]))
+        torch.tensor([1.0]), torch.tensor([0.0])
+    )
 
 
 def test_answers_end_with_the_stop_token_and_right_pad(tiny_assets: DemoAssets) -> None:
@@ -83,11 +88,12 @@ def test_answers_end_with_the_stop_token_and_right_pad(tiny_assets: DemoAssets) 
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         length = len(prompt_ids) + len(response_ids) + 1
         assert int(mask[row].sum()) - 1 == length - 1
-        assert ids[row, : length].tolist() == [*prompt_ids, *response_ids, eos]
+        assert ids[row, :length].tolist() == [*prompt_ids, *response_ids, eos]
         assert mask[row, :length].tolist() == [1] * length
         assert mask[row, length:].sum() == 0
         assert answer_mask[row].tolist() == [0] * len(prompt_ids) + [1] * (length - len(prompt_ids)) + [0] * (
-            ids.shape[1] - length)
+            ids.shape[1] - length
+        )
         assert ids[row, length:].tolist() == [pad] * (ids.shape[1] - length)
     assert int(mask.sum(-1).max()) == ids.shape[1], "the longest row has no padding"
     assert (ids[mask.bool()] != pad).all(), "pad never appears among real tokens"
@@ -110,8 +116,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_assets: DemoAssets) -
     evaluation = write_jsonl(root / "eval.jsonl", sentiment_pairs(40, seed=2))
     config = train_reward_model.Config(epochs=3, learning_rate=3e-3, batch_size=16, max_length=64)
     outputs = train_reward_model.run(
-        config, train_reward_model.Inputs(base_model=tiny_assets.sft_model_dir, train=str(train),
-                                          eval=str(evaluation)),
+        config,
+        train_reward_model.Inputs(
+            base_model=tiny_assets.sft_model_dir, train=str(train), eval=str(evaluation)
+        ),
         context,
     )
     return Trained(outputs, train, evaluation, context)
@@ -151,10 +159,12 @@ def test_checkpoint_is_safetensors_with_normalization(trained: Trained) -> None:
     pairs = read_jsonl(trained.train)
     prompts = [p["prompt"] for p in pairs]
     with torch.no_grad():
-        raw = torch.cat([
-            score_texts(model, fmt, prompts, [p["chosen"] for p in pairs]),
-            score_texts(model, fmt, prompts, [p["rejected"] for p in pairs]),
-        ])
+        raw = torch.cat(
+            [
+                score_texts(model, fmt, prompts, [p["chosen"] for p in pairs]),
+                score_texts(model, fmt, prompts, [p["rejected"] for p in pairs]),
+            ]
+        )
     rewards = normalized_rewards(model, raw)
     assert abs(rewards.mean().item()) < 0.1
     assert rewards.std().item() == pytest.approx(1.0, abs=0.05)
@@ -193,8 +203,9 @@ def test_empty_training_set_is_a_user_error(tmp_path: Path, tiny_assets: DemoAss
     with pytest.raises(UserError, match="no training pairs"):
         train_reward_model.run(
             train_reward_model.Config(),
-            train_reward_model.Inputs(base_model=tiny_assets.sft_model_dir, train=str(empty),
-                                      eval=str(empty)),
+            train_reward_model.Inputs(
+                base_model=tiny_assets.sft_model_dir, train=str(empty), eval=str(empty)
+            ),
             make_context(tmp_path),
         )
 
@@ -205,8 +216,9 @@ def test_a_pretrained_reward_model_is_scored_on_the_pairs_and_passed_on_untraine
     context = make_context(tmp_path)
     outputs = train_reward_model.run(
         train_reward_model.Config(batch_size=16, max_length=64),
-        train_reward_model.Inputs(pretrained=trained.outputs.reward_model, train=str(trained.train),
-                                  eval=str(trained.eval)),
+        train_reward_model.Inputs(
+            pretrained=trained.outputs.reward_model, train=str(trained.train), eval=str(trained.eval)
+        ),
         context,
     )
     assert outputs.trained is False and outputs.reward_model == trained.outputs.reward_model
@@ -216,5 +228,6 @@ def test_a_pretrained_reward_model_is_scored_on_the_pairs_and_passed_on_untraine
     [run] = child_runs(context, "train_reward_model")
     assert run.data.metrics["eval_accuracy"] == pytest.approx(outputs.eval_accuracy)
     with pytest.raises(UserError, match="no backbone to train"):
-        train_reward_model.run(train_reward_model.Config(), train_reward_model.Inputs(train="t", eval="e"),
-                               context)
+        train_reward_model.run(
+            train_reward_model.Config(), train_reward_model.Inputs(train="t", eval="e"), context
+        )

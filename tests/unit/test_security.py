@@ -51,7 +51,10 @@ def test_symbolic_links_out_of_the_inbox_are_not_followed_and_are_reported(
     ("text", "expected"),
     [
         (f"https://bob:{SECRET}@mlflow.example.com/x", "https://***@mlflow.example.com/x"),
-        (f"postgresql://u:{SECRET}@db:5432/m and s3://bucket/a@b", "postgresql://***@db:5432/m and s3://bucket/a@b"),
+        (
+            f"postgresql://u:{SECRET}@db:5432/m and s3://bucket/a@b",
+            "postgresql://***@db:5432/m and s3://bucket/a@b",
+        ),
         (f"https://{SECRET}@host", "https://***@host"),
         ("mail me at bob@example.com, see http://host/a", "mail me at bob@example.com, see http://host/a"),
     ],

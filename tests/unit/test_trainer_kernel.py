@@ -83,8 +83,14 @@ def test_ppo_accumulation_and_schedule_equal_the_old_ppo_update() -> None:
 
     new = small_model()
     kernel = Kernel(
-        config, {"model": new}, Workers(), iterations * minibatches, "unused", "ppo",
-        accumulation_steps=blocks, hold=minibatches,
+        config,
+        {"model": new},
+        Workers(),
+        iterations * minibatches,
+        "unused",
+        "ppo",
+        accumulation_steps=blocks,
+        hold=minibatches,
     )
     new_gradients = recorded_gradients(kernel.optimizer)
     new_rates, stepped = [], []
@@ -239,8 +245,10 @@ def test_a_tracking_server_that_stays_down_costs_no_progress(tmp_path: Path) -> 
 def test_pair_batches_cover_every_pair_once_per_epoch_and_weight_the_shares(world_size: int) -> None:
     config = dpo.Config(batch_size=8, epochs=2, workers=world_size)
     count = 21  # 8 + 8 + 5
-    per_rank = [list(pair_batches(count, config, Workers(rank, world_size), seed=3, done=0))
-                for rank in range(world_size)]
+    per_rank = [
+        list(pair_batches(count, config, Workers(rank, world_size), seed=3, done=0))
+        for rank in range(world_size)
+    ]
     assert [len(batches) for batches in per_rank] == [6] * world_size
     for step in range(6):
         rows = [row for batches in per_rank for row in batches[step].rows]
@@ -286,20 +294,36 @@ def _rewrite_tensors(folder: Path, change: Any) -> None:
     (folder / "state.json").write_text(json.dumps(state))
 
 
-@pytest.mark.parametrize(("damage", "problem"), [
-    (lambda f: (f / "tensors.safetensors").write_bytes((f / "tensors.safetensors").read_bytes()[:-100]),
-     "does not match its sha256"),
-    (lambda f: (f / "tensors.safetensors").write_bytes(
-        (lambda b: b[:-1] + bytes([b[-1] ^ 1]))((f / "tensors.safetensors").read_bytes())),
-     "does not match its sha256"),
-    (lambda f: (f / "state.json").write_text("{"), "state.json is not JSON"),
-    (lambda f: (f / "tensors.safetensors").unlink(), "tensors.safetensors is missing"),
-    (lambda f: (f.parent / "latest.json").write_text(json.dumps({"step": 2, "directory": "../../elsewhere"})),
-     "points at '../../elsewhere', not at a step folder"),
-    (lambda f: _rewrite_tensors(f, lambda t: t.pop("model.0.weight")), "missing model.0.weight"),
-    (lambda f: _rewrite_tensors(f, lambda t: t.update({"model.0.weight": torch.zeros(3, 3)})),
-     "size mismatch for model.0.weight"),
-])
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (
+            lambda f: (f / "tensors.safetensors").write_bytes(
+                (f / "tensors.safetensors").read_bytes()[:-100]
+            ),
+            "does not match its sha256",
+        ),
+        (
+            lambda f: (f / "tensors.safetensors").write_bytes(
+                (lambda b: b[:-1] + bytes([b[-1] ^ 1]))((f / "tensors.safetensors").read_bytes())
+            ),
+            "does not match its sha256",
+        ),
+        (lambda f: (f / "state.json").write_text("{"), "state.json is not JSON"),
+        (lambda f: (f / "tensors.safetensors").unlink(), "tensors.safetensors is missing"),
+        (
+            lambda f: (f.parent / "latest.json").write_text(
+                json.dumps({"step": 2, "directory": "../../elsewhere"})
+            ),
+            "points at '../../elsewhere', not at a step folder",
+        ),
+        (lambda f: _rewrite_tensors(f, lambda t: t.pop("model.0.weight")), "missing model.0.weight"),
+        (
+            lambda f: _rewrite_tensors(f, lambda t: t.update({"model.0.weight": torch.zeros(3, 3)})),
+            "size mismatch for model.0.weight",
+        ),
+    ],
+)
 def test_a_damaged_checkpoint_is_one_line_that_says_what_and_to_set_resume_false(
     tmp_path: Path, damage: Any, problem: str
 ) -> None:
