@@ -1,6 +1,6 @@
-"""The grpo pipeline through kfp.local, driven by `rlhf run`: tiny arithmetic demo assets, GRPO on two torchrun
-workers with an exact-match reward on the prompts' `answer` column, evaluated by an LLM judge served over
-HTTP (tests/integration/judge_server.py), and gated on its judge_win_rate."""
+"""The grpo pipeline through kfp.local, driven by `rlhf run`: tiny arithmetic demo assets, GRPO on two
+torchrun workers with an exact-match reward on the prompts' `answer` column, evaluated by an LLM judge served
+over HTTP (tests/integration/judge_server.py), and gated on its judge_win_rate."""
 
 from __future__ import annotations
 
