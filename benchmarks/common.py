@@ -40,6 +40,22 @@ DPO_SETTINGS: dict[str, Any] = {
     "max_length": 64,
 }
 
+# One GRPO setting for every implementation, on the arithmetic demo (examples/grpo.yaml): 16 prompts × 8
+# completions per step, one optimizer step per step (μ = 1), no KL term, DAPO's token loss and clip-higher.
+GRPO_SETTINGS: dict[str, Any] = {
+    "prompts_per_step": 16,
+    "num_generations": 8,
+    "max_new_tokens": 8,
+    "temperature": 1.0,
+    "learning_rate": 5e-4,
+    "beta": 0.0,
+    "epsilon": 0.2,
+    "epsilon_high": 0.28,
+    "num_iterations": 1,
+}
+# The arithmetic demo's assets, as examples/grpo.yaml builds them.
+ARITHMETIC_SPEC = {"task": "arithmetic", "n_corpus": 8000, "sft_steps": 1500}
+
 MODELS = {
     "demo": {"n_layer": 2, "n_embd": 128, "n_head": 4},
     "gpt2-6x512": {"n_layer": 6, "n_embd": 512, "n_head": 8},
@@ -97,6 +113,21 @@ def prepare(model: str) -> dict[str, str]:
         reward.save_pretrained(reward_dir, safe_serialization=True)
         AutoTokenizer.from_pretrained(policy_dir).save_pretrained(reward_dir)
     return {"policy": str(policy_dir), "reward_model": str(reward_dir), "prompts": assets.prompts_file}
+
+
+def prepare_arithmetic() -> dict[str, str]:
+    """The arithmetic demo's SFT policy and its training prompts (the rows collect_prompts would put in the
+    train split), with their `answer` column: {"policy", "prompts"}."""
+    from rlhf_components.core.records import prompt_id
+    from rlhf_components.core.splits import is_eval
+    from rlhf_components.demo import DemoAssetsSpec, build_demo_assets
+
+    assets = build_demo_assets(CACHE / "arithmetic-assets", DemoAssetsSpec(**ARITHMETIC_SPEC))
+    train = CACHE / "arithmetic-train.jsonl"
+    rows = [json.loads(line) for line in Path(assets.prompts_file).read_text().splitlines()]
+    kept = [row for row in rows if not is_eval(prompt_id(row["prompt"]), 0.2)]
+    train.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+    return {"policy": assets.sft_model_dir, "prompts": str(train)}
 
 
 def prepare_pairs(count: int) -> str:

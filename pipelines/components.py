@@ -95,10 +95,10 @@ def dpo(config: str, run: str, feedback: str) -> str:
 
 
 @_component
-def grpo(config: str, run: str, prompts: str) -> str:
+def grpo(config: str, run: str, prompts: str, reward: str) -> str:
     from rlhf_pipelines.steps import run_grpo
 
-    return run_grpo(config, run, prompts)
+    return run_grpo(config, run, prompts, reward)
 
 
 @_component

@@ -36,17 +36,17 @@ class DemoAssetsConfig(StrictModel):
 
 class PipelineConfig(StrictModel):
     name: str = Field(default="rlhf", pattern=r"^[a-z0-9][a-z0-9-]*$")
-    pipeline: Literal["rlhf", "dpo", "grpo"] = Field(
+    pipeline: Literal["rlhf", "dpo", "grpo", "grpo-feedback"] = Field(
         default="rlhf",
         description="rlhf: reward model + PPO; dpo: Direct Preference Optimization; grpo: GRPO/RLOO on "
-        "the rewards of the grpo section",
+        "the rewards of the grpo section; grpo-feedback: the same, plus a reward model trained from feedback",
     )
     seed: int = 0
     policy: str = Field(description="the SFT policy: checkpoint dir, s3:// prefix or models:/name@alias")
     reward_model: str | None = Field(
         default=None,
-        description="a trained reward model to use as it is instead of training one (rlhf pipeline): a "
-        "checkpoint dir, s3:// prefix or models:/name@alias; it is scored on the feedback, never trained",
+        description="a trained reward model to use as it is instead of training one (rlhf, grpo-feedback): "
+        "a checkpoint dir, s3:// prefix or models:/name@alias; it is scored on the feedback, never trained",
     )
     storage_root: str = Field(description="step outputs go to <storage_root>/<pipeline run id>/<step>/")
     feedback_inbox: str | None = Field(
@@ -78,7 +78,7 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _a_reward_model_only_for_rlhf(self) -> PipelineConfig:
-        if self.pipeline != "rlhf" and self.reward_model is not None:
+        if self.pipeline in ("dpo", "grpo") and self.reward_model is not None:
             where = "grpo.rewards" if self.pipeline == "grpo" else "the rlhf pipeline"
             raise ValueError(
                 f"reward_model: the {self.pipeline} pipeline trains with no reward model of its own (give "
@@ -88,8 +88,10 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _each_pipeline_has_its_inputs(self) -> PipelineConfig:
-        if self.pipeline == "grpo" and self.grpo is None:
-            raise ValueError("grpo: the grpo pipeline needs a grpo section, with at least one reward")
+        if self.pipeline.startswith("grpo") and self.grpo is None:
+            raise ValueError(f"grpo: the {self.pipeline} pipeline needs a grpo section")
+        if self.pipeline == "grpo" and self.grpo and not self.grpo.rewards:
+            raise ValueError("grpo.rewards: the grpo pipeline needs at least one reward")
         if self.pipeline != "grpo" and self.feedback_inbox is None:
             raise ValueError(
                 f"feedback_inbox: the {self.pipeline} pipeline learns from feedback; name its inbox"
@@ -106,7 +108,7 @@ class PipelineConfig(StrictModel):
         """A gate metric that evaluate never produces would hold every run, silently, for ever."""
         metric = self.register_and_promote.gate.metric
         measured = {
-            "rm_win_rate": "the reward model" if self.pipeline == "rlhf" else None,
+            "rm_win_rate": "the reward model" if self.pipeline in ("rlhf", "grpo-feedback") else None,
             "gold_win_rate": "a gold judge" if self.evaluate.gold_judge else None,
             "judge_win_rate": "an LLM judge" if self.evaluate.judge else None,
         }

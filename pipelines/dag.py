@@ -1,9 +1,10 @@
-"""The three DAGs: RLHF, DPO and GRPO. Every task receives the whole run config (a JSON string) and its
-upstream tasks' outputs. RLHF and DPO start alike: candidates come from the champion (the last promoted
-policy), so each run's annotation tasks are answered by the newest policy; DPO then trains on the
-preferences directly. GRPO needs no feedback: its rewards (functions, reward models, endpoints) score the
-policy's own samples of the prompts.
-The trainers are retried, and a retry resumes from the checkpoint the failed attempt left behind."""
+"""The DAGs: RLHF, DPO, GRPO and GRPO on a reward model trained from feedback. Every task receives the whole
+run config (a JSON string) and its upstream tasks' outputs. RLHF and DPO start alike: candidates come from
+the champion (the last promoted policy), so each run's annotation tasks are answered by the newest policy;
+DPO then trains on the preferences directly. GRPO needs no feedback: its rewards (functions, reward models,
+endpoints) score the policy's own samples of the prompts; grpo-feedback starts like RLHF and adds the
+reward model it trains to those rewards. The trainers are retried, and a retry resumes from the checkpoint
+the failed attempt left behind."""
 
 from typing import Any
 
@@ -73,7 +74,7 @@ def dpo_pipeline(config: str) -> str:
 def grpo_pipeline(config: str) -> str:
     run = c.start_run(config=config).set_retry(2)
     prompts = c.collect_prompts(config=config, run=run.output)
-    policy = c.grpo(config=config, run=run.output, prompts=prompts.output).set_retry(2)
+    policy = c.grpo(config=config, run=run.output, prompts=prompts.output, reward=NONE).set_retry(2)
     evaluation, registered = _evaluate_and_gate(config, run, prompts, NONE, NONE, policy)
     for task in (run, prompts, policy, evaluation, registered):
         c.use_cluster_credentials(task)
@@ -82,4 +83,25 @@ def grpo_pipeline(config: str) -> str:
     return registered.output
 
 
-PIPELINES = {"rlhf": rlhf_pipeline, "dpo": dpo_pipeline, "grpo": grpo_pipeline}
+@dsl.pipeline(
+    name="grpo-feedback",
+    description="GRPO/RLOO on a reward model trained from feedback (plus the configured rewards) → gate",
+)
+def grpo_feedback_pipeline(config: str) -> str:
+    run, prompts, candidates, feedback = _preferences(config)
+    reward = c.train_reward_model(config=config, run=run.output, feedback=feedback.output).set_retry(2)
+    policy = c.grpo(config=config, run=run.output, prompts=prompts.output, reward=reward.output).set_retry(2)
+    evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback.output, reward.output, policy)
+    for task in (run, prompts, candidates, feedback, reward, policy, evaluation, registered):
+        c.use_cluster_credentials(task)
+    for task in (candidates, reward, policy, evaluation):
+        c.request_gpus(task)
+    return registered.output
+
+
+PIPELINES = {
+    "rlhf": rlhf_pipeline,
+    "dpo": dpo_pipeline,
+    "grpo": grpo_pipeline,
+    "grpo-feedback": grpo_feedback_pipeline,
+}

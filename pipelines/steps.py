@@ -173,8 +173,15 @@ def run_dpo(config: PipelineConfig, started: Started, feedback: ingest_feedback.
 
 
 @_step()
-def run_grpo(config: PipelineConfig, started: Started, prompts: collect_prompts.Outputs) -> grpo.Inputs:
-    return grpo.Inputs(policy=config.policy, prompts=prompts.train)
+def run_grpo(
+    config: PipelineConfig,
+    started: Started,
+    prompts: collect_prompts.Outputs,
+    reward: train_reward_model.Outputs | None,
+) -> grpo.Inputs:
+    return grpo.Inputs(
+        policy=config.policy, prompts=prompts.train, reward_model=reward.reward_model if reward else None
+    )
 
 
 @_step()

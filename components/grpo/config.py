@@ -59,7 +59,14 @@ class Reward(StrictModel):
 
 
 class Config(TrainerConfig):
-    rewards: list[Reward] = Field(min_length=1)
+    rewards: list[Reward] = Field(
+        default_factory=list,
+        description="at least one, unless the run trains a reward model from feedback (grpo-feedback)",
+    )
+    trained_reward_model_weight: float = Field(
+        default=1.0,
+        description="grpo-feedback: the weight of the reward model trained from this run's feedback",
+    )
     total_episodes: int = Field(default=1024, ge=1, description="completions sampled over the whole run")
     prompts_per_step: int = Field(default=16, ge=1, description="prompts per step, over all workers")
     num_generations: int = Field(default=4, ge=2, description="K: completions per prompt (one group)")
@@ -113,6 +120,10 @@ class Inputs(StrictModel):
     reference: str | None = None
     prompts: str = Field(
         description="JSONL of {prompt, …}: the other fields reach reward functions as columns"
+    )
+    reward_model: str | None = Field(
+        default=None,
+        description="a reward model trained upstream (grpo-feedback): one more reward, trained_reward_model",
     )
 
 

@@ -13,8 +13,9 @@ mean). Rewards are Python functions and reward models, weighted (rewards.py). Ea
              the current ones, detached (ratio 1 exactly); with μ > 1 those of the generation pass.
              Completions that never ended contribute nothing with `mask_truncated_completions`.
 
-With β = 0 no reference model is loaded; under LoRA (core.lora) the reference is the policy with its
-adapters disabled. Optimizer, schedule, workers and checkpoints are the trainer kernel's (core.trainer).
+A reward model trained upstream (the grpo-feedback pipeline) is one more reward. With β = 0 no reference
+model is loaded; under LoRA (core.lora) the reference is the policy with its adapters disabled. Optimizer,
+schedule, workers and checkpoints are the trainer kernel's (core.trainer).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, step_run
 from rlhf_components.core.trainer import Job, Kernel, Resumed, policy_outputs, start_training, units
 from rlhf_components.grpo import rewards as reward_functions
-from rlhf_components.grpo.config import Config, Inputs, Outputs
+from rlhf_components.grpo.config import Config, Inputs, Outputs, Reward
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,20 @@ def _load_models(inputs: Inputs, config: Config, job: Job) -> Models:
     if config.lora:
         add_adapters(policy, config.lora, STEP)
     policy.eval()
-    scorers = reward_functions.load(config.rewards, config, job.device, job.dtype)
+    trained = (
+        [
+            Reward(
+                reward_model=inputs.reward_model,
+                weight=config.trained_reward_model_weight,
+                name="trained_reward_model",
+            )
+        ]
+        if inputs.reward_model
+        else []
+    )
+    if not config.rewards + trained:
+        raise UserError("grpo.rewards: no rewards to train on; name at least one")
+    scorers = reward_functions.load(config.rewards + trained, config, job.device, job.dtype)
     return Models(policy, reference, fmt, scorers)
 
 

@@ -1,6 +1,7 @@
-"""The grpo pipeline through kfp.local, driven by `rlhf run`: tiny arithmetic demo assets, GRPO on two
+"""The grpo pipelines through kfp.local, driven by `rlhf run`. grpo: tiny arithmetic demo assets, GRPO on two
 torchrun workers with an exact-match reward on the prompts' `answer` column, evaluated by an LLM judge served
-over HTTP (tests/integration/judge_server.py), and gated on its judge_win_rate."""
+over HTTP (tests/integration/judge_server.py), and gated on its judge_win_rate. grpo-feedback: the reward
+model trained from this run's feedback is GRPO's reward."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from integration.judge_server import requests_seen, serving
 
 from rlhf_components.demo import DemoAssets, DemoAssetsSpec, build_demo_assets
 
-from .test_pipeline_local import _plain, rlhf_run
+from .test_pipeline_local import STEPS, _plain, rlhf_run, tiny_pipeline_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -110,3 +111,41 @@ def test_rlhf_run_of_the_grpo_pipeline_registers_the_grpo_policy(
     train = tmp_path / "outputs" / summary["pipeline_run_id"] / "collect_prompts" / "train.jsonl"
     first = json.loads(train.read_text().splitlines()[0])
     assert set(first) == {"id", "prompt", "source", "answer"}
+
+
+def test_the_grpo_feedback_pipeline_trains_on_the_reward_model_it_trains(
+    tiny_assets: DemoAssets, tmp_path: Path
+) -> None:
+    config = tiny_pipeline_config(tiny_assets, tmp_path)
+    del config["ppo"]
+    config["train_reward_model"] = {"learning_rate": 0.001, "batch_size": 16}
+    config |= {
+        "name": "tiny-grpo-feedback",
+        "pipeline": "grpo-feedback",
+        "grpo": {  # no rewards of its own: the reward model this run trains is the only one
+            "prompts_per_step": 4,
+            "num_generations": 2,
+            "total_episodes": 16,
+            "learning_rate": 0.001,
+            "sampling": {"temperature": 1.0, "max_new_tokens": 12},
+        },
+    }
+    config_path = tmp_path / "grpo-feedback.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    done = rlhf_run(config_path, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert isinstance(summary["rm_win_rate"], float) and isinstance(summary["reward_model_accuracy"], float)
+    assert summary["promoted"] is True and set(summary["registered"]) == {"policy", "reward_model"}
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("tiny-policy", "production")
+    assert {"rlhf.feedback_hash", "rlhf.reward_model_version"} <= set(version.tags)
+    parent = client.get_run(summary["pipeline_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    steps = [s for s in STEPS if s != "ppo"] + ["grpo"]
+    assert sorted(run.data.tags["rlhf.step"] for run in children) == sorted(steps)
+    grpo_run = next(run for run in children if run.data.tags["rlhf.step"] == "grpo")
+    assert "reward/trained_reward_model" in grpo_run.data.metrics

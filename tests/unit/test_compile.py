@@ -71,6 +71,10 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CliResult]:
         "grpo": run_cli(
             ["compile", "--pipeline", "grpo", "-o", "grpo.yaml"], tmp_path_factory.mktemp("compile-grpo")
         ),
+        "grpo-feedback": run_cli(
+            ["compile", "--pipeline", "grpo-feedback", "-o", "grpo-feedback.yaml"],
+            tmp_path_factory.mktemp("compile-grpo-feedback"),
+        ),
         "unknown": run_cli(
             ["compile", "--pipeline", "no-such-dag", "-o", "unknown.yaml"],
             tmp_path_factory.mktemp("compile-unknown"),
@@ -172,7 +176,7 @@ def test_compile_unknown_pipeline_is_a_one_line_error(cli: dict[str, CliResult])
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["error: unknown pipeline 'no-such-dag'; available: dpo, grpo, rlhf"]
+    assert lines == ["error: unknown pipeline 'no-such-dag'; available: dpo, grpo, grpo-feedback, rlhf"]
     assert not (result.cwd / "unknown.yaml").exists()
 
 
@@ -217,7 +221,19 @@ def test_the_grpo_dag_trains_on_the_prompts_alone(cli: dict[str, CliResult]) -> 
     register = _tasks(spec)["register-and-promote"]["inputs"]["parameters"]
     assert register["feedback"]["runtimeValue"]["constant"] == "null"
     assert register["reward"]["runtimeValue"]["constant"] == "null"
+    assert _tasks(spec)["grpo"]["inputs"]["parameters"]["reward"]["runtimeValue"]["constant"] == "null"
     assert _tasks(spec)["grpo"]["retryPolicy"]["maxRetryCount"] == 2
+
+
+def test_the_grpo_feedback_dag_trains_a_reward_model_for_grpo(cli: dict[str, CliResult]) -> None:
+    result = cli["grpo-feedback"]
+    assert result.returncode == 0, result.stderr
+    docs = yaml.safe_load_all((result.cwd / "grpo-feedback.yaml").read_text(encoding="utf-8"))
+    spec = next(doc for doc in docs if doc)
+    depends = {name: set(task.get("dependentTasks", [])) for name, task in _tasks(spec).items()}
+    assert depends["train-reward-model"] == {"start-run", "ingest-feedback"}
+    assert depends["grpo"] == {"start-run", "collect-prompts", "train-reward-model"}
+    assert {"grpo", "train-reward-model", "ingest-feedback"} <= depends["register-and-promote"]
 
 
 MODEL_EXECUTORS = {"exec-generate-candidates", "exec-train-reward-model", "exec-ppo", "exec-evaluate"}

@@ -252,6 +252,14 @@ def test_a_grpo_run_needs_its_section_and_no_inbox_and_its_reward_models_get_abs
     data["register_and_promote"]["gate"]["metric"] = "gold_win_rate"
     with pytest.raises(ConfigError, match="grpo: the grpo pipeline needs a grpo section"):
         load_pipeline_config(write_yaml(tmp_path / "none.yaml", data))
+    data["grpo"] = {"rewards": []}
+    with pytest.raises(ConfigError, match="grpo.rewards: the grpo pipeline needs at least one reward"):
+        load_pipeline_config(write_yaml(tmp_path / "no-rewards.yaml", data))
+    data["pipeline"] = "grpo-feedback"  # its reward model, trained from feedback, is reward enough
+    data["register_and_promote"]["gate"]["metric"] = "rm_win_rate"
+    assert load_pipeline_config(write_yaml(tmp_path / "feedback.yaml", data)).pipeline == "grpo-feedback"
+    data["pipeline"] = "grpo"
+    data["register_and_promote"]["gate"]["metric"] = "gold_win_rate"
     data["grpo"] = {"rewards": [{"reward_model": "rm"}, {"function": "exact_match"}]}
     del data["feedback_inbox"]
     config = with_absolute_paths(load_pipeline_config(write_yaml(tmp_path / "grpo.yaml", data)))
