@@ -253,7 +253,7 @@ def test_a_grpo_run_needs_its_section_and_no_inbox_and_its_reward_models_get_abs
     with pytest.raises(ConfigError, match="grpo: the grpo pipeline needs a grpo section"):
         load_pipeline_config(write_yaml(tmp_path / "none.yaml", data))
     data["grpo"] = {"rewards": []}
-    with pytest.raises(ConfigError, match="grpo.rewards: the grpo pipeline needs at least one reward"):
+    with pytest.raises(ConfigError, match=r"grpo\.rewards: the grpo pipeline needs at least one reward"):
         load_pipeline_config(write_yaml(tmp_path / "no-rewards.yaml", data))
     data["pipeline"] = "grpo-feedback"  # its reward model, trained from feedback, is reward enough
     data["register_and_promote"]["gate"]["metric"] = "rm_win_rate"
