@@ -136,10 +136,14 @@ def _check_for_kubernetes(config: PipelineConfig) -> None:
     for name, uri in shared:
         if not storage.is_s3(uri):
             raise UserError(f"{name}: a pipeline on Kubernetes needs shared storage (s3://…), got {uri}")
-    if not (storage.is_s3(config.policy) or config.policy.startswith(MODELS_PREFIX)):
-        raise UserError(
-            f"policy: a pipeline on Kubernetes needs an s3:// or models:/ policy, got {config.policy}"
-        )
+    models = [("policy", config.policy), ("reward_model", config.reward_model)]
+    if config.grpo is not None:
+        models += [
+            (f"grpo.rewards[{i}].reward_model", r.reward_model) for i, r in enumerate(config.grpo.rewards)
+        ]
+    for name, model in models:
+        if model is not None and not (storage.is_s3(model) or model.startswith(MODELS_PREFIX)):
+            raise UserError(f"{name}: a pipeline on Kubernetes needs an s3:// or models:/ model, got {model}")
     if config.demo_assets is not None:
         raise UserError(
             "demo_assets: the demo assets are built on this machine; upload them and drop the section"

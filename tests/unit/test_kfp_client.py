@@ -36,6 +36,8 @@ import pytest
 import yaml
 
 from rlhf_components.core.errors import UserError
+from rlhf_components.grpo.config import Config as GRPOConfig
+from rlhf_components.grpo.config import Reward
 from rlhf_pipelines import cli as cli_module
 from rlhf_pipelines import runner
 from rlhf_pipelines.config import PipelineConfig, load_pipeline_config
@@ -319,6 +321,16 @@ def test_submit_refuses_local_tracking_or_storage_before_any_request(
     with pytest.raises(UserError) as raised:
         runner.submit(config, fake_kfp.url, "rlhf-tests")
     assert str(raised.value).startswith(f"{field_name}: ") and "hunter2" not in str(raised.value)
+    assert fake_kfp.requests == []
+
+
+def test_submit_refuses_a_local_model_anywhere_before_any_request(fake_kfp: FakeKfp) -> None:
+    rewards = [Reward(function="length"), Reward(reward_model="/home/me/rm")]
+    config = kubernetes_config(pipeline="grpo", grpo=GRPOConfig(rewards=rewards))
+    with pytest.raises(UserError, match=r"^grpo\.rewards\[1\]\.reward_model: .* an s3:// or models:/ model"):
+        runner.submit(config, fake_kfp.url, "rlhf-tests")
+    with pytest.raises(UserError, match=r"^reward_model: .* needs an s3:// or models:/"):
+        runner.submit(kubernetes_config(reward_model="rm"), fake_kfp.url, "rlhf-tests")
     assert fake_kfp.requests == []
 
 
