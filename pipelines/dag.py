@@ -45,17 +45,30 @@ def _evaluate_and_gate(
     return evaluation, registered
 
 
-@dsl.pipeline(name="rlhf", description="RLHF: prompts → candidates → feedback → reward model → PPO → gate")
-def rlhf_pipeline(config: str) -> str:
+def _on_the_cluster(tasks: tuple[Task, ...], model_tasks: tuple[Task, ...]) -> None:
+    """Cluster credentials for every task; the GPUs RLHF_TASK_GPUS asks for, for the tasks that run models."""
+    for task in tasks:
+        c.use_cluster_credentials(task)
+    for task in model_tasks:
+        c.request_gpus(task)
+
+
+def _with_a_reward_model(config: str, trainer: Any) -> Any:
+    """preferences → train_reward_model → `trainer` (ppo or grpo) on that reward model → evaluate → gate."""
     run, prompts, candidates, feedback = _preferences(config)
     reward = c.train_reward_model(config=config, run=run.output, feedback=feedback.output).set_retry(2)
-    policy = c.ppo(config=config, run=run.output, prompts=prompts.output, reward=reward.output).set_retry(2)
+    policy = trainer(config=config, run=run.output, prompts=prompts.output, reward=reward.output).set_retry(2)
     evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback.output, reward.output, policy)
-    for task in (run, prompts, candidates, feedback, reward, policy, evaluation, registered):
-        c.use_cluster_credentials(task)
-    for task in (candidates, reward, policy, evaluation):
-        c.request_gpus(task)
+    _on_the_cluster(
+        (run, prompts, candidates, feedback, reward, policy, evaluation, registered),
+        (candidates, reward, policy, evaluation),
+    )
     return registered.output
+
+
+@dsl.pipeline(name="rlhf", description="RLHF: prompts → candidates → feedback → reward model → PPO → gate")
+def rlhf_pipeline(config: str) -> str:
+    return _with_a_reward_model(config, c.ppo)
 
 
 @dsl.pipeline(name="dpo", description="DPO: prompts → candidates → feedback → DPO → gate")
@@ -63,10 +76,9 @@ def dpo_pipeline(config: str) -> str:
     run, prompts, candidates, feedback = _preferences(config)
     policy = c.dpo(config=config, run=run.output, feedback=feedback.output).set_retry(2)
     evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback.output, NONE, policy)
-    for task in (run, prompts, candidates, feedback, policy, evaluation, registered):
-        c.use_cluster_credentials(task)
-    for task in (candidates, policy, evaluation):
-        c.request_gpus(task)
+    _on_the_cluster(
+        (run, prompts, candidates, feedback, policy, evaluation, registered), (candidates, policy, evaluation)
+    )
     return registered.output
 
 
@@ -76,10 +88,7 @@ def grpo_pipeline(config: str) -> str:
     prompts = c.collect_prompts(config=config, run=run.output)
     policy = c.grpo(config=config, run=run.output, prompts=prompts.output, reward=NONE).set_retry(2)
     evaluation, registered = _evaluate_and_gate(config, run, prompts, NONE, NONE, policy)
-    for task in (run, prompts, policy, evaluation, registered):
-        c.use_cluster_credentials(task)
-    for task in (policy, evaluation):
-        c.request_gpus(task)
+    _on_the_cluster((run, prompts, policy, evaluation, registered), (policy, evaluation))
     return registered.output
 
 
@@ -88,15 +97,7 @@ def grpo_pipeline(config: str) -> str:
     description="GRPO/RLOO on a reward model trained from feedback (plus the configured rewards) → gate",
 )
 def grpo_feedback_pipeline(config: str) -> str:
-    run, prompts, candidates, feedback = _preferences(config)
-    reward = c.train_reward_model(config=config, run=run.output, feedback=feedback.output).set_retry(2)
-    policy = c.grpo(config=config, run=run.output, prompts=prompts.output, reward=reward.output).set_retry(2)
-    evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback.output, reward.output, policy)
-    for task in (run, prompts, candidates, feedback, reward, policy, evaluation, registered):
-        c.use_cluster_credentials(task)
-    for task in (candidates, reward, policy, evaluation):
-        c.request_gpus(task)
-    return registered.output
+    return _with_a_reward_model(config, c.grpo)
 
 
 PIPELINES = {

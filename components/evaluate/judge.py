@@ -3,7 +3,8 @@
 Every pair (prompt, candidate answer, baseline answer) is judged twice, once in each order, so that a judge's
 preference for the first (or second) position cancels out: a pair's outcome for the candidate is the mean
 of its two verdicts (win 1, tie ½, loss 0), so a judge that contradicts itself across orders scores a tie. A
-reply that is not A, B or TIE counts as a tie and is counted (judge_unparsed_fraction).
+reply that is not A, B or TIE (alone, or first and followed by punctuation) counts as a tie and is counted
+(judge_unparsed_fraction).
 
 Verdicts are cached by (model, template, prompt, first, second), in a JSONL file that a later run (or the
 retry of this one) reads back: an answer judged once is never paid for again. Before the first request the
@@ -34,14 +35,16 @@ UNPARSED = "?"
 # The candidate's score for each verdict, by the candidate's position.
 _CANDIDATE_FIRST = {"A": 1.0, "B": 0.0, "TIE": 0.5, UNPARSED: 0.5}
 _CANDIDATE_SECOND = {"A": 0.0, "B": 1.0, "TIE": 0.5, UNPARSED: 0.5}
-_VERDICT = re.compile(r"^\W*(A|B|TIE)\b", re.IGNORECASE)
+# The verdict alone, or first and followed by punctuation or a line break ("A", "**B**", "Tie: both are
+# fine"); "A great answer" is prose that starts with an article, not a verdict.
+_VERDICT = re.compile(r"^\W*(A|B|TIE)(?:\W*$|\s*[.:;,)\]*\-\n])", re.IGNORECASE)
 
 Pairs = tuple[Sequence[str], Sequence[str], Sequence[str]]
 """(prompts, candidate answers, baseline answers), aligned"""
 
 
 def parse_verdict(reply: str) -> str:
-    """A, B or TIE from the judge's reply (its first word, any case), else UNPARSED."""
+    """A, B or TIE from the judge's reply (any case), else UNPARSED."""
     found = _VERDICT.match(reply.strip())
     return found.group(1).upper() if found else UNPARSED
 

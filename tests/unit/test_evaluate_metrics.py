@@ -58,16 +58,11 @@ def test_distinct_n_counts_unique_ngrams_over_all_answers() -> None:
     assert distinct_n([""], 2) == 0.0
 
 
-def test_a_verdict_is_the_first_word_of_the_reply() -> None:
-    assert [parse_verdict(r) for r in ("A", " b.", "TIE", "Tie: both fine", "**B**", "B is better")] == [
-        "A",
-        "B",
-        "TIE",
-        "TIE",
-        "B",
-        "B",
-    ]
-    for unclear in ("", "Answer A", "AB", "Both are fine", "I think A"):
+def test_a_verdict_is_the_reply_or_its_first_word_before_punctuation() -> None:
+    replies = ("A", " b.", "TIE", "Tie: both fine", "**B**", "A\nBecause it is kinder.", "(B)", "B - shorter")
+    assert [parse_verdict(r) for r in replies] == ["A", "B", "TIE", "TIE", "B", "A", "B", "B"]
+    unclear_replies = ("", "Answer A", "AB", "Both fine", "I think A", "A great place to eat", "B is better")
+    for unclear in unclear_replies:
         assert parse_verdict(unclear) == UNPARSED, unclear
 
 
