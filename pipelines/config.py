@@ -111,6 +111,7 @@ class PipelineConfig(StrictModel):
             "rm_win_rate": "the reward model" if self.pipeline in ("rlhf", "grpo-feedback") else None,
             "gold_win_rate": "a gold judge" if self.evaluate.gold_judge else None,
             "judge_win_rate": "an LLM judge" if self.evaluate.judge else None,
+            "reward_win_rate": "the evaluation's rewards" if self.evaluate.rewards else None,
         }
         available = [name for name, source in measured.items() if source is not None]
         if metric in available:
@@ -118,7 +119,11 @@ class PipelineConfig(StrictModel):
         if metric == "rm_win_rate":
             why = f"the {self.pipeline} pipeline trains no reward model, so there is no rm_win_rate"
         elif metric in measured:
-            field = {"gold_win_rate": "evaluate.gold_judge", "judge_win_rate": "evaluate.judge"}[metric]
+            field = {
+                "gold_win_rate": "evaluate.gold_judge",
+                "judge_win_rate": "evaluate.judge",
+                "reward_win_rate": "evaluate.rewards",
+            }[metric]
             why = f"no {field} is set, so there is no {metric}"
         else:
             why = f"evaluate produces no {metric}"
@@ -166,7 +171,7 @@ def with_absolute_paths(config: PipelineConfig) -> PipelineConfig:
             paths["chat_template"] = _absolute(section.chat_template)
         if getattr(section, "base", None):
             paths["base"] = _absolute(section.base)
-        if step == "grpo":
+        if step in ("grpo", "evaluate"):
             paths["rewards"] = [
                 reward.model_copy(
                     update={"reward_model": reward.reward_model and _absolute(reward.reward_model)}

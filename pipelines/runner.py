@@ -137,10 +137,11 @@ def _check_for_kubernetes(config: PipelineConfig) -> None:
         if not storage.is_s3(uri):
             raise UserError(f"{name}: a pipeline on Kubernetes needs shared storage (s3://…), got {uri}")
     models = [("policy", config.policy), ("reward_model", config.reward_model)]
-    if config.grpo is not None:
-        models += [
-            (f"grpo.rewards[{i}].reward_model", r.reward_model) for i, r in enumerate(config.grpo.rewards)
-        ]
+    for section, rewards in (
+        ("grpo", config.grpo.rewards if config.grpo else []),
+        ("evaluate", config.evaluate.rewards),
+    ):
+        models += [(f"{section}.rewards[{i}].reward_model", r.reward_model) for i, r in enumerate(rewards)]
     for name, model in models:
         if model is not None and not (storage.is_s3(model) or model.startswith(MODELS_PREFIX)):
             raise UserError(f"{name}: a pipeline on Kubernetes needs an s3:// or models:/ model, got {model}")
@@ -225,7 +226,8 @@ def schedule(config: PipelineConfig, host: str, cron: str, experiment: str, max_
 
 def summary_table(summary: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
-    keys = ("gold_win_rate", "rm_win_rate", "judge_win_rate", "gold_score", "reference_gold_score", "kl")
+    win_rates = ("gold_win_rate", "rm_win_rate", "judge_win_rate", "reward_win_rate")
+    keys = (*win_rates, "gold_score", "reference_gold_score", "reward_score", "reference_reward_score", "kl")
     for key in (*keys, "reward_model_accuracy", "promoted"):
         value = summary.get(key)
         if value is not None:  # what a run does not measure (DPO: no reward model) stays out

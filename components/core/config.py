@@ -1,4 +1,5 @@
-"""Base model for every config and record, and YAML loading with errors that name the file and field."""
+"""Base model for every config and record, the config parts several steps share (model steps, sampling,
+rewards), and YAML loading with errors that name the file and field."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rlhf_components.core.errors import ConfigError
 
@@ -54,6 +55,51 @@ class SamplingConfig(StrictModel):
         default_factory=list,
         description="an answer also ends when its text comes to contain one of these (besides stop tokens)",
     )
+
+
+BUILT_IN_REWARDS = ("exact_match", "regex", "length")
+
+
+class Reward(StrictModel):
+    """One reward: a Python function, a reward model, or a scoring endpoint, weighted into the total."""
+
+    function: str | None = Field(
+        default=None,
+        description="a built-in (exact_match, regex, length) or module:function, called as "
+        "f(prompts, completions, columns, **options) → one float per completion",
+    )
+    reward_model: str | None = Field(default=None, description="a reward model: directory, s3:// or models:/")
+    url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="an endpoint with rlhf serve-reward-model's contract (POST {prompts, responses} → "
+        "{scores})",
+    )
+    timeout_s: float = Field(default=30.0, gt=0.0, description="url: per request")
+    retries: int = Field(default=3, ge=0, description="url: retries of a request that failed or timed out")
+    batch_size: int = Field(default=64, ge=1, description="url: completions per request")
+    weight: float = 1.0
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the function")
+    name: str | None = Field(default=None, description="its name in the metrics (reward/<name>)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Reward:
+        if sum(source is not None for source in (self.function, self.reward_model, self.url)) != 1:
+            raise ValueError("set exactly one of function, reward_model and url")
+        if self.function is not None and self.function not in BUILT_IN_REWARDS and ":" not in self.function:
+            raise ValueError(
+                f"function: {self.function!r} is neither a built-in ({', '.join(BUILT_IN_REWARDS)}) nor "
+                "module:function"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.function:
+            return self.function.rsplit(":", 1)[-1]
+        return "reward_model" if self.reward_model else "http"
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:

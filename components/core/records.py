@@ -56,6 +56,12 @@ class PromptRecord(Record):
     source: str
 
 
+class PromptRow(PromptRecord):
+    """A prompt with its row's other fields (a dataset's columns: the answers a reward function checks)."""
+
+    columns: dict[str, Any] = Field(default_factory=dict)
+
+
 class PreferencePair(Record):
     """What a preference trainer needs of a judgement: the prompt and the better and worse answers.
 
@@ -170,20 +176,16 @@ def read_records(uri: str, record: type[RecordT]) -> list[RecordT]:
     return [_validated(record, row, location) for location, row in _rows(uri)]
 
 
-def read_prompts(uri: str) -> list[PromptRecord]:
-    """Prompt records; a row with only `prompt` gets the prompt's content id and its line as source."""
-    return [record for record, _ in read_prompt_rows(uri)]
-
-
-def read_prompt_rows(uri: str) -> list[tuple[PromptRecord, dict[str, Any]]]:
-    """Prompt records, each with its row's other fields (a dataset's columns: the answers a reward function
-    checks)."""
+def read_prompts(uri: str) -> list[PromptRow]:
+    """Prompt records, each with its row's other fields as `columns`; a row with only `prompt` gets the
+    prompt's content id and its line as source."""
     records = []
     for location, row in _rows(uri):
         if isinstance(row, dict):
             row = {"id": _content_id(row.get("prompt")), "source": location, **row}
         record = _validated(PromptRecord, row, location)
-        records.append((record, {k: v for k, v in row.items() if k not in PromptRecord.model_fields}))
+        columns = {k: v for k, v in row.items() if k not in PromptRecord.model_fields}
+        records.append(PromptRow(**dict(record), columns=columns))
     return records
 
 

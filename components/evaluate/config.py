@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from rlhf_components.core.config import ModelStep, SamplingConfig, StrictModel
+from rlhf_components.core.config import ModelStep, Reward, SamplingConfig, StrictModel
 
 DEFAULT_JUDGE_TEMPLATE = """Which answer to the user's request is better: more helpful, correct and \
 appropriate?
@@ -81,6 +81,11 @@ class Config(ModelStep):
         default=None, description="a programmatic judge: demo-gold-sentiment or demo-arithmetic"
     )
     judge: JudgeConfig | None = Field(default=None, description="an LLM judge: judge_win_rate")
+    rewards: list[Reward] = Field(
+        default_factory=list,
+        description="rewards (as in grpo.rewards) scoring each policy's held-out answers, weighted into one: "
+        "reward_score (e.g. exact-match accuracy on the prompts' answer column) and reward_win_rate",
+    )
 
 
 class Inputs(StrictModel):

@@ -16,17 +16,19 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import PreTrainedModel
 
-from rlhf_components.core import storage
+from rlhf_components.core import rewards, storage
 from rlhf_components.core.chat import ChatFormat, encode_prompts
 from rlhf_components.core.config import SamplingConfig, StrictModel
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import Batch, decode_responses, response_logprobs, sample_prompts
 from rlhf_components.core.models import load_policy, load_scalar_model, normalized_rewards, score_texts
-from rlhf_components.core.records import Prompt, prompt_text, read_prompts
+from rlhf_components.core.records import PromptRow, prompt_text, read_prompts
+from rlhf_components.core.rewards import Scorer
 from rlhf_components.core.runtime import seed_everything, seeded_generator, select_device
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
@@ -149,15 +151,21 @@ class Judged:
     """normalised reward-model scores (empty without a reward model)"""
     gold: list[float]
     """gold-judge scores (empty without a gold judge)"""
+    reward: list[float]
+    """the configured rewards' weighted total (empty without evaluate.rewards)"""
+    per_reward: dict[str, float]
+    """each configured reward's mean"""
 
 
 @dataclass
 class Judges:
-    """What judges the answers to the held-out prompts: the reward model and the gold judge, each optional."""
+    """What judges the answers to the held-out prompts: the reward model, the gold judge and the configured
+    rewards, each optional."""
 
-    prompts: list[Prompt]
+    prompts: list[PromptRow]
     reward: tuple[PreTrainedModel, ChatFormat] | None
     gold: Judge | None
+    scorers: list[Scorer]
     batch_size: int
 
     @torch.no_grad()
@@ -167,18 +175,36 @@ class Judges:
             model, fmt = self.reward
             raw = [
                 score_texts(
-                    model, fmt, self.prompts[i : i + self.batch_size], answers.texts[i : i + self.batch_size]
+                    model,
+                    fmt,
+                    [row.prompt for row in self.prompts[i : i + self.batch_size]],
+                    answers.texts[i : i + self.batch_size],
                 )
                 for i in range(0, len(answers.texts), self.batch_size)
             ]
             rm = normalized_rewards(model, torch.cat(raw)).tolist()
         gold = self.gold
         scores = (
-            [gold(prompt_text(p), t) for p, t in zip(self.prompts, answers.texts, strict=True)]
+            [gold(prompt_text(p.prompt), t) for p, t in zip(self.prompts, answers.texts, strict=True)]
             if gold
             else []
         )
-        return Judged(answers, rm, scores)
+        total, per_reward = self._rewards(answers.texts)
+        return Judged(answers, rm, scores, total, per_reward)
+
+    def _rewards(self, texts: list[str]) -> tuple[list[float], dict[str, float]]:
+        if not self.scorers:
+            return [], {}
+        prompts = [row.prompt for row in self.prompts]
+        names = sorted({name for row in self.prompts for name in row.columns})
+        columns = {name: [row.columns.get(name) for row in self.prompts] for name in names}
+        total = torch.zeros(len(texts))
+        per_reward = {}
+        for scorer in self.scorers:
+            values = scorer.score(prompts, texts, columns)
+            per_reward[scorer.name] = values.mean().item()
+            total += scorer.weight * values
+        return total.tolist(), per_reward
 
 
 def _compare(
@@ -197,6 +223,7 @@ def _compare(
         "rm": win_rate(candidate.rm, baseline.rm) if candidate.rm else None,
         "gold": win_rate(candidate.gold, baseline.gold) if candidate.gold else None,
         "judge": llm_outcomes,
+        "reward": win_rate(candidate.reward, baseline.reward) if candidate.reward else None,
     }
     for judge_name, outcomes in outcomes_by_judge.items():
         if outcomes is None:
@@ -215,15 +242,18 @@ def _compare(
         metrics[f"{name}_rm_score"] = _mean(baseline.rm)
     if baseline.gold:
         metrics[f"{name}_gold_score"] = _mean(baseline.gold)
+    if baseline.reward:
+        metrics[f"{name}_reward_score"] = _mean(baseline.reward)
+        metrics |= {f"{name}_reward/{reward}": mean for reward, mean in baseline.per_reward.items()}
     return metrics
 
 
-def _examples(prompts: list[Prompt], candidate: Judged, reference: Judged) -> list[dict[str, str | float]]:
+def _examples(prompts: list[PromptRow], candidate: Judged, reference: Judged) -> list[dict[str, str | float]]:
     """The first eight prompts with both answers (and their reward-model scores), for the report."""
     examples: list[dict[str, str | float]] = []
     for index, prompt in enumerate(prompts[:8]):
         example: dict[str, str | float] = {
-            "prompt": prompt_text(prompt),
+            "prompt": prompt_text(prompt.prompt),
             "candidate": candidate.answers.texts[index],
             "reference": reference.answers.texts[index],
         }
@@ -244,10 +274,13 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         encoded = encode_prompts(fmt, records, config.max_prompt_tokens, "evaluate")
         if not encoded:
             raise UserError(f"{inputs.prompts}: no held-out prompts to evaluate on ({len(records)} read)")
-        prompts, prompt_ids = [record.prompt for record, _ in encoded], [ids for _, ids in encoded]
+        # encode_prompts hands back the rows it was given, columns and all.
+        prompts = cast(list[PromptRow], [record for record, _ in encoded])
+        prompt_ids = [ids for _, ids in encoded]
         reward = load_scalar_model(inputs.reward_model, config, device) if inputs.reward_model else None
         gold = resolve_judge(config.gold_judge) if config.gold_judge else None
-        judges = Judges(prompts, reward, gold, config.batch_size)
+        scorers = rewards.load(config.rewards, config, device, torch.float32, "evaluate.rewards")
+        judges = Judges(prompts, reward, gold, scorers, config.batch_size)
         models = {
             uri: load_policy(uri, config, device)[0]
             for uri in {inputs.candidate, inputs.champion} - {None, inputs.reference}
@@ -269,6 +302,9 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
             metrics["rm_score"] = _mean(candidate.rm)
         if candidate.gold:
             metrics["gold_score"] = _mean(candidate.gold)
+        if candidate.reward:
+            metrics["reward_score"] = _mean(candidate.reward)
+            metrics |= {f"reward/{name}": mean for name, mean in candidate.per_reward.items()}
         baselines = {"reference": inputs.reference}
         if inputs.champion and inputs.champion != inputs.reference:
             baselines["champion"] = inputs.champion
@@ -279,7 +315,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         llm_outcomes: dict[str, list[float]] = {}
         if config.judge is not None:
             llm = PairwiseJudge.open(config.judge, step_output(context, "evaluate", "judge_cache.jsonl"))
-            texts = [prompt_text(p) for p in prompts]
+            texts = [prompt_text(p.prompt) for p in prompts]
             llm_outcomes = llm.compare(
                 {name: (texts, candidate.answers.texts, b.answers.texts) for name, b in judged.items()}
             )

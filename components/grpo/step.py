@@ -2,7 +2,7 @@
 
 No value model: each prompt is answered K times (one group) and an answer's advantage is its reward against
 its group's (core.losses.group_advantages: GRPO's group mean, optionally ÷ group std; RLOO's leave-one-out
-mean). Rewards are Python functions and reward models, weighted (rewards.py). Each step:
+mean). Rewards are Python functions, reward models and endpoints, weighted (core.rewards). Each step:
 
 1. rollout — this worker's share of `prompts_per_step` prompts (whole groups), each sampled K times;
 2. rewards — every reward of every completion, the weighted total, minus β·Σ log π/π_ref when the KL is in
@@ -29,7 +29,9 @@ from typing import Any, cast
 import torch
 from transformers import PreTrainedModel
 
+from rlhf_components.core import rewards as reward_functions
 from rlhf_components.core.chat import ChatFormat, PromptStream, encode_prompts
+from rlhf_components.core.config import Reward
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import (
     Batch,
@@ -48,22 +50,16 @@ from rlhf_components.core.losses import (
     masked_mean,
 )
 from rlhf_components.core.models import load_policy
-from rlhf_components.core.records import PromptRecord, read_prompt_rows
+from rlhf_components.core.records import PromptRow, read_prompts
 from rlhf_components.core.runtime import sampling_generator
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, step_run
 from rlhf_components.core.trainer import Job, Kernel, Resumed, policy_outputs, start_training, units
-from rlhf_components.grpo import rewards as reward_functions
-from rlhf_components.grpo.config import Config, Inputs, Outputs, Reward
+from rlhf_components.grpo.config import Config, Inputs, Outputs
 
 log = logging.getLogger(__name__)
 
 STEP = "grpo"
-
-
-class PromptWithColumns(PromptRecord):
-    columns: dict[str, Any]
-    """the prompt row's other fields, for reward functions"""
 
 
 @dataclass
@@ -115,14 +111,14 @@ def _load_models(inputs: Inputs, config: Config, job: Job) -> Models:
     )
     if not config.rewards + trained:
         raise UserError("grpo.rewards: no rewards to train on; name at least one")
-    scorers = reward_functions.load(config.rewards + trained, config, job.device, job.dtype)
+    scorers = reward_functions.load(config.rewards + trained, config, job.device, job.dtype, "grpo.rewards")
     return Models(policy, reference, fmt, scorers)
 
 
 @torch.no_grad()
 def collect_group(
     models: Models,
-    prompts: list[PromptWithColumns],
+    prompts: list[PromptRow],
     ids: list[list[int]],
     config: Config,
     generator: torch.Generator,
@@ -155,7 +151,7 @@ def collect_group(
     return Group(batch, total, advantages, ref_logprobs, per_reward, kl)
 
 
-def _column_names(prompts: list[PromptWithColumns]) -> list[str]:
+def _column_names(prompts: list[PromptRow]) -> list[str]:
     return sorted({name for record in prompts for name in record.columns})
 
 
@@ -232,8 +228,8 @@ def _step(
 ) -> dict[str, float]:
     started, workers = time.perf_counter(), kernel.workers
     chosen = loop.stream.take(config.prompts_per_step)[workers.shard(config.prompts_per_step)]
-    # The stream holds the PromptWithColumns records `run` encoded.
-    records = cast(list[PromptWithColumns], [record for record, _ in chosen])
+    # The stream holds the PromptRow records `run` encoded.
+    records = cast(list[PromptRow], [record for record, _ in chosen])
     group = collect_group(
         models,
         records,
@@ -264,8 +260,7 @@ def _step(
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, STEP, config):
         job = start_training(config, inputs.policy, context.seed, STEP)
-        rows = read_prompt_rows(inputs.prompts)
-        records = [PromptWithColumns(**record.model_dump(), columns=columns) for record, columns in rows]
+        records = read_prompts(inputs.prompts)
         models = _load_models(inputs, config, job)
         prompts = encode_prompts(models.fmt, records, config.max_prompt_tokens, STEP)
         if not prompts:

@@ -22,11 +22,12 @@ from unit import chat_models
 from unit._helpers import tiny_reward_model
 
 from rlhf_components import grpo
+from rlhf_components.core import rewards
+from rlhf_components.core.config import Reward
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.models import load_scalar_model, normalized_rewards, save_checkpoint, score_texts
 from rlhf_components.core.records import Prompt
 from rlhf_components.demo import DemoAssets
-from rlhf_components.grpo import rewards
 
 from .conftest import _healthy, _start, _stop, _wait_until, free_port
 
@@ -125,8 +126,10 @@ def test_a_reward_model_that_is_not_there_is_one_line(tmp_path: Path) -> None:
 
 def test_grpo_scores_through_the_served_reward_model_as_in_process(demo_server: tuple[str, str]) -> None:
     url, model_uri = demo_server
-    spec = [grpo.config.Reward(url=f"{url}/v1/score", batch_size=2)]  # 3 completions: two requests
-    (scorer,) = rewards.load(spec, grpo.Config(rewards=spec), torch.device("cpu"), torch.float32)
+    spec = [Reward(url=f"{url}/v1/score", batch_size=2)]  # 3 completions: two requests
+    (scorer,) = rewards.load(
+        spec, grpo.Config(rewards=spec), torch.device("cpu"), torch.float32, "grpo.rewards"
+    )
     prompts = [TypeAdapter(Prompt).validate_python(p) for p in PROMPTS]
     model, fmt = load_scalar_model(model_uri)
     with torch.no_grad():
@@ -167,8 +170,10 @@ def flaky() -> Iterator[str]:
 
 
 def http_scorer(url: str, retries: int) -> rewards.Scorer:
-    spec = [grpo.config.Reward(url=url, retries=retries, timeout_s=5)]
-    return rewards.load(spec, grpo.Config(rewards=spec), torch.device("cpu"), torch.float32)[0]
+    spec = [Reward(url=url, retries=retries, timeout_s=5)]
+    return rewards.load(spec, grpo.Config(rewards=spec), torch.device("cpu"), torch.float32, "grpo.rewards")[
+        0
+    ]
 
 
 def test_an_endpoint_that_fails_is_retried_and_a_4xx_is_one_line(flaky: str) -> None:

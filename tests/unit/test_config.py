@@ -208,6 +208,11 @@ def test_a_dpo_pipeline_cannot_gate_on_a_reward_model_it_does_not_train(tmp_path
         ),
         ("grpo", "rm_win_rate", "grpo pipeline trains no reward model, so there is no rm_win_rate; this run"),
         ("rlhf", "bleu", "evaluate produces no bleu; gate on rm_win_rate"),
+        (
+            "rlhf",
+            "reward_win_rate",
+            "no evaluate.rewards is set, so there is no reward_win_rate; gate on rm_win_rate",
+        ),
     ],
 )
 def test_a_gate_metric_evaluate_cannot_produce_is_refused(

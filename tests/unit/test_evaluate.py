@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -230,3 +231,39 @@ def test_answers_are_near_greedy_and_kl_comes_from_its_own_sampled_pass(
     )
     assert at_07["kl"] > 0.1 and at_10["kl"] > 0.1 and at_07["kl"] != at_10["kl"]
     assert {k: v for k, v in at_07.items() if k != "kl"} == {k: v for k, v in at_10.items() if k != "kl"}
+
+
+def row_weight(prompts: list[Any], completions: list[str], columns: dict[str, list[Any]]) -> list[float]:
+    """The row's own `weight`, or −100 when the columns are not the prompt's (`echo` repeats the prompt)."""
+    rows = zip(prompts, columns["weight"], columns["echo"], strict=True)
+    return [weight if prompt == echo else -100.0 for prompt, weight, echo in rows]
+
+
+def test_the_evaluations_rewards_score_each_policys_answers_with_their_rows_columns(
+    tmp_path: Path, tiny_assets: DemoAssets, run_context: RunContext
+) -> None:
+    rows = read_jsonl(tiny_assets.prompts_file)[:12]
+    weights = [float(i) / 4 for i in range(len(rows))]
+    table = [
+        {"prompt": r["prompt"], "echo": r["prompt"], "weight": w, "answer": "no review says this"}
+        for r, w in zip(rows, weights, strict=True)
+    ]
+    prompts = write_jsonl(tmp_path / "eval.jsonl", table)
+    config = _config(
+        max_prompts=12,
+        rewards=[
+            {"function": f"{__name__}:row_weight", "weight": 2.0},
+            {"function": "exact_match", "weight": 5.0},
+        ],
+    )
+    inputs = evaluate.Inputs(
+        candidate=tiny_assets.sft_model_dir, reference=tiny_assets.sft_model_dir, prompts=str(prompts)
+    )
+    metrics = evaluate.run(config, inputs, run_context).metrics
+    assert metrics["reward/row_weight"] == pytest.approx(sum(weights) / len(weights))
+    assert metrics["reward/exact_match"] == 0.0
+    assert metrics["reward_score"] == pytest.approx(2.0 * sum(weights) / len(weights))
+    # The candidate is the reference: every answer scores alike, every prompt is a tie.
+    assert metrics["reference_reward_score"] == metrics["reward_score"]
+    assert metrics["reward_win_rate"] == 0.5
+    assert metrics["reward_win_rate_ci_low"] == metrics["reward_win_rate_ci_high"] == 0.5

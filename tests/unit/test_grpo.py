@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_components import grpo
-from rlhf_components.core.config import SamplingConfig, validate_mapping
+from rlhf_components.core import rewards
+from rlhf_components.core.config import Reward, SamplingConfig, validate_mapping
 from rlhf_components.core.errors import ConfigError, UserError
 from rlhf_components.core.losses import aggregate_loss, clipped_token_loss, group_advantages
 from rlhf_components.core.models import load_scalar_model, normalized_rewards, save_checkpoint, score_texts
 from rlhf_components.core.tracking import RunContext
 from rlhf_components.core.trainer_config import Lora
-from rlhf_components.grpo import rewards
 from rlhf_components.grpo import step as grpo_step
 
 from . import chat_models
@@ -90,12 +90,14 @@ def test_clipped_token_loss_and_every_aggregation_match_their_formulas() -> None
 
 def test_built_in_rewards_and_a_module_function_combine_with_their_weights() -> None:
     config = [
-        grpo.config.Reward(function="exact_match", weight=2.0),
-        grpo.config.Reward(function="regex", options={"pattern": r"[a-z]+"}, weight=0.5),
-        grpo.config.Reward(function="length", options={"target": 4}),
-        grpo.config.Reward(function=f"{__name__}:shouting", weight=-1.0, name="shout"),
+        Reward(function="exact_match", weight=2.0),
+        Reward(function="regex", options={"pattern": r"[a-z]+"}, weight=0.5),
+        Reward(function="length", options={"target": 4}),
+        Reward(function=f"{__name__}:shouting", weight=-1.0, name="shout"),
     ]
-    scorers = rewards.load(config, grpo.Config(rewards=config), torch.device("cpu"), torch.float32)
+    scorers = rewards.load(
+        config, grpo.Config(rewards=config), torch.device("cpu"), torch.float32, "grpo.rewards"
+    )
     completions = ["good", " bad ", "GOOD!"]
     columns: dict[str, list[Any]] = {"answer": ["good", "good", "good"]}
     scores = {s.name: s.score(["p"] * 3, completions, columns).tolist() for s in scorers}
@@ -123,11 +125,11 @@ def test_reward_mistakes_name_the_reward() -> None:
     with pytest.raises(ConfigError, match="set exactly one of function, reward_model and url"):
         validate_mapping(grpo.Config, {"rewards": [{}]}, "job.yaml")
     cpu = torch.device("cpu")
-    missing = [grpo.config.Reward(function="no_such_module:f")]
+    missing = [Reward(function="no_such_module:f")]
     with pytest.raises(UserError, match=r"grpo\.rewards\[0\]\.function: cannot import no_such_module:f"):
-        rewards.load(missing, grpo.Config(rewards=missing), cpu, torch.float32)
-    short = [grpo.config.Reward(function=f"{__name__}:wrong_length")]
-    scorer = rewards.load(short, grpo.Config(rewards=short), cpu, torch.float32)[0]
+        rewards.load(missing, grpo.Config(rewards=missing), cpu, torch.float32, "grpo.rewards")
+    short = [Reward(function=f"{__name__}:wrong_length")]
+    scorer = rewards.load(short, grpo.Config(rewards=short), cpu, torch.float32, "grpo.rewards")[0]
     with pytest.raises(UserError, match=r"grpo\.rewards\[0\]: .* one finite number per completion \(2\)"):
         scorer.score(["p", "q"], ["a", "b"], {})
 
@@ -283,8 +285,10 @@ def test_a_reward_model_reward_scores_as_ppo_reads_it(llama: str, tmp_path: Path
     scalar, fmt = load_scalar_model(llama)  # a head of its own, saved: the reward loads the same one
     uri = str(tmp_path / "reward-model")
     save_checkpoint(scalar, fmt, uri)
-    spec = [grpo.config.Reward(reward_model=uri, weight=0.5)]
-    (scorer,) = rewards.load(spec, grpo.Config(rewards=spec), torch.device("cpu"), torch.float32)
+    spec = [Reward(reward_model=uri, weight=0.5)]
+    (scorer,) = rewards.load(
+        spec, grpo.Config(rewards=spec), torch.device("cpu"), torch.float32, "grpo.rewards"
+    )
     prompts, completions = list(ANSWERS), [" lovely", " awful"]
     with torch.no_grad():
         expected = normalized_rewards(scalar, score_texts(scalar, fmt, prompts, completions))

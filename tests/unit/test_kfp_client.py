@@ -35,9 +35,9 @@ import kfp
 import pytest
 import yaml
 
+from rlhf_components.core.config import Reward
 from rlhf_components.core.errors import UserError
 from rlhf_components.grpo.config import Config as GRPOConfig
-from rlhf_components.grpo.config import Reward
 from rlhf_pipelines import cli as cli_module
 from rlhf_pipelines import runner
 from rlhf_pipelines.config import PipelineConfig, load_pipeline_config

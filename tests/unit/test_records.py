@@ -13,7 +13,7 @@ from rlhf_components.core.errors import UserError
 from rlhf_components.core.records import (
     Preference,
     PreferencePair,
-    PromptRecord,
+    PromptRow,
     prompt_id,
     read_pairs,
     read_prompts,
@@ -35,8 +35,13 @@ def test_bare_prompts_get_their_content_id_and_line_and_full_records_pass_throug
         ],
     )
     assert read_prompts(str(path)) == [
-        PromptRecord(id=prompt_id("Review of the ramen:"), prompt="Review of the ramen:", source=f"{path}:1"),
-        PromptRecord(id="p2", prompt="Review of the lamp:", source="s3://bucket/prompts.csv:3"),
+        PromptRow(
+            id=prompt_id("Review of the ramen:"),
+            prompt="Review of the ramen:",
+            source=f"{path}:1",
+            columns={"category": "food"},  # the row's other fields travel with it
+        ),
+        PromptRow(id="p2", prompt="Review of the lamp:", source="s3://bucket/prompts.csv:3"),
     ]
 
 

@@ -1,4 +1,5 @@
-"""GRPO's rewards: Python functions (built-in or `module:function`) and reward models, weighted into one.
+"""Rewards from Python functions (built-in or `module:function`), reward models and scoring endpoints,
+weighted into one: what GRPO trains on, and what evaluate scores held-out answers with.
 
 A function is called as f(prompts, completions, columns, **options), with the prompts (text or
 conversations), the completions' text and the prompt rows' other fields (column name → one value per
@@ -20,12 +21,11 @@ from typing import Any
 import torch
 from pydantic import TypeAdapter
 
-from rlhf_components.core.config import ModelStep
+from rlhf_components.core.config import ModelStep, Reward
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.http import post_json
 from rlhf_components.core.models import load_scalar_model, normalized_rewards, score_texts
 from rlhf_components.core.records import Prompt
-from rlhf_components.grpo.config import Reward
 
 Columns = dict[str, list[Any]]
 _PROMPTS: TypeAdapter[list[Prompt]] = TypeAdapter(list[Prompt])
@@ -68,10 +68,13 @@ class Scorer:
     score: Callable[[Sequence[Prompt], Sequence[str], Columns], torch.Tensor]
 
 
-def load(rewards: list[Reward], step: ModelStep, device: torch.device, dtype: torch.dtype) -> list[Scorer]:
+def load(
+    rewards: list[Reward], step: ModelStep, device: torch.device, dtype: torch.dtype, section: str
+) -> list[Scorer]:
+    """Scorers for `rewards`, the config list at `section` (e.g. grpo.rewards), which errors name."""
     scorers = []
     for index, reward in enumerate(rewards):
-        where = f"grpo.rewards[{index}]"
+        where = f"{section}[{index}]"
         if reward.reward_model is not None:
             score = _model_scorer(reward.reward_model, step, device, dtype)
         elif reward.url is not None:
@@ -83,7 +86,7 @@ def load(rewards: list[Reward], step: ModelStep, device: torch.device, dtype: to
         scorers.append(Scorer(reward.label, reward.weight, score))
     names = [scorer.name for scorer in scorers]
     if len(set(names)) < len(names):
-        raise UserError(f"grpo.rewards: two rewards are named alike ({names}); give each a name")
+        raise UserError(f"{section}: two rewards are named alike ({names}); give each a name")
     return scorers
 
 
