@@ -192,9 +192,19 @@ def reference_result(
         "iterations": iterations,
         "episodes_per_second": settings["rollout_batch_size"] / seconds_per_rollout,
         "seconds_per_iteration": seconds_per_rollout,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **peak_memory(),
         **machine(),
     }
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak resident memory, and the peak GPU memory torch allocated when there is a GPU."""
+    import torch
+
+    memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        memory["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return memory
 
 
 def machine() -> dict[str, Any]:

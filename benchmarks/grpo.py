@@ -10,7 +10,6 @@ out of the throughput.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import tempfile
@@ -19,12 +18,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import GRPO_SETTINGS, machine, prepare_arithmetic, write_result
+from common import GRPO_SETTINGS, machine, peak_memory, prepare_arithmetic, write_result
 
 
 def measure(advantage: str, steps: int, seed: int) -> dict[str, Any]:
     import mlflow
-    import torch
 
     from rlhf_components import grpo
     from rlhf_components.core.runtime import setup_logging
@@ -62,7 +60,7 @@ def measure(advantage: str, steps: int, seed: int) -> dict[str, Any]:
             return [point.value for point in points]
 
         speeds = history("episodes_per_second")
-        result = {
+        return {
             "implementation": f"rlhf-pipelines grpo ({advantage})",
             "advantage": advantage,
             "settings": settings,
@@ -70,12 +68,9 @@ def measure(advantage: str, steps: int, seed: int) -> dict[str, Any]:
             "seed": seed,
             "episodes_per_second": statistics.fmean(speeds[1:] or speeds),
             "reward_curve": [round(value, 4) for value in history("reward")],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **peak_memory(),
             **machine(),
         }
-        if torch.cuda.is_available():
-            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        return result
 
 
 def main() -> None:

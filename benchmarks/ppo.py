@@ -10,7 +10,6 @@ out of the averages.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import tempfile
@@ -19,7 +18,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import LLAMA_100M, MODELS, PPO_SETTINGS, machine, our_ppo_config, prepare, write_result
+from common import (
+    LLAMA_100M,
+    MODELS,
+    PPO_SETTINGS,
+    machine,
+    our_ppo_config,
+    peak_memory,
+    prepare,
+    write_result,
+)
 
 
 def measure(
@@ -32,7 +40,6 @@ def measure(
     """Our PPO on `model` for `iterations` iterations of `settings`; with `lora`, that `lora:` section, and
     with `recompute`, gradient checkpointing."""
     import mlflow
-    import torch
 
     from rlhf_components import ppo
     from rlhf_components.core.runtime import setup_logging
@@ -61,7 +68,7 @@ def measure(
             return statistics.fmean(m.value for m in history[1:] or history)
 
         per_iteration = {name: steady(f"{name}_seconds") for name in ("generation", "scoring", "training")}
-        result = {
+        return {
             "implementation": "rlhf-pipelines",
             "model": model,
             "architecture": MODELS.get(model, LLAMA_100M),
@@ -74,12 +81,9 @@ def measure(
             "mean_response_tokens": steady("response_length"),
             "seconds_per_iteration": per_iteration,
             "generation_share": per_iteration["generation"] / sum(per_iteration.values()),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **peak_memory(),
             **machine(),
         }
-        if torch.cuda.is_available():
-            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        return result
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import GRPO_SETTINGS, RolloutClock, machine, write_result
+from common import GRPO_SETTINGS, RolloutClock, machine, peak_memory, write_result
 
 
 def exact_match(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
@@ -74,19 +73,16 @@ def measure(paths: dict[str, str], trainer_name: str, steps: int, seed: int) -> 
         trainer.train()
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     episodes = settings["prompts_per_step"] * settings["num_generations"]
-    result = {
+    return {
         "implementation": f"trl {trl.__version__} {trainer_class.__name__}",
         "settings": {**settings, **specific},
         "steps": steps,
         "seed": seed,
         "episodes_per_second": episodes / clock.seconds_per_rollout(1),
         "reward_curve": [round(value, 4) for value in rewards],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **peak_memory(),
         **machine(),
     }
-    if torch.cuda.is_available():
-        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return result
 
 
 def main() -> None:
