@@ -25,7 +25,7 @@ from rlhf_components.core.config import ModelStep, Reward
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.http import post_json
 from rlhf_components.core.models import load_scalar_model, normalized_rewards, score_texts
-from rlhf_components.core.records import Prompt
+from rlhf_components.core.records import Prompt, PromptRow
 
 Columns = dict[str, list[Any]]
 _PROMPTS: TypeAdapter[list[Prompt]] = TypeAdapter(list[Prompt])
@@ -66,6 +66,23 @@ class Scorer:
     name: str
     weight: float
     score: Callable[[Sequence[Prompt], Sequence[str], Columns], torch.Tensor]
+
+
+def weighted_total(
+    scorers: list[Scorer], rows: Sequence[PromptRow], completions: Sequence[str]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Σ weight · reward per completion (`rows[i]` is the prompt row `completions[i]` answers, its columns
+    what functions read), and each reward's mean by name."""
+    names = sorted({name for row in rows for name in row.columns})
+    columns = {name: [row.columns.get(name) for row in rows] for name in names}
+    prompts = [row.prompt for row in rows]
+    total = torch.zeros(len(completions))
+    means = {}
+    for scorer in scorers:
+        values = scorer.score(prompts, completions, columns)
+        means[scorer.name] = values.mean().item()
+        total += scorer.weight * values
+    return total, means
 
 
 def load(

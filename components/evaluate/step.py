@@ -189,22 +189,8 @@ class Judges:
             if gold
             else []
         )
-        total, per_reward = self._rewards(answers.texts)
-        return Judged(answers, rm, scores, total, per_reward)
-
-    def _rewards(self, texts: list[str]) -> tuple[list[float], dict[str, float]]:
-        if not self.scorers:
-            return [], {}
-        prompts = [row.prompt for row in self.prompts]
-        names = sorted({name for row in self.prompts for name in row.columns})
-        columns = {name: [row.columns.get(name) for row in self.prompts] for name in names}
-        total = torch.zeros(len(texts))
-        per_reward = {}
-        for scorer in self.scorers:
-            values = scorer.score(prompts, texts, columns)
-            per_reward[scorer.name] = values.mean().item()
-            total += scorer.weight * values
-        return total.tolist(), per_reward
+        total, per_reward = rewards.weighted_total(self.scorers, self.prompts, answers.texts)
+        return Judged(answers, rm, scores, total.tolist() if self.scorers else [], per_reward)
 
 
 def _compare(

@@ -130,13 +130,8 @@ def collect_group(
     batch = sample(models.policy, query_ids, query_mask, config.sampling, models.fmt, generator)
     completions = decode_responses(models.fmt, batch)
     repeated = [record for record in prompts for _ in range(k)]
-    columns = {name: [record.columns.get(name) for record in repeated] for name in _column_names(prompts)}
-    total = torch.zeros(len(completions))
-    per_reward = {}
-    for scorer in models.scorers:
-        values = scorer.score([record.prompt for record in repeated], completions, columns)
-        per_reward[f"reward/{scorer.name}"] = values.mean().item()
-        total += scorer.weight * values
+    total, means = reward_functions.weighted_total(models.scorers, repeated, completions)
+    per_reward = {f"reward/{name}": mean for name, mean in means.items()}
     total = total.to(device)
     mask = batch.response_mask.float()
     ref_logprobs, kl = None, 0.0
@@ -149,10 +144,6 @@ def collect_group(
             total = total - config.beta * log_ratio
     advantages = group_advantages(total, k, config.advantage, config.scale_rewards)
     return Group(batch, total, advantages, ref_logprobs, per_reward, kl)
-
-
-def _column_names(prompts: list[PromptRow]) -> list[str]:
-    return sorted({name for record in prompts for name in record.columns})
 
 
 def grpo_update(
