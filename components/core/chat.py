@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -206,11 +206,18 @@ def _plain(prompt: Prompt) -> str:
 
 
 def encode_prompts(
-    fmt: ChatFormat, records: Sequence[PromptRecord], limit: int, section: str
-) -> list[EncodedPrompt]:
+    fmt: ChatFormat,
+    records: Sequence[RecordT],
+    limit: int,
+    section: str,
+    *,
+    source: str,
+    purpose: str,
+) -> list[tuple[RecordT, list[int]]]:
     """Each prompt with its ids, leaving out (never cutting) those longer than `limit` tokens: they are
-    counted (`prompts_too_long`), logged, and listed in the step's MLflow run (`prompts_too_long.json`)."""
-    kept: list[EncodedPrompt] = []
+    counted (`prompts_too_long`), logged, and listed in the step's MLflow run (`prompts_too_long.json`).
+    None left is the user's error: "<source>: no <purpose> (N read…)"."""
+    kept: list[tuple[RecordT, list[int]]] = []
     too_long = []
     for record in records:
         ids = fmt.prompt_ids(record.prompt)
@@ -229,8 +236,15 @@ def encode_prompts(
             too_long[0]["source"],
         )
         log_dict(too_long, "prompts_too_long.json")
+    if not kept:
+        longer = (
+            f"; all {len(too_long)} are longer than {section}.max_prompt_tokens ({limit})" if too_long else ""
+        )
+        raise UserError(f"{source}: no {purpose} ({len(records)} read){longer}")
     return kept
 
+
+RecordT = TypeVar("RecordT", bound=PromptRecord)
 
 EncodedPrompt = tuple[PromptRecord, list[int]]
 """a prompt record with its ids (encode_prompts)"""

@@ -77,7 +77,9 @@ class Reward(StrictModel):
     )
     timeout_s: float = Field(default=30.0, gt=0.0, description="url: per request")
     retries: int = Field(default=3, ge=0, description="url: retries of a request that failed or timed out")
-    batch_size: int = Field(default=64, ge=1, description="url: completions per request")
+    batch_size: int = Field(
+        default=64, ge=1, description="url: completions per request; reward_model: per forward pass"
+    )
     weight: float = 1.0
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the function")
     name: str | None = Field(default=None, description="its name in the metrics (reward/<name>)")

@@ -262,6 +262,21 @@ def score_texts(
     return sequence_scores(model, ids, mask, mask.sum(-1) - 1)
 
 
+def score_in_batches(
+    model: PreTrainedModel,
+    fmt: ChatFormat,
+    prompts: Sequence[Prompt],
+    responses: Sequence[str],
+    batch_size: int,
+) -> torch.Tensor:
+    """score_texts over `batch_size` answers at a time, gathered on the CPU, [len(responses)]."""
+    parts = [
+        score_texts(model, fmt, prompts[i : i + batch_size], responses[i : i + batch_size]).cpu()
+        for i in range(0, len(responses), batch_size)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
 @torch.no_grad()
 def fold_reward_normalization(model: PreTrainedModel) -> None:
     """Make the scalar head output normalised rewards itself: w ← w/σ, and b ← (b − μ)/σ where the head has

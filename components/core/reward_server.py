@@ -22,7 +22,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import Field, model_validator
 
 from rlhf_components.core.config import ModelStep, StrictModel
-from rlhf_components.core.models import load_scalar_model, normalized_rewards, score_texts
+from rlhf_components.core.models import load_scalar_model, normalized_rewards, score_in_batches
 from rlhf_components.core.records import Prompt
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,8 @@ def create_app(model_uri: str, step: ModelStep, batch_size: int = 16, max_items:
     def score(request: ScoreRequest) -> ScoreResponse:
         if len(request.prompts) > max_items:
             raise HTTPException(413, f"{len(request.prompts)} items in one request; at most {max_items}")
-        raw: list[torch.Tensor] = []
         with one_at_a_time, torch.no_grad():
-            for start in range(0, len(request.prompts), batch_size):
-                prompts = request.prompts[start : start + batch_size]
-                responses = request.responses[start : start + batch_size]
-                raw.append(score_texts(model, fmt, prompts, responses).cpu())
-        raw_scores = torch.cat(raw) if raw else torch.zeros(0)
+            raw_scores = score_in_batches(model, fmt, request.prompts, request.responses, batch_size)
         return ScoreResponse(
             scores=normalized_rewards(model, raw_scores).tolist(),
             raw_scores=raw_scores.tolist(),

@@ -24,7 +24,7 @@ from pydantic import TypeAdapter
 from rlhf_components.core.config import ModelStep, Reward
 from rlhf_components.core.errors import UserError
 from rlhf_components.core.http import post_json
-from rlhf_components.core.models import load_scalar_model, normalized_rewards, score_texts
+from rlhf_components.core.models import load_scalar_model, normalized_rewards, score_in_batches
 from rlhf_components.core.records import Prompt, PromptRow
 
 Columns = dict[str, list[Any]]
@@ -93,7 +93,7 @@ def load(
     for index, reward in enumerate(rewards):
         where = f"{section}[{index}]"
         if reward.reward_model is not None:
-            score = _model_scorer(reward.reward_model, step, device, dtype)
+            score = _model_scorer(reward.reward_model, step, device, dtype, reward.batch_size)
         elif reward.url is not None:
             score = _http_scorer(reward, where)
         else:
@@ -137,14 +137,15 @@ def _function_scorer(
 
 
 def _model_scorer(
-    uri: str, step: ModelStep, device: torch.device, dtype: torch.dtype
+    uri: str, step: ModelStep, device: torch.device, dtype: torch.dtype, batch_size: int
 ) -> Callable[[Sequence[Prompt], Sequence[str], Columns], torch.Tensor]:
     model, fmt = load_scalar_model(uri, step, device, dtype=dtype)
     model.eval().requires_grad_(False)
 
     @torch.no_grad()
     def score(prompts: Sequence[Prompt], completions: Sequence[str], columns: Columns) -> torch.Tensor:
-        return normalized_rewards(model, score_texts(model, fmt, prompts, completions)).float().cpu()
+        raw = score_in_batches(model, fmt, prompts, completions, batch_size)
+        return normalized_rewards(model, raw).float()
 
     return score
 

@@ -108,20 +108,27 @@ class PairwiseJudge:
     def compare(self, comparisons: dict[str, Pairs]) -> dict[str, list[float]]:
         """The candidate's outcome per pair (1 win, ½ tie, 0 loss) for each named comparison."""
         questions: dict[str, tuple[str, str, str]] = {}
-        for prompts, candidate, baseline in comparisons.values():
+        # Per comparison, per pair: the keys of (candidate first, candidate second); None for two identical
+        # answers, a tie without asking.
+        asked: dict[str, list[tuple[str, str] | None]] = {}
+        for name, (prompts, candidate, baseline) in comparisons.items():
+            asked[name] = []
             for prompt, ours, theirs in zip(prompts, candidate, baseline, strict=True):
                 if ours == theirs:
-                    continue  # a tie, without asking
-                for order in ((prompt, ours, theirs), (prompt, theirs, ours)):
-                    questions.setdefault(self._key(*order), order)
+                    asked[name].append(None)
+                    continue
+                orders = ((prompt, ours, theirs), (prompt, theirs, ours))
+                keys = (self._key(*orders[0]), self._key(*orders[1]))
+                questions.update(zip(keys, orders, strict=True))
+                asked[name].append(keys)
         missing = [key for key in questions if key not in self.verdicts]
+        cached = len(questions) - len(missing)
         if self.requests + len(missing) > self.config.max_requests:
             raise UserError(
                 f"{WHERE}.max_requests: this evaluation needs {len(missing)} judge requests "
-                f"({len(questions) - len(missing)} more verdicts are cached), over the cap of "
+                f"({cached} more verdicts are cached), over the cap of "
                 f"{self.config.max_requests}; raise it, or judge fewer prompts (evaluate.max_prompts)"
             )
-        cached = len(questions) - len(missing)
         log.info("%s: %d verdicts to read, %d of them cached", WHERE, len(questions), cached)
         try:
             with ThreadPoolExecutor(self.config.concurrency) as pool:
@@ -131,16 +138,12 @@ class PairwiseJudge:
                     self.requests += 1
         finally:  # what was paid for is kept, even when a later request fails
             storage.write_jsonl(self.cache_uri, ({"key": k, "verdict": v} for k, v in self.verdicts.items()))
-        outcomes: dict[str, list[float]] = {}
-        for name, (prompts, candidate, baseline) in comparisons.items():
-            outcomes[name] = []
-            for prompt, ours, theirs in zip(prompts, candidate, baseline, strict=True):
-                if ours == theirs:
-                    outcomes[name].append(0.5)
-                    continue
-                self.verdicts_read += 2
-                first = self.verdicts[self._key(prompt, ours, theirs)]
-                second = self.verdicts[self._key(prompt, theirs, ours)]
-                self.unparsed += (first == UNPARSED) + (second == UNPARSED)
-                outcomes[name].append((_CANDIDATE_FIRST[first] + _CANDIDATE_SECOND[second]) / 2)
-        return outcomes
+        return {name: [self._outcome(keys) for keys in pairs] for name, pairs in asked.items()}
+
+    def _outcome(self, keys: tuple[str, str] | None) -> float:
+        if keys is None:
+            return 0.5
+        first, second = self.verdicts[keys[0]], self.verdicts[keys[1]]
+        self.verdicts_read += 2
+        self.unparsed += (first == UNPARSED) + (second == UNPARSED)
+        return (_CANDIDATE_FIRST[first] + _CANDIDATE_SECOND[second]) / 2

@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import torch
 from transformers import PreTrainedModel
@@ -24,9 +23,8 @@ from transformers import PreTrainedModel
 from rlhf_components.core import rewards, storage
 from rlhf_components.core.chat import ChatFormat, encode_prompts
 from rlhf_components.core.config import SamplingConfig, StrictModel
-from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import Batch, decode_responses, response_logprobs, sample_prompts
-from rlhf_components.core.models import load_policy, load_scalar_model, normalized_rewards, score_texts
+from rlhf_components.core.models import load_policy, load_scalar_model, normalized_rewards, score_in_batches
 from rlhf_components.core.records import PromptRow, prompt_text, read_prompts
 from rlhf_components.core.rewards import Scorer
 from rlhf_components.core.runtime import seed_everything, seeded_generator, select_device
@@ -173,16 +171,9 @@ class Judges:
         rm: list[float] = []
         if self.reward is not None:
             model, fmt = self.reward
-            raw = [
-                score_texts(
-                    model,
-                    fmt,
-                    [row.prompt for row in self.prompts[i : i + self.batch_size]],
-                    answers.texts[i : i + self.batch_size],
-                )
-                for i in range(0, len(answers.texts), self.batch_size)
-            ]
-            rm = normalized_rewards(model, torch.cat(raw)).tolist()
+            prompts = [row.prompt for row in self.prompts]
+            raw = score_in_batches(model, fmt, prompts, answers.texts, self.batch_size)
+            rm = normalized_rewards(model, raw).tolist()
         gold = self.gold
         scores = (
             [gold(prompt_text(p.prompt), t) for p, t in zip(self.prompts, answers.texts, strict=True)]
@@ -257,11 +248,15 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         kl_generator = seeded_generator(context.seed + 2, device)  # the KL pass leaves the answers alone
         reference, fmt = load_policy(inputs.reference, config, device)
         records = read_prompts(inputs.prompts)[: config.max_prompts]
-        encoded = encode_prompts(fmt, records, config.max_prompt_tokens, "evaluate")
-        if not encoded:
-            raise UserError(f"{inputs.prompts}: no held-out prompts to evaluate on ({len(records)} read)")
-        # encode_prompts hands back the rows it was given, columns and all.
-        prompts = cast(list[PromptRow], [record for record, _ in encoded])
+        encoded = encode_prompts(
+            fmt,
+            records,
+            config.max_prompt_tokens,
+            "evaluate",
+            source=inputs.prompts,
+            purpose="held-out prompts to evaluate on",
+        )
+        prompts = [record for record, _ in encoded]
         prompt_ids = [ids for _, ids in encoded]
         reward = load_scalar_model(inputs.reward_model, config, device) if inputs.reward_model else None
         gold = resolve_judge(config.gold_judge) if config.gold_judge else None

@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from rlhf_components.core import storage
 from rlhf_components.core.chat import encode_prompts
-from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import decode_responses, sample_prompts
 from rlhf_components.core.models import load_policy
 from rlhf_components.core.records import AnnotationTask, Candidate, prompt_text, read_prompts
@@ -91,9 +90,14 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         records = read_prompts(inputs.prompts)[: config.max_prompts]
         model, fmt = load_policy(inputs.policy, config, device)
         model.eval()
-        prompts = encode_prompts(fmt, records, config.max_prompt_tokens, "generate_candidates")
-        if not prompts:
-            raise UserError(f"{inputs.prompts}: no prompts to generate from ({len(records)} read)")
+        prompts = encode_prompts(
+            fmt,
+            records,
+            config.max_prompt_tokens,
+            "generate_candidates",
+            source=inputs.prompts,
+            purpose="prompts to generate from",
+        )
         candidates: list[Candidate] = []
         repeated = [p for p in prompts for _ in range(config.samples_per_prompt)]
         for start in tqdm(

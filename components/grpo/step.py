@@ -253,11 +253,14 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         job = start_training(config, inputs.policy, context.seed, STEP)
         records = read_prompts(inputs.prompts)
         models = _load_models(inputs, config, job)
-        prompts = encode_prompts(models.fmt, records, config.max_prompt_tokens, STEP)
-        if not prompts:
-            raise UserError(
-                f"{inputs.prompts}: no prompts for GRPO ({len(records)} read, none within max_prompt_tokens)"
-            )
+        prompts = encode_prompts(
+            models.fmt,
+            records,
+            config.max_prompt_tokens,
+            STEP,
+            source=inputs.prompts,
+            purpose="prompts for GRPO",
+        )
         episodes_per_step = config.prompts_per_step * config.num_generations
         steps = max(1, config.total_episodes // episodes_per_step)
         loop = LoopState(PromptStream(prompts, job.data_order), job.data_order)

@@ -36,7 +36,6 @@ import torch
 from transformers import PreTrainedModel
 
 from rlhf_components.core.chat import ChatFormat, PromptStream, encode_prompts, same_reading
-from rlhf_components.core.errors import UserError
 from rlhf_components.core.generation import (
     Batch,
     decode_responses,
@@ -403,11 +402,14 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         job = start_training(config, inputs.policy, context.seed, STEP)
         records = read_prompts(inputs.prompts)
         models = _load_models(inputs, config, job)
-        prompts = encode_prompts(models.fmt, records, config.max_prompt_tokens, STEP)
-        if not prompts:
-            raise UserError(
-                f"{inputs.prompts}: no prompts for PPO ({len(records)} read, none within max_prompt_tokens)"
-            )
+        prompts = encode_prompts(
+            models.fmt,
+            records,
+            config.max_prompt_tokens,
+            STEP,
+            source=inputs.prompts,
+            purpose="prompts for PPO",
+        )
         iterations = max(1, config.total_episodes // config.rollout_batch_size)
         loop = LoopState(
             PromptStream(prompts, job.data_order),
