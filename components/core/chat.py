@@ -23,14 +23,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlhf_components.core import storage
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.records import Prompt, PromptRecord
+from rlhf_components.core.records import Prompt, PromptRow, read_prompts
 from rlhf_components.core.tracking import log_dict, log_metrics
 
 log = logging.getLogger(__name__)
@@ -205,19 +205,18 @@ def _plain(prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else "\n\n".join(m.content for m in prompt)
 
 
+EncodedPrompt = tuple[PromptRow, list[int]]
+"""a prompt record with its ids (encode_prompts)"""
+
+
 def encode_prompts(
-    fmt: ChatFormat,
-    records: Sequence[RecordT],
-    limit: int,
-    section: str,
-    *,
-    source: str,
-    purpose: str,
-) -> list[tuple[RecordT, list[int]]]:
-    """Each prompt with its ids, leaving out (never cutting) those longer than `limit` tokens: they are
-    counted (`prompts_too_long`), logged, and listed in the step's MLflow run (`prompts_too_long.json`).
-    None left is the user's error: "<source>: no <purpose> (N read…)"."""
-    kept: list[tuple[RecordT, list[int]]] = []
+    fmt: ChatFormat, uri: str, limit: int, section: str, purpose: str, first: int | None = None
+) -> list[EncodedPrompt]:
+    """The prompt rows at `uri` (the `first` of them, when given), each with its ids, leaving out (never
+    cutting) those longer than `limit` tokens: they are counted (`prompts_too_long`), logged, and listed in
+    the step's MLflow run (`prompts_too_long.json`). None left is the user's error: "<uri>: no <purpose>"."""
+    records = read_prompts(uri)[:first]
+    kept: list[EncodedPrompt] = []
     too_long = []
     for record in records:
         ids = fmt.prompt_ids(record.prompt)
@@ -240,14 +239,8 @@ def encode_prompts(
         longer = (
             f"; all {len(too_long)} are longer than {section}.max_prompt_tokens ({limit})" if too_long else ""
         )
-        raise UserError(f"{source}: no {purpose} ({len(records)} read){longer}")
+        raise UserError(f"{uri}: no {purpose} ({len(records)} read){longer}")
     return kept
-
-
-RecordT = TypeVar("RecordT", bound=PromptRecord)
-
-EncodedPrompt = tuple[PromptRecord, list[int]]
-"""a prompt record with its ids (encode_prompts)"""
 
 
 class PromptStream:

@@ -25,7 +25,7 @@ from rlhf_components.core.chat import ChatFormat, encode_prompts
 from rlhf_components.core.config import SamplingConfig, StrictModel
 from rlhf_components.core.generation import Batch, decode_responses, response_logprobs, sample_prompts
 from rlhf_components.core.models import load_policy, load_scalar_model, normalized_rewards, score_in_batches
-from rlhf_components.core.records import PromptRow, prompt_text, read_prompts
+from rlhf_components.core.records import PromptRow, prompt_text
 from rlhf_components.core.rewards import Scorer
 from rlhf_components.core.runtime import seed_everything, seeded_generator, select_device
 from rlhf_components.core.step import step_output
@@ -247,14 +247,13 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         answer_generator = seeded_generator(context.seed + 1, device)
         kl_generator = seeded_generator(context.seed + 2, device)  # the KL pass leaves the answers alone
         reference, fmt = load_policy(inputs.reference, config, device)
-        records = read_prompts(inputs.prompts)[: config.max_prompts]
         encoded = encode_prompts(
             fmt,
-            records,
+            inputs.prompts,
             config.max_prompt_tokens,
             "evaluate",
-            source=inputs.prompts,
-            purpose="held-out prompts to evaluate on",
+            "held-out prompts to evaluate on",
+            first=config.max_prompts,
         )
         prompts = [record for record, _ in encoded]
         prompt_ids = [ids for _, ids in encoded]

@@ -18,7 +18,7 @@ from rlhf_components.core import storage
 from rlhf_components.core.chat import encode_prompts
 from rlhf_components.core.generation import decode_responses, sample_prompts
 from rlhf_components.core.models import load_policy
-from rlhf_components.core.records import AnnotationTask, Candidate, prompt_text, read_prompts
+from rlhf_components.core.records import AnnotationTask, Candidate, prompt_text
 from rlhf_components.core.runtime import progress_disabled, seed_everything, seeded_generator, select_device
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
@@ -87,16 +87,15 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         device = select_device(config.device, "generate_candidates")
         seed_everything(context.seed)
         generator = seeded_generator(context.seed, device)
-        records = read_prompts(inputs.prompts)[: config.max_prompts]
         model, fmt = load_policy(inputs.policy, config, device)
         model.eval()
         prompts = encode_prompts(
             fmt,
-            records,
+            inputs.prompts,
             config.max_prompt_tokens,
             "generate_candidates",
-            source=inputs.prompts,
-            purpose="prompts to generate from",
+            "prompts to generate from",
+            first=config.max_prompts,
         )
         candidates: list[Candidate] = []
         repeated = [p for p in prompts for _ in range(config.samples_per_prompt)]

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -50,7 +50,7 @@ from rlhf_components.core.losses import (
     masked_mean,
 )
 from rlhf_components.core.models import load_policy
-from rlhf_components.core.records import PromptRow, read_prompts
+from rlhf_components.core.records import PromptRow
 from rlhf_components.core.runtime import sampling_generator
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, step_run
@@ -219,8 +219,7 @@ def _step(
 ) -> dict[str, float]:
     started, workers = time.perf_counter(), kernel.workers
     chosen = loop.stream.take(config.prompts_per_step)[workers.shard(config.prompts_per_step)]
-    # The stream holds the PromptRow records `run` encoded.
-    records = cast(list[PromptRow], [record for record, _ in chosen])
+    records = [record for record, _ in chosen]
     group = collect_group(
         models,
         records,
@@ -251,15 +250,9 @@ def _step(
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, STEP, config):
         job = start_training(config, inputs.policy, context.seed, STEP)
-        records = read_prompts(inputs.prompts)
         models = _load_models(inputs, config, job)
         prompts = encode_prompts(
-            models.fmt,
-            records,
-            config.max_prompt_tokens,
-            STEP,
-            source=inputs.prompts,
-            purpose="prompts for GRPO",
+            models.fmt, inputs.prompts, config.max_prompt_tokens, STEP, "prompts for GRPO"
         )
         episodes_per_step = config.prompts_per_step * config.num_generations
         steps = max(1, config.total_episodes // episodes_per_step)

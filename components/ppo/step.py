@@ -64,7 +64,7 @@ from rlhf_components.core.models import (
     sequence_scores,
     token_scores,
 )
-from rlhf_components.core.records import Prompt, read_prompts
+from rlhf_components.core.records import Prompt
 from rlhf_components.core.runtime import sampling_generator
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, step_run
@@ -400,15 +400,9 @@ def _iteration(
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
     with step_run(context, STEP, config):
         job = start_training(config, inputs.policy, context.seed, STEP)
-        records = read_prompts(inputs.prompts)
         models = _load_models(inputs, config, job)
         prompts = encode_prompts(
-            models.fmt,
-            records,
-            config.max_prompt_tokens,
-            STEP,
-            source=inputs.prompts,
-            purpose="prompts for PPO",
+            models.fmt, inputs.prompts, config.max_prompt_tokens, STEP, "prompts for PPO"
         )
         iterations = max(1, config.total_episodes // config.rollout_batch_size)
         loop = LoopState(
