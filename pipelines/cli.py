@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +31,11 @@ INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a command stopped by Ctr
 ConfigArg = Annotated[Path, typer.Argument(help="pipeline config YAML")]
 
 
+class Runner(StrEnum):
+    subprocess = "subprocess"
+    docker = "docker"
+
+
 @app.command()
 def validate(config: ConfigArg) -> None:
     """Check a pipeline config without running anything."""
@@ -52,12 +58,19 @@ def compile_command(
 def run(
     config: ConfigArg,
     workdir: Annotated[Path, typer.Option(help="kfp.local outputs and summary.json go here")] = Path("."),
+    runner: Annotated[
+        Runner,
+        typer.Option(
+            help="subprocess: each step a process of this Python environment; docker: each step a container "
+            "of the project image (RLHF_IMAGE, `make images`) through a Docker engine or podman's socket"
+        ),
+    ] = Runner.subprocess,
 ) -> None:
     """Run the pipeline locally (kfp.local, the same DAG as on Kubernetes) and print its summary."""
     from rlhf_pipelines.runner import run_local, summary_table
 
     loaded = load_pipeline_config(config)
-    summary = run_local(loaded, workdir.resolve())
+    summary = run_local(loaded, workdir.resolve(), runner.value)
     summary_path = workdir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     table = Table(title=f"{loaded.name}: pipeline summary")

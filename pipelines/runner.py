@@ -9,9 +9,9 @@ import re
 import tempfile
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rlhf_components.core import storage
 from rlhf_components.core.config import flatten
@@ -59,10 +59,14 @@ def preflight(config: PipelineConfig) -> None:
             raise UserError(f"collect_prompts.sources: {source} does not exist")
 
 
-def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
-    """The whole DAG through kfp.local's SubprocessRunner in this Python environment; returns the summary."""
+def run_local(
+    config: PipelineConfig, workdir: Path, runner: Literal["subprocess", "docker"] = "subprocess"
+) -> dict[str, Any]:
+    """The whole DAG through kfp.local, each step a process of this Python environment (subprocess) or a
+    container of the project image (docker, see rlhf_pipelines.containers); returns the summary."""
     import kfp.local
 
+    from rlhf_pipelines import components, containers
     from rlhf_pipelines.dag import PIPELINES
 
     config = with_absolute_paths(config)
@@ -78,18 +82,26 @@ def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
     pipeline_root.mkdir(parents=True, exist_ok=True)
     for stale in (error_file, run_file):
         stale.unlink(missing_ok=True)
-    kfp.local.init(
-        runner=kfp.local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(pipeline_root),
-        raise_on_error=True,
-    )
-    # Our components name the project image as base_image on purpose; under kfp.local it is this environment.
-    warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
+    if runner == "docker":
+        inherited.update(containers.engine_host())
     with _inherited_by_tasks(inherited):
+        if runner == "docker":
+            containers.check_engine_and_image(components.IMAGE)
+            task_environment = {**_passed_to_containers(config), **inherited}
+            local_runner: Any = containers.docker_runner(config, workdir, task_environment)
+        else:
+            local_runner = kfp.local.SubprocessRunner(use_venv=False)
+        kfp.local.init(runner=local_runner, pipeline_root=str(pipeline_root), raise_on_error=True)
+        # Our components name the project image as base_image on purpose; under the subprocess runner it
+        # is this environment.
+        warnings.filterwarnings(
+            "ignore", message="You may be attemping to run a task", category=RuntimeWarning
+        )
         build_demo_assets_if_configured(config)
         preflight(config)
         try:
-            with interrupts.stopped_cleanly(config.name, run_file):
+            kept = containers.exit_codes_kept() if runner == "docker" else nullcontext()
+            with interrupts.stopped_cleanly(config.name, run_file), kept:
                 task = PIPELINES[config.pipeline](config=config.to_json())
         except RuntimeError as error:
             reason = error_file.read_text(encoding="utf-8").strip() if error_file.is_file() else ""
@@ -98,6 +110,15 @@ def run_local(config: PipelineConfig, workdir: Path) -> dict[str, Any]:
     outputs = json.loads(task.output)
     summary: dict[str, Any] = storage.read_json(outputs["summary"])
     return summary
+
+
+def _passed_to_containers(config: PipelineConfig) -> dict[str, str]:
+    """What a step reads from its environment besides the run's own variables: credentials, endpoints and
+    settings of MLflow, S3, Hugging Face and ours, and the judge's API key."""
+    prefixes = ("AWS_", "MLFLOW_", "HF_", "RLHF_")
+    judge = config.evaluate.judge
+    named = {judge.api_key_env} if judge is not None and judge.api_key_env else set()
+    return {name: value for name, value in os.environ.items() if name.startswith(prefixes) or name in named}
 
 
 @contextmanager
