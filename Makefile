@@ -60,6 +60,7 @@ base-image:
 images:
 	$(CONTAINER_ENGINE) build -f containers/Dockerfile -t $(RLHF_IMAGE) \
 		--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TORCH_VERSION=$(TORCH_VERSION) \
+		--build-arg GIT_SHA=$$(git describe --always --dirty --abbrev=40 2>/dev/null || echo unknown) \
 		--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/$(IMAGE_TORCH) $(IMAGE_BUILD_FLAGS) .
 	@$(CONTAINER_ENGINE) image inspect --format "{{.Size}}" $(RLHF_IMAGE) | awk '{printf "$(RLHF_IMAGE): %.2f GB\n", $$1 / 1e9}'
 

@@ -54,11 +54,13 @@ class Started(StrictModel):
     champion_version: str | None
 
 
-def _report_failure(step: str, error: Exception) -> None:
+def _report_failure(step: str, error: BaseException) -> str:
+    """The failure's one line, also left for `rlhf run` to print when it runs the step."""
+    message = str(error).removeprefix(f"{step}: ")
     target = os.environ.get(ERROR_FILE_ENV)
     if target:
-        message = str(error).removeprefix(f"{step}: ")
         Path(target).write_text(f"step {step}: {message}\n", encoding="utf-8")
+    return message
 
 
 def start(config_json: str) -> str:
@@ -115,10 +117,11 @@ def _step(finishes_pipeline: bool = False) -> Callable[[Callable[..., BaseModel]
                 outputs = launch(step, getattr(config, step), inputs, started.context)
             except BaseException as error:
                 with interrupts.sigint_ignored():  # a second interrupt must not cut the record short
-                    killed = not isinstance(error, Exception) or interrupts.runner_gone()
-                    if isinstance(error, Exception) and not killed:
-                        _report_failure(step, error)
-                    finish_pipeline_run(started.context, "KILLED" if killed else "FAILED")
+                    if not isinstance(error, Exception) or interrupts.runner_gone():
+                        finish_pipeline_run(started.context, "KILLED")
+                    else:
+                        failure = (step, _report_failure(step, error))
+                        finish_pipeline_run(started.context, "FAILED", failure)
                 raise
             if finishes_pipeline:
                 finish_pipeline_run(started.context)

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import subprocess
 import sys
 import urllib.error
 import urllib.parse
@@ -158,6 +159,29 @@ def _why(cause: Exception) -> str:
     return type(cause).__name__
 
 
+CODE_VERSION_ENV = "RLHF_GIT_SHA"
+FAILED_STEP_TAG, FAILURE_TAG = "rlhf.failed_step", "rlhf.failure"
+
+
+def code_version(source: Path = Path(__file__)) -> str:
+    """The commit this code was built from: RLHF_GIT_SHA (set in the image by `make images`), else the git
+    checkout the package runs from (an editable install), `-dirty` with uncommitted changes; else unknown."""
+    built = os.environ.get(CODE_VERSION_ENV)
+    if built:
+        return built
+    try:
+        described = subprocess.run(
+            ["git", "-C", str(source.parent), "describe", "--always", "--dirty", "--abbrev=40"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return described.stdout.strip() if described.returncode == 0 else "unknown"
+
+
 def start_pipeline_run(
     config: TrackingConfig, run_name: str, params: dict[str, Any], tags: dict[str, str]
 ) -> tuple[str, str]:
@@ -166,9 +190,10 @@ def start_pipeline_run(
 
     uri = resolve_tracking_uri(config)
     experiment_id = _use(uri, config.experiment, config.retry_window_s)
+    tags = {"rlhf.kind": "pipeline", "rlhf.git_sha": code_version(), **tags}
     with server_answers():
         client = mlflow.MlflowClient()
-        run = client.create_run(experiment_id, run_name=run_name, tags={"rlhf.kind": "pipeline", **tags})
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         log_params(run.info.run_id, flatten(params))
     return uri, run.info.run_id
 
@@ -183,13 +208,21 @@ def log_params(run_id: str, params: dict[str, str]) -> None:
         client.log_batch(run_id, params=items[start : start + 100])
 
 
-def finish_pipeline_run(context: RunContext, status: str = "FINISHED") -> None:
+def finish_pipeline_run(
+    context: RunContext, status: str = "FINISHED", failure: tuple[str, str] | None = None
+) -> None:
+    """End the pipeline run; a failed one carries the failing step and its reason as tags."""
     import mlflow
 
     _bound_retries(context.tracking_retry_window_s)
     mlflow.set_tracking_uri(context.tracking_uri)
     with server_answers():
-        mlflow.MlflowClient().set_terminated(context.parent_run_id, status=status)
+        client = mlflow.MlflowClient()
+        if failure is not None:
+            step, reason = failure
+            client.set_tag(context.parent_run_id, FAILED_STEP_TAG, step)
+            client.set_tag(context.parent_run_id, FAILURE_TAG, redacted(reason)[:5000])
+        client.set_terminated(context.parent_run_id, status=status)
 
 
 @contextmanager

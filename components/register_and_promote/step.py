@@ -10,7 +10,6 @@ evidence clears the gate.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from rlhf_components.core.config import ModelStep
 from rlhf_components.core.lora import ADAPTER_TAG
 from rlhf_components.core.models import load_policy, load_scalar_model
 from rlhf_components.core.step import step_output
-from rlhf_components.core.tracking import RunContext, step_run
+from rlhf_components.core.tracking import RunContext, code_version, step_run
 from rlhf_components.register_and_promote import registry
 from rlhf_components.register_and_promote.config import Config, GateConfig, Inputs, Outputs, RegisteredVersion
 
@@ -88,7 +87,7 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         lineage = {
             "rlhf.pipeline_run_id": context.parent_run_id,
             "rlhf.parent_version": inputs.parent_version or "none",
-            "rlhf.git_sha": os.environ.get("RLHF_GIT_SHA", "unknown"),
+            "rlhf.git_sha": code_version(),
             **{f"rlhf.{key}": value for key, value in inputs.lineage.items()},
         }
         loading = ModelStep(trust_remote_code=config.trust_remote_code)  # weights in their saved dtype

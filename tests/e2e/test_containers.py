@@ -98,6 +98,11 @@ def test_the_image_is_small_and_runs_the_cli_and_a_step_as_any_user(
     assert size < IMAGE_SIZE_TARGET, f"{size / 1e9:.2f} GB"
     assert _podman("run", "--rm", project_image, "pip", "--version").returncode != 0  # no pip in the image
 
+    described = ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=40"]
+    commit = subprocess.run(described, capture_output=True, text=True, check=True).stdout.strip()
+    baked = _podman("run", "--rm", project_image, "printenv", "RLHF_GIT_SHA").stdout.strip()
+    assert baked == commit  # what rlhf.git_sha records for runs in the image
+
     shown = _podman("run", "--rm", project_image)  # the default command: `rlhf --help`
     assert shown.returncode == 0 and "Usage: rlhf" in shown.stdout and "run" in shown.stdout, shown.stderr
 

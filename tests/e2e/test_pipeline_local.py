@@ -198,5 +198,7 @@ def test_failing_step_ends_in_one_line_and_a_failed_parent_run(
     experiment = client.get_experiment_by_name("e2e")
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.`rlhf.kind` = 'pipeline'")
     assert [run.info.status for run in parents] == ["FAILED"]
+    assert parents[0].data.tags["rlhf.failed_step"] == "ingest_feedback"
+    assert last.endswith(parents[0].data.tags["rlhf.failure"] + " (step logs above)")
     quarantine = next((tmp_path / "outputs").glob("*/ingest_feedback/quarantine.jsonl"))
     assert "bad.jsonl:1" in quarantine.read_text()

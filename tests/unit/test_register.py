@@ -10,7 +10,7 @@ import pytest
 
 from rlhf_components import register_and_promote
 from rlhf_components.core.errors import UserError
-from rlhf_components.core.tracking import RunContext
+from rlhf_components.core.tracking import RunContext, code_version
 from rlhf_components.demo import DemoAssets
 from rlhf_components.register_and_promote import registry
 from rlhf_components.register_and_promote.step import GateConfig, gate_decision
@@ -137,7 +137,7 @@ def test_register_gate_aliases_and_rollback(
         assert tags["rlhf.prompts_hash"] == LINEAGE["prompts_hash"]
         assert tags["rlhf.feedback_hash"] == LINEAGE["feedback_hash"]
         assert tags["rlhf.parent_version"] == "none"
-        assert "rlhf.git_sha" in tags
+        assert tags["rlhf.git_sha"] == code_version() != "unknown"  # the tests run from the checkout
         assert "rlhf.production.decision" in tags and "rlhf.staging.decision" in tags
         assert str(client.get_model_version_by_alias(name, "production").version) == "1"
     policy_tags = client.get_model_version(POLICY, "1").tags
