@@ -45,9 +45,27 @@ def _evaluate_and_gate(
     return evaluation, registered
 
 
-def _on_the_cluster(tasks: tuple[Task, ...], model_tasks: tuple[Task, ...]) -> None:
-    """Cluster credentials for every task; the GPUs RLHF_TASK_GPUS asks for, for the tasks that run models."""
+DISPLAY_NAMES = {
+    "start-run": "start the MLflow run",
+    "collect-prompts": "collect prompts",
+    "generate-candidates": "generate candidates (champion)",
+    "ingest-feedback": "ingest feedback",
+    "train-reward-model": "train the reward model",
+    "ppo": "PPO",
+    "dpo": "DPO",
+    "grpo": "GRPO / RLOO",
+    "evaluate": "evaluate vs SFT and champion",
+    "register-and-promote": "register, gate, promote",
+}
+
+
+def _for_kfp(tasks: tuple[Task, ...], model_tasks: tuple[Task, ...]) -> None:
+    """How KFP shows and runs each task: a readable name; never from cache, since every task reads state
+    that changes between runs with the same config (the inbox, the prompt prefixes, the registry's
+    champion, the run it records in); the cluster's credentials. The model tasks get the GPUs
+    RLHF_TASK_GPUS asks for."""
     for task in tasks:
+        task.set_display_name(DISPLAY_NAMES[task.name]).set_caching_options(enable_caching=False)
         c.use_cluster_credentials(task)
     for task in model_tasks:
         c.request_gpus(task)
@@ -59,7 +77,7 @@ def _with_a_reward_model(config: str, trainer: Any) -> Any:
     reward = c.train_reward_model(config=config, run=run.output, feedback=feedback.output).set_retry(2)
     policy = trainer(config=config, run=run.output, prompts=prompts.output, reward=reward.output).set_retry(2)
     evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback.output, reward.output, policy)
-    _on_the_cluster(
+    _for_kfp(
         (run, prompts, candidates, feedback, reward, policy, evaluation, registered),
         (candidates, reward, policy, evaluation),
     )
@@ -76,7 +94,7 @@ def dpo_pipeline(config: str) -> str:
     run, prompts, candidates, feedback = _preferences(config)
     policy = c.dpo(config=config, run=run.output, feedback=feedback.output).set_retry(2)
     evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback.output, NONE, policy)
-    _on_the_cluster(
+    _for_kfp(
         (run, prompts, candidates, feedback, policy, evaluation, registered), (candidates, policy, evaluation)
     )
     return registered.output
@@ -88,7 +106,7 @@ def grpo_pipeline(config: str) -> str:
     prompts = c.collect_prompts(config=config, run=run.output)
     policy = c.grpo(config=config, run=run.output, prompts=prompts.output, reward=NONE).set_retry(2)
     evaluation, registered = _evaluate_and_gate(config, run, prompts, NONE, NONE, policy)
-    _on_the_cluster((run, prompts, policy, evaluation, registered), (policy, evaluation))
+    _for_kfp((run, prompts, policy, evaluation, registered), (policy, evaluation))
     return registered.output
 
 
