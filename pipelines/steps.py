@@ -35,6 +35,7 @@ from rlhf_components.core.runtime import setup_logging
 from rlhf_components.core.step import ERROR_FILE_ENV
 from rlhf_components.core.tracking import (
     RunContext,
+    experiment_of,
     finish_pipeline_run,
     start_pipeline_run,
 )
@@ -83,7 +84,7 @@ def start(config_json: str) -> str:
         raise
     context = RunContext(
         tracking_uri=tracking_uri,
-        experiment=config.tracking.experiment,
+        experiment=experiment_of(tracking_uri, run_id),  # KFP's, when KFP made the run
         parent_run_id=run_id,
         output_root=config.storage_root,
         seed=config.seed,

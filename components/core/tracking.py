@@ -185,17 +185,55 @@ def code_version(source: Path = Path(__file__)) -> str:
 def start_pipeline_run(
     config: TrackingConfig, run_name: str, params: dict[str, Any], tags: dict[str, str]
 ) -> tuple[str, str]:
-    """Create the parent run (left open for the steps); returns (tracking URI, run id)."""
+    """Create the parent run (left open for the steps); returns (tracking URI, run id). Under KFP's MLflow
+    integration, which made a run for the pipeline and one nested in it for this task (MLFLOW_RUN_ID),
+    the pipeline's run is KFP's: it gets our params and tags, and no second one is made."""
     import mlflow
 
     uri = resolve_tracking_uri(config)
-    experiment_id = _use(uri, config.experiment, config.retry_window_s)
+    _bound_retries(config.retry_window_s)
     tags = {"rlhf.kind": "pipeline", "rlhf.git_sha": code_version(), **tags}
     with server_answers():
-        client = mlflow.MlflowClient()
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-        log_params(run.info.run_id, flatten(params))
-    return uri, run.info.run_id
+        client = mlflow.MlflowClient(uri)
+        injected = _injected_run(client)
+        if injected is None:
+            experiment_id = _use(uri, config.experiment, config.retry_window_s)
+            run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        else:
+            run_id = injected.data.tags.get(PARENT_RUN_TAG, injected.info.run_id)
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+        mlflow.set_tracking_uri(uri)
+        log_params(run_id, flatten(params))
+    return uri, run_id
+
+
+def experiment_of(tracking_uri: str, run_id: str) -> str:
+    """The name of the experiment a run is in (KFP's, for a run KFP made)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    with server_answers():
+        return str(client.get_experiment(client.get_run(run_id).info.experiment_id).name)
+
+
+PARENT_RUN_TAG = "mlflow.parentRunId"
+KFP_TASK_RUN_ENV = "MLFLOW_RUN_ID"
+
+
+def _injected_run(client: Any) -> Any:
+    """The run KFP's MLflow integration made for this task (MLFLOW_RUN_ID), when it is on our server."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = os.environ.get(KFP_TASK_RUN_ENV)
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        log.warning("%s=%s is not a run of %s (%s); recording in runs of our own", KFP_TASK_RUN_ENV, run_id,
+                    redacted(client.tracking_uri), error)  # fmt: skip
+        return None
 
 
 def log_params(run_id: str, params: dict[str, str]) -> None:
@@ -228,6 +266,7 @@ def finish_pipeline_run(
 @contextmanager
 def step_run(context: RunContext, step: str, config: StrictModel) -> Iterator[Any]:
     """A child run of the pipeline run, with the step's config as params; failed steps are marked FAILED.
+    Under KFP's MLflow integration it is the run KFP made for the task (MLFLOW_RUN_ID), not a second one.
 
     Only the main worker of a distributed step records anything (here and in `log_metrics`): the others
     hand it their numbers through the collectives, and MLflow sees one run per step.
@@ -238,10 +277,18 @@ def step_run(context: RunContext, step: str, config: StrictModel) -> Iterator[An
         yield None
         return
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking.context.registry import resolve_tags
 
-    _use(context.tracking_uri, context.experiment, context.tracking_retry_window_s)
+    experiment_id = _use(context.tracking_uri, context.experiment, context.tracking_retry_window_s)
     with server_answers():
-        run = mlflow.start_run(run_name=step, parent_run_id=context.parent_run_id, tags={"rlhf.step": step})
+        client = mlflow.MlflowClient()
+        injected = _injected_run(client)
+        if injected is not None and injected.data.tags.get(PARENT_RUN_TAG) == context.parent_run_id:
+            run_id = injected.info.run_id  # KFP's run for this task, nested in the pipeline's
+        else:
+            tags = resolve_tags({"rlhf.step": step, PARENT_RUN_TAG: context.parent_run_id})
+            run_id = client.create_run(experiment_id, run_name=step, tags=tags).info.run_id
+        run = mlflow.start_run(run_id=run_id, tags={"rlhf.step": step})
     try:
         with server_answers():
             params = flatten(config.model_dump(mode="json"))
