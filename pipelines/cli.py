@@ -46,12 +46,17 @@ def validate(config: ConfigArg) -> None:
 @app.command("compile")
 def compile_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="where to write the KFP IR YAML")],
-    pipeline: Annotated[str, typer.Option(help="which DAG")] = "rlhf",
+    pipeline: Annotated[str | None, typer.Option(help="which DAG (default: the config's, else rlhf)")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="a pipeline config: its DAG, and its `resources` for the tasks' pods")
+    ] = None,
 ) -> None:
     """Compile a pipeline to KFP IR YAML."""
     from rlhf_pipelines.runner import compile_pipeline
 
-    console.print(f"compiled {pipeline} to {compile_pipeline(pipeline, output)}")
+    loaded = load_pipeline_config(config) if config else None
+    chosen = pipeline or (loaded.pipeline if loaded else "rlhf")
+    console.print(f"compiled {chosen} to {compile_pipeline(chosen, output, loaded)}")
 
 
 @app.command()

@@ -27,6 +27,31 @@ MODEL_STEPS = ("generate_candidates", "train_reward_model", "ppo", "dpo", "grpo"
 TRAINERS = ("train_reward_model", "ppo", "dpo", "grpo")
 
 
+TASKS = Literal[
+    "start_run",
+    "collect_prompts",
+    "generate_candidates",
+    "ingest_feedback",
+    "train_reward_model",
+    "ppo",
+    "dpo",
+    "grpo",
+    "evaluate",
+    "register_and_promote",
+]
+CPU = Field(default=None, pattern=r"^([0-9]*[.])?[0-9]+m?$", description="cores, e.g. 2, 0.5 or 500m")
+MEMORY = Field(default=None, pattern=r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$", description="e.g. 16Gi")
+
+
+class TaskResources(StrictModel):
+    """A task's pod requests and limits on Kubernetes (compiled into the pipeline; kfp.local ignores them)."""
+
+    cpu_request: str | None = CPU
+    cpu_limit: str | None = CPU
+    memory_request: str | None = MEMORY
+    memory_limit: str | None = MEMORY
+
+
 class DemoAssetsConfig(StrictModel):
     """Build the demo task's assets (cached) before the run; paths in the config may point into `dir`."""
 
@@ -64,6 +89,11 @@ class PipelineConfig(StrictModel):
     grpo: GRPOConfig | None = Field(default=None, description="the grpo pipeline's trainer and its rewards")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register_and_promote: RegisterConfig = Field(default_factory=RegisterConfig)
+    resources: dict[TASKS, TaskResources] = Field(
+        default_factory=dict,
+        description="per task (step name): CPU and memory requests and limits of its pod on Kubernetes, "
+        "compiled into the pipeline by `rlhf submit`, `rlhf schedule` and `rlhf compile --config`",
+    )
 
     @model_validator(mode="after")
     def _pytorchjob_pods_can_reach_storage(self) -> PipelineConfig:

@@ -6,12 +6,15 @@ endpoints) score the policy's own samples of the prompts; grpo-feedback starts l
 reward model it trains to those rewards. The trainers are retried, and a retry resumes from the checkpoint
 the failed attempt left behind."""
 
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from kfp import dsl
 from kfp.dsl import PipelineTask as Task
 
 from rlhf_pipelines import components as c
+from rlhf_pipelines.config import TaskResources
 
 NONE = "null"
 """An upstream output a pipeline does not have (DPO's and GRPO's reward model, GRPO's feedback)."""
@@ -59,14 +62,20 @@ DISPLAY_NAMES = {
 }
 
 
+_resources: ContextVar[Mapping[str, TaskResources] | None] = ContextVar("task_resources", default=None)
+
+
 def _for_kfp(tasks: tuple[Task, ...], model_tasks: tuple[Task, ...]) -> None:
     """How KFP shows and runs each task: a readable name; never from cache, since every task reads state
     that changes between runs with the same config (the inbox, the prompt prefixes, the registry's
-    champion, the run it records in); the cluster's credentials. The model tasks get the GPUs
-    RLHF_TASK_GPUS asks for."""
+    champion, the run it records in); the cluster's credentials; the config's CPU and memory for its pod.
+    The model tasks get the GPUs RLHF_TASK_GPUS asks for."""
     for task in tasks:
         task.set_display_name(DISPLAY_NAMES[task.name]).set_caching_options(enable_caching=False)
         c.use_cluster_credentials(task)
+        resources = (_resources.get() or {}).get(task.name.replace("-", "_"), TaskResources())
+        for setting, value in resources.model_dump(exclude_none=True).items():
+            getattr(task, f"set_{setting}")(value)
     for task in model_tasks:
         c.request_gpus(task)
 
@@ -84,12 +93,10 @@ def _with_a_reward_model(config: str, trainer: Any) -> Any:
     return registered.output
 
 
-@dsl.pipeline(name="rlhf", description="RLHF: prompts → candidates → feedback → reward model → PPO → gate")
 def rlhf_pipeline(config: str) -> str:
     return _with_a_reward_model(config, c.ppo)
 
 
-@dsl.pipeline(name="dpo", description="DPO: prompts → candidates → feedback → DPO → gate")
 def dpo_pipeline(config: str) -> str:
     run, prompts, candidates, feedback = _preferences(config)
     policy = c.dpo(config=config, run=run.output, feedback=feedback.output).set_retry(2)
@@ -100,7 +107,6 @@ def dpo_pipeline(config: str) -> str:
     return registered.output
 
 
-@dsl.pipeline(name="grpo", description="GRPO/RLOO: prompts → grpo (rewards on the policy's samples) → gate")
 def grpo_pipeline(config: str) -> str:
     run = c.start_run(config=config).set_retry(2)
     prompts = c.collect_prompts(config=config, run=run.output)
@@ -110,17 +116,29 @@ def grpo_pipeline(config: str) -> str:
     return registered.output
 
 
-@dsl.pipeline(
-    name="grpo-feedback",
-    description="GRPO/RLOO on a reward model trained from feedback (plus the configured rewards) → gate",
-)
 def grpo_feedback_pipeline(config: str) -> str:
     return _with_a_reward_model(config, c.grpo)
 
 
-PIPELINES = {
-    "rlhf": rlhf_pipeline,
-    "dpo": dpo_pipeline,
-    "grpo": grpo_pipeline,
-    "grpo-feedback": grpo_feedback_pipeline,
+DAGS: dict[str, tuple[Callable[[str], str], str]] = {
+    "rlhf": (rlhf_pipeline, "RLHF: prompts → candidates → feedback → reward model → PPO → gate"),
+    "dpo": (dpo_pipeline, "DPO: prompts → candidates → feedback → DPO → gate"),
+    "grpo": (grpo_pipeline, "GRPO/RLOO: prompts → grpo (rewards on the policy's samples) → gate"),
+    "grpo-feedback": (
+        grpo_feedback_pipeline,
+        "GRPO/RLOO on a reward model trained from feedback (plus the configured rewards) → gate",
+    ),
 }
+
+
+def build(name: str, resources: Mapping[str, TaskResources] | None = None) -> Any:
+    """The KFP pipeline `name`, its tasks' pods sized by `resources` (the config's `resources` section)."""
+    dag, description = DAGS[name]
+    token = _resources.set(resources or {})
+    try:
+        return dsl.pipeline(name=name, description=description)(dag)  # builds the graph now
+    finally:
+        _resources.reset(token)
+
+
+PIPELINES = {name: build(name) for name in DAGS}

@@ -25,16 +25,17 @@ from rlhf_pipelines.config import PipelineConfig, with_absolute_paths
 log = logging.getLogger(__name__)
 
 
-def compile_pipeline(pipeline: str, output: str | Path) -> Path:
+def compile_pipeline(pipeline: str, output: str | Path, config: PipelineConfig | None = None) -> Path:
+    """KFP IR YAML of the DAG `pipeline`; with a config, its tasks' pods get the config's `resources`."""
     from kfp import compiler
 
-    from rlhf_pipelines.dag import PIPELINES
+    from rlhf_pipelines import dag
 
-    if pipeline not in PIPELINES:
-        raise UserError(f"unknown pipeline {pipeline!r}; available: {', '.join(sorted(PIPELINES))}")
+    if pipeline not in dag.DAGS:
+        raise UserError(f"unknown pipeline {pipeline!r}; available: {', '.join(sorted(dag.DAGS))}")
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(PIPELINES[pipeline], str(path))
+    compiler.Compiler().compile(dag.build(pipeline, config.resources if config else None), str(path))
     return path
 
 
@@ -203,7 +204,7 @@ def submit(config: PipelineConfig, host: str, experiment: str) -> str:
     _check_for_kubernetes(config)
     with tempfile.TemporaryDirectory() as temp, _kfp_client(host) as client:
         run = client.create_run_from_pipeline_package(
-            str(compile_pipeline(config.pipeline, Path(temp) / "pipeline.yaml")),
+            str(compile_pipeline(config.pipeline, Path(temp) / "pipeline.yaml", config)),
             arguments={"config": config.to_json()},
             run_name=f"{config.name}-{config.config_hash()}",
             experiment_name=experiment,
@@ -238,7 +239,7 @@ def schedule(config: PipelineConfig, host: str, cron: str, experiment: str, max_
             no_catchup=True,
             params={"config": config.to_json()},
             pipeline_package_path=str(
-                compile_pipeline(config.pipeline, Path(temp) / f"{config.pipeline}.yaml")
+                compile_pipeline(config.pipeline, Path(temp) / f"{config.pipeline}.yaml", config)
             ),
             enable_caching=False,
         )

@@ -18,6 +18,8 @@ from kfp import components
 from rlhf_pipelines import cli as cli_module
 from rlhf_pipelines.components import IMAGE
 
+from .test_config import demo_mapping
+
 TASKS = {
     "start-run",
     "collect-prompts",
@@ -280,3 +282,45 @@ def test_model_steps_request_the_gpus_given_at_compile_time(tmp_path: Path) -> N
 
 def test_without_rlhf_task_gpus_no_pod_requests_a_gpu(spec: dict[str, Any]) -> None:
     assert all("resources" not in e["container"] for e in spec["deploymentSpec"]["executors"].values())
+
+
+def test_the_configs_resources_size_each_tasks_pod(tmp_path: Path) -> None:
+    config = {
+        **demo_mapping(),
+        "resources": {
+            "ppo": {"cpu_request": "4", "cpu_limit": "8", "memory_request": "16Gi", "memory_limit": "24Gi"},
+            "collect_prompts": {"memory_limit": "2Gi"},
+        },
+    }
+    (tmp_path / "sized.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    done = run_cli(["compile", "--config", "sized.yaml", "-o", "sized-ir.yaml"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "compiled rlhf to" in done.stdout  # the config's DAG
+    compiled = next(yaml.safe_load_all((tmp_path / "sized-ir.yaml").read_text(encoding="utf-8")))
+    sized = {
+        name: executor["container"].get("resources", {})
+        for name, executor in compiled["deploymentSpec"]["executors"].items()
+    }
+    assert sized["exec-ppo"]["resourceCpuRequest"] == "4" and sized["exec-ppo"]["resourceCpuLimit"] == "8"
+    assert sized["exec-ppo"]["resourceMemoryRequest"] == "16Gi"
+    assert sized["exec-ppo"]["resourceMemoryLimit"] == "24Gi"
+    assert sized["exec-collect-prompts"] == {"resourceMemoryLimit": "2Gi", "memoryLimit": 2.147483648}
+    assert all(not sized[name] for name in sized if name not in ("exec-ppo", "exec-collect-prompts"))
+
+
+@pytest.mark.parametrize(
+    ("resources", "field"),
+    [
+        ({"ppo": {"memory_limit": "16GB"}}, "resources.ppo.memory_limit"),
+        ({"trainer": {"cpu_limit": "2"}}, "resources.trainer"),
+    ],
+)
+def test_a_bad_resources_entry_is_one_line_naming_the_field(
+    tmp_path: Path, resources: dict[str, Any], field: str
+) -> None:
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**demo_mapping(), "resources": resources}))
+    done = run_cli(["compile", "--config", "bad.yaml", "-o", "ir.yaml"], tmp_path)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert "bad.yaml" in line and field in line, line
+    assert not (tmp_path / "ir.yaml").exists()
