@@ -96,12 +96,16 @@ class PipelineConfig(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _pytorchjob_pods_can_reach_storage(self) -> PipelineConfig:
+    def _kubernetes_pods_can_reach_storage(self) -> PipelineConfig:
         for step in TRAINERS:
             section = getattr(self, step)
-            if section and section.launcher == "pytorchjob" and not storage.is_s3(self.storage_root):
+            if (
+                section
+                and section.launcher in ("trainjob", "pytorchjob")
+                and not storage.is_s3(self.storage_root)
+            ):
                 raise ValueError(
-                    f"{step}.launcher: pytorchjob pods read and write through storage_root, "
+                    f"{step}.launcher: {section.launcher} pods read and write through storage_root, "
                     f"which must be s3:// (it is {self.storage_root!r})"
                 )
         return self

@@ -1,7 +1,7 @@
-"""Run a trainer step with N workers on an existing engine: in this process, under torchrun, or as a
-Kubeflow Training Operator PyTorchJob. The step itself is unchanged: every worker runs its standalone
-command line (`python -m rlhf_components.<step> --config job.yaml`), joins the process group the engine set
-up, and rank 0 writes the outputs.
+"""Run a trainer step with N workers on an existing engine: in this process, under torchrun, as a Kubeflow
+Trainer v2 TrainJob, or as a Training Operator v1 PyTorchJob. The step itself is unchanged: every worker runs
+its standalone command line (`python -m rlhf_components.<step> --config job.yaml`), joins the process group
+the engine set up, and rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def launch(step: str, config: BaseModel, inputs: BaseModel, context: RunContext)
     if config.launcher == "local":
         if config.workers > 1:
             raise UserError(
-                f"{step}.workers: {config.workers} workers need launcher torchrun or pytorchjob, not local"
+                f"{step}.workers: {config.workers} workers need launcher torchrun, trainjob or pytorchjob, "
+                "not local"
             )
         return module.run(config, inputs, context)
     job = {
@@ -58,9 +59,10 @@ def launch(step: str, config: BaseModel, inputs: BaseModel, context: RunContext)
         with tempfile.TemporaryDirectory(prefix=f"rlhf-{step}-") as temp:
             outputs = run_torchrun(step, job, config, Path(temp))
     else:
-        from rlhf_components.distributed.pytorchjob import run_pytorchjob
+        from rlhf_components.distributed.kubernetes_job import run_job
 
-        outputs = run_pytorchjob(step, job, config, step_output(context, step, "distributed"))
+        kind = importlib.import_module(f"rlhf_components.distributed.{config.launcher}").KIND
+        outputs = run_job(kind, step, job, config, step_output(context, step, "distributed"))
     return module.Outputs.model_validate(outputs)
 
 

@@ -171,13 +171,15 @@ def test_rollout_batch_not_divisible_by_minibatches_names_the_field(tmp_path: Pa
     assert "63 % 4" in message
 
 
-def test_pytorchjob_without_s3_storage_names_the_step_and_the_file(tmp_path: Path) -> None:
-    path = demo_with(tmp_path / "pytorchjob.yaml", "ppo", "launcher", "pytorchjob")
+@pytest.mark.parametrize("launcher", ["trainjob", "pytorchjob"])
+def test_kubernetes_pods_without_s3_storage_name_the_step_and_the_file(tmp_path: Path, launcher: str) -> None:
+    path = demo_with(tmp_path / f"{launcher}.yaml", "ppo", "launcher", launcher)
     with pytest.raises(ConfigError) as raised:
         load_pipeline_config(path)
     message = str(raised.value)
     assert str(path) in message
-    assert "ppo.launcher: pytorchjob pods read and write through storage_root, which must be s3://" in message
+    expected = f"ppo.launcher: {launcher} pods read and write through storage_root, which must be s3://"
+    assert expected in message
 
 
 def test_a_dpo_pipeline_cannot_gate_on_a_reward_model_it_does_not_train(tmp_path: Path) -> None:

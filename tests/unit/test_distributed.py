@@ -223,7 +223,7 @@ def test_worker_counts_the_data_cannot_feed_are_config_errors() -> None:
         ppo.Config(rollout_batch_size=8, num_minibatches=4, workers=4)
     with pytest.raises(ValueError, match=r"batch_size \(2\) must be at least workers"):
         train_reward_model.Config(batch_size=2, workers=4)
-    with pytest.raises(UserError, match="need launcher torchrun or pytorchjob"):
+    with pytest.raises(UserError, match="need launcher torchrun, trainjob or pytorchjob"):
         launch(
             "ppo",
             ppo.Config(workers=2),
