@@ -1,4 +1,5 @@
-"""The KFP components: one line each, calling `rlhf_pipelines.steps` inside the project image.
+"""The KFP components: each calls `rlhf_pipelines.steps` inside the project image, and leaves its KFP
+artifacts (`rlhf_pipelines.artifacts`) beside its JSON output.
 
 Lightweight components (not container components) so that `kfp.local`'s SubprocessRunner can run the same
 DAG; `base_image` is the project image, which already has this package installed.
@@ -53,10 +54,13 @@ def start_run(config: str) -> str:
 
 
 @_component
-def collect_prompts(config: str, run: str) -> str:
+def collect_prompts(config: str, run: str, prompt_dataset: dsl.Output[dsl.Dataset]) -> str:
+    from rlhf_pipelines import artifacts
     from rlhf_pipelines.steps import run_collect_prompts
 
-    return run_collect_prompts(config, run)
+    outputs = run_collect_prompts(config, run)
+    artifacts.describe_dataset(outputs, prompt_dataset)
+    return outputs
 
 
 @_component
@@ -67,51 +71,90 @@ def generate_candidates(config: str, run: str, prompts: str) -> str:
 
 
 @_component
-def ingest_feedback(config: str, run: str, candidates: str) -> str:
+def ingest_feedback(
+    config: str, run: str, candidates: str, preference_dataset: dsl.Output[dsl.Dataset]
+) -> str:
+    from rlhf_pipelines import artifacts
     from rlhf_pipelines.steps import run_ingest_feedback
 
-    return run_ingest_feedback(config, run, candidates)
+    outputs = run_ingest_feedback(config, run, candidates)
+    artifacts.describe_dataset(outputs, preference_dataset)
+    return outputs
 
 
 @_component
-def train_reward_model(config: str, run: str, feedback: str) -> str:
+def train_reward_model(config: str, run: str, feedback: str, reward_model: dsl.Output[dsl.Model]) -> str:
+    from rlhf_pipelines import artifacts
     from rlhf_pipelines.steps import run_train_reward_model
 
-    return run_train_reward_model(config, run, feedback)
+    outputs = run_train_reward_model(config, run, feedback)
+    artifacts.trained_model(outputs, "reward_model", reward_model)
+    return outputs
 
 
 @_component
-def ppo(config: str, run: str, prompts: str, reward: str) -> str:
+def ppo(config: str, run: str, prompts: str, reward: str, policy: dsl.Output[dsl.Model]) -> str:
+    from rlhf_pipelines import artifacts
     from rlhf_pipelines.steps import run_ppo
 
-    return run_ppo(config, run, prompts, reward)
+    outputs = run_ppo(config, run, prompts, reward)
+    artifacts.trained_model(outputs, "policy", policy)
+    return outputs
 
 
 @_component
-def dpo(config: str, run: str, feedback: str) -> str:
+def dpo(config: str, run: str, feedback: str, policy: dsl.Output[dsl.Model]) -> str:
+    from rlhf_pipelines import artifacts
     from rlhf_pipelines.steps import run_dpo
 
-    return run_dpo(config, run, feedback)
+    outputs = run_dpo(config, run, feedback)
+    artifacts.trained_model(outputs, "policy", policy)
+    return outputs
 
 
 @_component
-def grpo(config: str, run: str, prompts: str, reward: str) -> str:
+def grpo(config: str, run: str, prompts: str, reward: str, policy: dsl.Output[dsl.Model]) -> str:
+    from rlhf_pipelines import artifacts
     from rlhf_pipelines.steps import run_grpo
 
-    return run_grpo(config, run, prompts, reward)
+    outputs = run_grpo(config, run, prompts, reward)
+    artifacts.trained_model(outputs, "policy", policy)
+    return outputs
 
 
 @_component
-def evaluate(config: str, run: str, prompts: str, reward: str, policy: str) -> str:
+def evaluate(
+    config: str,
+    run: str,
+    prompts: str,
+    reward: str,
+    policy: str,
+    metrics: dsl.Output[dsl.Metrics],
+    report: dsl.Output[dsl.HTML],
+) -> str:
+    from rlhf_pipelines import artifacts
     from rlhf_pipelines.steps import run_evaluate
 
-    return run_evaluate(config, run, prompts, reward, policy)
+    outputs = run_evaluate(config, run, prompts, reward, policy)
+    artifacts.evaluation(outputs, metrics, report)
+    return outputs
 
 
 @_component
 def register_and_promote(
-    config: str, run: str, prompts: str, feedback: str, reward: str, policy: str, evaluation: str
+    config: str,
+    run: str,
+    prompts: str,
+    feedback: str,
+    reward: str,
+    policy: str,
+    evaluation: str,
+    decision: dsl.Output[dsl.Markdown],
+    registered_policy: dsl.Output[dsl.Model],
 ) -> str:
+    from rlhf_pipelines import artifacts
     from rlhf_pipelines.steps import run_register_and_promote
 
-    return run_register_and_promote(config, run, prompts, feedback, reward, policy, evaluation)
+    outputs = run_register_and_promote(config, run, prompts, feedback, reward, policy, evaluation)
+    artifacts.decision(outputs, decision, registered_policy)
+    return outputs

@@ -16,6 +16,12 @@ from kfp.dsl import PipelineTask as Task
 from rlhf_pipelines import components as c
 from rlhf_pipelines.config import TaskResources
 
+
+def _json(task: Task) -> Any:
+    """A task's JSON output (tasks that also leave KFP artifacts have several outputs)."""
+    return task.outputs["Output"]
+
+
 NONE = "null"
 """An upstream output a pipeline does not have (DPO's and GRPO's reward model, GRPO's feedback)."""
 
@@ -23,9 +29,9 @@ NONE = "null"
 def _preferences(config: str) -> tuple[Task, Task, Task, Task]:
     """start_run → collect_prompts → generate_candidates (from the champion) → ingest_feedback."""
     run = c.start_run(config=config).set_retry(2)
-    prompts = c.collect_prompts(config=config, run=run.output)
-    candidates = c.generate_candidates(config=config, run=run.output, prompts=prompts.output)
-    feedback = c.ingest_feedback(config=config, run=run.output, candidates=candidates.output)
+    prompts = c.collect_prompts(config=config, run=_json(run))
+    candidates = c.generate_candidates(config=config, run=_json(run), prompts=_json(prompts))
+    feedback = c.ingest_feedback(config=config, run=_json(run), candidates=_json(candidates))
     return run, prompts, candidates, feedback
 
 
@@ -34,16 +40,16 @@ def _evaluate_and_gate(
 ) -> tuple[Task, Task]:
     """evaluate (vs SFT and champion) → register_and_promote (lineage, aliases, evidence gate)."""
     evaluation = c.evaluate(
-        config=config, run=run.output, prompts=prompts.output, reward=reward, policy=policy.output
+        config=config, run=_json(run), prompts=_json(prompts), reward=reward, policy=_json(policy)
     )
     registered = c.register_and_promote(
         config=config,
-        run=run.output,
-        prompts=prompts.output,
+        run=_json(run),
+        prompts=_json(prompts),
         feedback=feedback,
         reward=reward,
-        policy=policy.output,
-        evaluation=evaluation.output,
+        policy=_json(policy),
+        evaluation=_json(evaluation),
     ).set_retry(2)
     return evaluation, registered
 
@@ -83,14 +89,14 @@ def _for_kfp(tasks: tuple[Task, ...], model_tasks: tuple[Task, ...]) -> None:
 def _with_a_reward_model(config: str, trainer: Any) -> Any:
     """preferences → train_reward_model → `trainer` (ppo or grpo) on that reward model → evaluate → gate."""
     run, prompts, candidates, feedback = _preferences(config)
-    reward = c.train_reward_model(config=config, run=run.output, feedback=feedback.output).set_retry(2)
-    policy = trainer(config=config, run=run.output, prompts=prompts.output, reward=reward.output).set_retry(2)
-    evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback.output, reward.output, policy)
+    reward = c.train_reward_model(config=config, run=_json(run), feedback=_json(feedback)).set_retry(2)
+    policy = trainer(config=config, run=_json(run), prompts=_json(prompts), reward=_json(reward)).set_retry(2)
+    evaluation, registered = _evaluate_and_gate(config, run, prompts, _json(feedback), _json(reward), policy)
     _for_kfp(
         (run, prompts, candidates, feedback, reward, policy, evaluation, registered),
         (candidates, reward, policy, evaluation),
     )
-    return registered.output
+    return _json(registered)
 
 
 def rlhf_pipeline(config: str) -> str:
@@ -99,21 +105,21 @@ def rlhf_pipeline(config: str) -> str:
 
 def dpo_pipeline(config: str) -> str:
     run, prompts, candidates, feedback = _preferences(config)
-    policy = c.dpo(config=config, run=run.output, feedback=feedback.output).set_retry(2)
-    evaluation, registered = _evaluate_and_gate(config, run, prompts, feedback.output, NONE, policy)
+    policy = c.dpo(config=config, run=_json(run), feedback=_json(feedback)).set_retry(2)
+    evaluation, registered = _evaluate_and_gate(config, run, prompts, _json(feedback), NONE, policy)
     _for_kfp(
         (run, prompts, candidates, feedback, policy, evaluation, registered), (candidates, policy, evaluation)
     )
-    return registered.output
+    return _json(registered)
 
 
 def grpo_pipeline(config: str) -> str:
     run = c.start_run(config=config).set_retry(2)
-    prompts = c.collect_prompts(config=config, run=run.output)
-    policy = c.grpo(config=config, run=run.output, prompts=prompts.output, reward=NONE).set_retry(2)
+    prompts = c.collect_prompts(config=config, run=_json(run))
+    policy = c.grpo(config=config, run=_json(run), prompts=_json(prompts), reward=NONE).set_retry(2)
     evaluation, registered = _evaluate_and_gate(config, run, prompts, NONE, NONE, policy)
     _for_kfp((run, prompts, policy, evaluation, registered), (policy, evaluation))
-    return registered.output
+    return _json(registered)
 
 
 def grpo_feedback_pipeline(config: str) -> str:

@@ -98,4 +98,5 @@ class Inputs(StrictModel):
 
 class Outputs(StrictModel):
     report: str
+    report_html: str
     metrics: dict[str, float]

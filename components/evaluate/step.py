@@ -317,9 +317,11 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
         )
         reference_scores = judged["reference"].rm or judged["reference"].gold
         score_name = "reward-model score (normalised)" if candidate.rm else "gold judge score"
-        _log_report(metrics, examples, candidate.rm or candidate.gold, reference_scores, score_name)
+        page = _log_report(metrics, examples, candidate.rm or candidate.gold, reference_scores, score_name)
+        page_uri = step_output(context, "evaluate", "report.html")
+        storage.write_text(page_uri, page)
         log.info("evaluate: %s", {k: round(v, 4) for k, v in metrics.items()})
-        return Outputs(report=report_uri, metrics=metrics)
+        return Outputs(report=report_uri, report_html=page_uri, metrics=metrics)
 
 
 def _log_report(
@@ -328,7 +330,12 @@ def _log_report(
     candidate_scores: list[float],
     reference_scores: list[float],
     score_name: str,
-) -> None:
+) -> str:
+    """The report, logged to MLflow as Markdown with its plot beside it and as one self-contained HTML page
+    (the plot inline), which it returns."""
+    import base64
+    import html
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -357,4 +364,22 @@ def _log_report(
             ]
         report = Path(temp, "report.md")
         report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        image = base64.b64encode(plot.read_bytes()).decode("ascii")
+        rows = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in sorted(metrics.items())
+        )
+        shown = "".join(
+            f"<li><b>prompt</b>: {html.escape(str(e['prompt']))}<ul>"
+            f"<li>candidate: {html.escape(str(e['candidate']))}</li>"
+            f"<li>reference: {html.escape(str(e['reference']))}</li></ul></li>"
+            for e in examples
+        )
+        page = (
+            '<!DOCTYPE html><html><head><meta charset="utf-8"><title>Evaluation report</title></head><body>'
+            f"<h1>Evaluation report</h1><table><tr><th>metric</th><th>value</th></tr>{rows}</table>"
+            f'<img alt="reward distribution" src="data:image/png;base64,{image}">'
+            f"<h2>Examples</h2><ul>{shown}</ul></body></html>\n"
+        )
+        Path(temp, "report.html").write_text(page, encoding="utf-8")
         mlflow.log_artifacts(temp, artifact_path="evaluation")
+    return page

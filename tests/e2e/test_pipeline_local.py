@@ -119,6 +119,22 @@ def test_rlhf_run_executes_the_dag_and_registers_models(tiny_assets: DemoAssets,
     labels = list((tmp_path / "inbox" / "labels").glob("simulated-*.jsonl"))
     assert len(labels) == 1 and '"simulated": true' in labels[0].read_text()
 
+    # The KFP artifacts beside the JSON outputs: what the KFP UI shows of the run.
+    [tasks] = list((tmp_path / "kfp-local").glob("rlhf-*"))
+    decision = (tasks / "register-and-promote" / "decision").read_text()
+    assert decision.startswith("# Gate: promoted to production") and "| policy | tiny-policy |" in decision
+    registered = json.loads((tasks / "register-and-promote" / "registered_policy").read_text())
+    assert registered["uri"] == f"models:/tiny-policy/{policy['version']}"
+    evaluated = json.loads((tasks / "evaluate" / "executor_output.json").read_text())["artifacts"]
+    [metrics] = evaluated["metrics"]["artifacts"]
+    assert metrics["metadata"]["gold_win_rate"] == summary["gold_win_rate"]
+    page = (tasks / "evaluate" / "report").read_text()
+    assert page.startswith("<!DOCTYPE html>") and 'src="data:image/png;base64,' in page
+    [prompts] = json.loads((tasks / "collect-prompts" / "executor_output.json").read_text())["artifacts"][
+        "prompt_dataset"
+    ]["artifacts"]
+    assert prompts["metadata"]["content_hash"] == version.tags["rlhf.prompts_hash"]
+
 
 def test_rlhf_run_of_the_dpo_pipeline_registers_the_dpo_policy(
     tiny_assets: DemoAssets, tmp_path: Path

@@ -324,3 +324,26 @@ def test_a_bad_resources_entry_is_one_line_naming_the_field(
     [line] = done.stderr.strip().splitlines()
     assert "bad.yaml" in line and field in line, line
     assert not (tmp_path / "ir.yaml").exists()
+
+
+def test_each_task_leaves_typed_artifacts_for_the_kfp_ui(spec: dict[str, Any]) -> None:
+    leaves = {
+        name: {
+            output: definition["artifactType"]["schemaTitle"]
+            for output, definition in spec["components"][task["componentRef"]["name"]]
+            .get("outputDefinitions", {})
+            .get("artifacts", {})
+            .items()
+        }
+        for name, task in _tasks(spec).items()
+    }
+    assert leaves == {
+        "start-run": {},
+        "collect-prompts": {"prompt_dataset": "system.Dataset"},
+        "generate-candidates": {},
+        "ingest-feedback": {"preference_dataset": "system.Dataset"},
+        "train-reward-model": {"reward_model": "system.Model"},
+        "ppo": {"policy": "system.Model"},
+        "evaluate": {"metrics": "system.Metrics", "report": "system.HTML"},
+        "register-and-promote": {"decision": "system.Markdown", "registered_policy": "system.Model"},
+    }
