@@ -12,10 +12,8 @@ answers is not the KL PPO bounded.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
@@ -31,6 +29,7 @@ from rlhf_components.core.runtime import seed_everything, seeded_generator, sele
 from rlhf_components.core.step import step_output
 from rlhf_components.core.tracking import RunContext, log_metrics, step_run
 from rlhf_components.demo.judge import Judge, resolve_judge
+from rlhf_components.evaluate import report
 from rlhf_components.evaluate.config import Config, Inputs, Outputs
 from rlhf_components.evaluate.judge import PairwiseJudge
 
@@ -241,6 +240,8 @@ def _examples(prompts: list[PromptRow], candidate: Judged, reference: Judged) ->
 
 
 def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
+    import mlflow
+
     with step_run(context, "evaluate", config):
         device = select_device(config.device, "evaluate")
         generator = seed_everything(context.seed + 1)  # bootstrap resampling, on the CPU
@@ -315,71 +316,44 @@ def run(config: Config, inputs: Inputs, context: RunContext) -> Outputs:
                 "gold_judge": config.gold_judge,
             },
         )
-        reference_scores = judged["reference"].rm or judged["reference"].gold
+        reference = judged["reference"]
         score_name = "reward-model score (normalised)" if candidate.rm else "gold judge score"
-        page = _log_report(metrics, examples, candidate.rm or candidate.gold, reference_scores, score_name)
+        trainer, history = _trainer_history(context)
+        page = report.render(
+            metrics,
+            examples,
+            (candidate.rm or candidate.gold, reference.rm or reference.gold),
+            (candidate.answers.lengths, reference.answers.lengths),
+            score_name,
+            history,
+            trainer,
+        )
+        mlflow.log_text(page, "evaluation/report.html")
         page_uri = step_output(context, "evaluate", "report.html")
         storage.write_text(page_uri, page)
         log.info("evaluate: %s", {k: round(v, 4) for k, v in metrics.items()})
         return Outputs(report=report_uri, report_html=page_uri, metrics=metrics)
 
 
-def _log_report(
-    metrics: dict[str, float],
-    examples: list[dict[str, str | float]],
-    candidate_scores: list[float],
-    reference_scores: list[float],
-    score_name: str,
-) -> str:
-    """The report, logged to MLflow as Markdown with its plot beside it and as one self-contained HTML page
-    (the plot inline), which it returns."""
-    import base64
-    import html
+TRAINERS = ("ppo", "dpo", "grpo")
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _trainer_history(context: RunContext) -> tuple[str | None, dict[str, list[tuple[int, float]]]]:
+    """The step that trained the candidate in this pipeline run, and its metrics' histories from MLflow."""
     import mlflow
 
-    with tempfile.TemporaryDirectory() as temp:
-        figure, axis = plt.subplots(figsize=(6, 4))
-        axis.hist(reference_scores, bins=20, alpha=0.6, label="reference (SFT)")
-        axis.hist(candidate_scores, bins=20, alpha=0.6, label="candidate")
-        axis.set_xlabel(score_name)
-        axis.set_ylabel("responses")
-        axis.legend()
-        figure.tight_layout()
-        plot = Path(temp, "reward_distribution.png")
-        figure.savefig(plot, dpi=100)
-        plt.close(figure)
-        lines = ["# Evaluation report", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {value:.4f} |" for key, value in sorted(metrics.items())]
-        lines += ["", "![reward distribution](reward_distribution.png)", "", "## Examples", ""]
-        for example in examples:
-            lines += [
-                f"- **prompt**: {example['prompt']}",
-                f"  - candidate: {example['candidate']}",
-                f"  - reference: {example['reference']}",
-            ]
-        report = Path(temp, "report.md")
-        report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        image = base64.b64encode(plot.read_bytes()).decode("ascii")
-        rows = "".join(
-            f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in sorted(metrics.items())
-        )
-        shown = "".join(
-            f"<li><b>prompt</b>: {html.escape(str(e['prompt']))}<ul>"
-            f"<li>candidate: {html.escape(str(e['candidate']))}</li>"
-            f"<li>reference: {html.escape(str(e['reference']))}</li></ul></li>"
-            for e in examples
-        )
-        page = (
-            '<!DOCTYPE html><html><head><meta charset="utf-8"><title>Evaluation report</title></head><body>'
-            f"<h1>Evaluation report</h1><table><tr><th>metric</th><th>value</th></tr>{rows}</table>"
-            f'<img alt="reward distribution" src="data:image/png;base64,{image}">'
-            f"<h2>Examples</h2><ul>{shown}</ul></body></html>\n"
-        )
-        Path(temp, "report.html").write_text(page, encoding="utf-8")
-        mlflow.log_artifacts(temp, artifact_path="evaluation")
-    return page
+    client = mlflow.MlflowClient()
+    parent = client.get_run(context.parent_run_id)
+    trained = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{context.parent_run_id}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in trained:
+        step = run.data.tags.get("rlhf.step")
+        if step in TRAINERS:
+            return step, {
+                key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+                for key in run.data.metrics
+            }
+    return None, {}

@@ -130,6 +130,7 @@ def test_rlhf_run_executes_the_dag_and_registers_models(tiny_assets: DemoAssets,
     assert metrics["metadata"]["gold_win_rate"] == summary["gold_win_rate"]
     page = (tasks / "evaluate" / "report").read_text()
     assert page.startswith("<!DOCTYPE html>") and 'src="data:image/png;base64,' in page
+    assert "Training curves (ppo)" in page  # read back from the PPO step's MLflow run
     [prompts] = json.loads((tasks / "collect-prompts" / "executor_output.json").read_text())["artifacts"][
         "prompt_dataset"
     ]["artifacts"]

@@ -133,17 +133,17 @@ def test_policy_against_itself(
     assert run.data.metrics["kl"] == pytest.approx(metrics["kl"])
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert artifacts == {"evaluation/report.md", "evaluation/reward_distribution.png"}
+    assert artifacts == {"evaluation/report.html"}
     local = Path(
         mlflow.artifacts.download_artifacts(
             run_id=run.info.run_id, artifact_path="evaluation", dst_path=str(tmp_path / "download")
         )
     )
-    assert (local / "reward_distribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    markdown = (local / "report.md").read_text(encoding="utf-8")
-    assert markdown.startswith("# Evaluation report")
-    assert "| gold_win_rate |" in markdown
-    assert "reward_distribution.png" in markdown
+    page = (local / "report.html").read_text(encoding="utf-8")
+    assert page == Path(outputs.report_html).read_text(encoding="utf-8")  # the KFP HTML artifact's source
+    assert "<td>gold_win_rate</td>" in page and "Win rates (95% bootstrap intervals)" in page
+    # No trainer ran in this pipeline run: the page says so rather than plotting nothing.
+    assert "No training run of this pipeline run was found." in page
 
 
 def test_rerun_is_reproducible(
