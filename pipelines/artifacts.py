@@ -47,8 +47,9 @@ def evaluation(outputs_json: str, metrics: Any, report: Any) -> None:
     _write(report, storage.read_text(outputs["report_html"]))
 
 
-def decision(outputs_json: str, markdown: Any, policy: Any) -> None:
-    """register_and_promote's gate decision as Markdown, and the registered policy's model version."""
+def decision(outputs_json: str, markdown: Any, policy: Any, reward_model: Any) -> None:
+    """register_and_promote's gate decision as Markdown, and the registered models' versions (a pipeline
+    that trains no reward model says so in that artifact)."""
     outputs = json.loads(outputs_json)
     verdict = "promoted to production" if outputs["promoted"] else "not promoted"
     lines = [f"# Gate: {verdict}", "", *[f"- {reason}" for reason in outputs["reasons"]], ""]
@@ -56,12 +57,17 @@ def decision(outputs_json: str, markdown: Any, policy: Any) -> None:
     for role, entry in outputs["registered"].items():
         lines.append(f"| {role} | {entry['name']} | {entry['version']} | {', '.join(entry['aliases'])} |")
     _write(markdown, "\n".join(lines) + "\n")
-    registered = outputs["registered"]["policy"]
-    describe_model(
-        f"models:/{registered['name']}/{registered['version']}",
-        policy,
-        registered_model=registered["name"],
-        model_version=registered["version"],
-        aliases=registered["aliases"],
-        promoted=outputs["promoted"],
-    )
+    for role, artifact in (("policy", policy), ("reward_model", reward_model)):
+        entry = outputs["registered"].get(role)
+        if entry is None:
+            _write(artifact, "{}\n")
+            artifact.metadata["registered"] = False
+            continue
+        describe_model(
+            f"models:/{entry['name']}/{entry['version']}",
+            artifact,
+            registered_model=entry["name"],
+            model_version=entry["version"],
+            aliases=entry["aliases"],
+            promoted=outputs["promoted"],
+        )

@@ -151,10 +151,11 @@ def register_and_promote(
     evaluation: str,
     decision: dsl.Output[dsl.Markdown],
     registered_policy: dsl.Output[dsl.Model],
+    registered_reward_model: dsl.Output[dsl.Model],
 ) -> str:
     from rlhf_pipelines import artifacts
     from rlhf_pipelines.steps import run_register_and_promote
 
     outputs = run_register_and_promote(config, run, prompts, feedback, reward, policy, evaluation)
-    artifacts.decision(outputs, decision, registered_policy)
+    artifacts.decision(outputs, decision, registered_policy, registered_reward_model)
     return outputs

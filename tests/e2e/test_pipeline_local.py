@@ -125,6 +125,8 @@ def test_rlhf_run_executes_the_dag_and_registers_models(tiny_assets: DemoAssets,
     assert decision.startswith("# Gate: promoted to production") and "| policy | tiny-policy |" in decision
     registered = json.loads((tasks / "register-and-promote" / "registered_policy").read_text())
     assert registered["uri"] == f"models:/tiny-policy/{policy['version']}"
+    registered = json.loads((tasks / "register-and-promote" / "registered_reward_model").read_text())
+    assert (registered["registered_model"], registered["model_version"]) == ("tiny-rm", reward["version"])
     evaluated = json.loads((tasks / "evaluate" / "executor_output.json").read_text())["artifacts"]
     [metrics] = evaluated["metrics"]["artifacts"]
     assert metrics["metadata"]["gold_win_rate"] == summary["gold_win_rate"]

@@ -345,5 +345,9 @@ def test_each_task_leaves_typed_artifacts_for_the_kfp_ui(spec: dict[str, Any]) -
         "train-reward-model": {"reward_model": "system.Model"},
         "ppo": {"policy": "system.Model"},
         "evaluate": {"metrics": "system.Metrics", "report": "system.HTML"},
-        "register-and-promote": {"decision": "system.Markdown", "registered_policy": "system.Model"},
+        "register-and-promote": {
+            "decision": "system.Markdown",
+            "registered_policy": "system.Model",
+            "registered_reward_model": "system.Model",
+        },
     }
