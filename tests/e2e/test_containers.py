@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TEST_IMAGE = "localhost/rlhf-pipelines:test"
 BASE_IMAGE = "localhost/rlhf-base:bookworm"
 IMAGE_SIZE_TARGET = 1.6e9
+BUILT_FROM: list[str] = []  # `git describe` of the tree the test image was built from
 
 
 def _unavailable(reason: str) -> None:
@@ -83,6 +84,8 @@ def project_image(podman_socket: str) -> str:
             _unavailable(f"there is no base image {BASE_IMAGE} and no debootstrap to make it")
         made = subprocess.run(["make", "base-image"], cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    described = ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=40"]
+    BUILT_FROM.append(subprocess.run(described, capture_output=True, text=True, check=True).stdout.strip())
     built = subprocess.run(
         ["make", "images", f"RLHF_IMAGE={TEST_IMAGE}"], cwd=ROOT, capture_output=True, text=True, timeout=1800
     )
@@ -98,10 +101,8 @@ def test_the_image_is_small_and_runs_the_cli_and_a_step_as_any_user(
     assert size < IMAGE_SIZE_TARGET, f"{size / 1e9:.2f} GB"
     assert _podman("run", "--rm", project_image, "pip", "--version").returncode != 0  # no pip in the image
 
-    described = ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=40"]
-    commit = subprocess.run(described, capture_output=True, text=True, check=True).stdout.strip()
     baked = _podman("run", "--rm", project_image, "printenv", "RLHF_GIT_SHA").stdout.strip()
-    assert baked == commit  # what rlhf.git_sha records for runs in the image
+    assert baked == BUILT_FROM[-1]  # what rlhf.git_sha records for runs in the image
 
     shown = _podman("run", "--rm", project_image)  # the default command: `rlhf --help`
     assert shown.returncode == 0 and "Usage: rlhf" in shown.stdout and "run" in shown.stdout, shown.stderr
@@ -175,7 +176,7 @@ def _registry_state(root: Path, run_id: str) -> dict[str, Any]:
             tags = {
                 key: re.sub(r"^\d{4}-\d\d-\d\dT[\d:+]+ ", "", value)
                 for key, value in version.tags.items()
-                if key not in ("rlhf.pipeline_run_id", "rlhf.config_hash")
+                if key not in ("rlhf.pipeline_run_id", "rlhf.config_hash", "rlhf.git_sha")
             }
             versions[version.version] = (version.status, tags)
         state[model.name] = {"aliases": dict(model.aliases), "versions": versions}
@@ -201,6 +202,11 @@ def test_the_demo_dag_in_containers_registers_what_the_subprocess_runner_does(
     )
     unnamed = [{k: v for k, v in s.items() if k != "pipeline_run_id"} for s in summaries.values()]
     assert unnamed[0] == unnamed[1]
+    # Code versions differ only if the tree changed after the image was built: each records its own.
+    registered = mlflow.MlflowClient(f"sqlite:///{in_containers / 'mlflow.db'}").get_model_version(
+        "tiny-policy", "1"
+    )
+    assert registered.tags["rlhf.git_sha"] == BUILT_FROM[-1]
     # The steps wrote the host's folders, as the host user.
     policy = next((in_containers / "outputs").glob("*/ppo/policy/model.safetensors"))
     assert policy.stat().st_uid == os.getuid()
