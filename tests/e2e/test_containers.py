@@ -27,7 +27,7 @@ import yaml
 from rlhf_components.demo import DemoAssets
 
 from .test_interrupts import TRAINING_WORKER, _left_running, _statuses
-from .test_pipeline_local import tiny_pipeline_config
+from .test_pipeline_local import failing_feedback_config, tiny_pipeline_config
 
 pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.e2e]
 
@@ -217,12 +217,7 @@ def test_a_step_failing_in_its_container_fails_the_run_with_its_error_line(
     docker_host: None, tiny_assets: DemoAssets, tmp_path: Path
 ) -> None:
     """Against unpatched kfp 2.17 under podman the failed task is reported SUCCESS."""
-    config = tiny_pipeline_config(tiny_assets, tmp_path)
-    config["ingest_feedback"] = {"simulated_annotator": "demo-gold-sentiment", "max_invalid_fraction": 0.0}
-    labels = tmp_path / "inbox" / "labels"
-    labels.mkdir(parents=True)
-    (labels / "bad.jsonl").write_text('{"broken\n', encoding="utf-8")
-    done = _rlhf_run(config, tmp_path, "--runner", "docker")
+    done = _rlhf_run(failing_feedback_config(tiny_assets, tmp_path), tmp_path, "--runner", "docker")
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: pipeline tiny failed at step ingest_feedback:"), last

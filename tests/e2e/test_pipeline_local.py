@@ -196,14 +196,21 @@ def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
+def failing_feedback_config(assets: DemoAssets, root: Path) -> dict[str, object]:
+    """The tiny config with a broken label file in its inbox and no invalid record allowed: ingest_feedback
+    fails."""
+    config = tiny_pipeline_config(assets, root)
+    config["ingest_feedback"] = {"simulated_annotator": "demo-gold-sentiment", "max_invalid_fraction": 0.0}
+    labels = root / "inbox" / "labels"
+    labels.mkdir(parents=True)
+    (labels / "bad.jsonl").write_text('{"broken\n', encoding="utf-8")
+    return config
+
+
 def test_failing_step_ends_in_one_line_and_a_failed_parent_run(
     tiny_assets: DemoAssets, tmp_path: Path
 ) -> None:
-    config = tiny_pipeline_config(tiny_assets, tmp_path)
-    config["ingest_feedback"] = {"simulated_annotator": "demo-gold-sentiment", "max_invalid_fraction": 0.0}
-    labels = tmp_path / "inbox" / "labels"
-    labels.mkdir(parents=True)
-    (labels / "bad.jsonl").write_text('{"broken\n', encoding="utf-8")
+    config = failing_feedback_config(tiny_assets, tmp_path)
     config_path = tmp_path / "failing.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     done = rlhf_run(config_path, tmp_path)

@@ -6,6 +6,7 @@ runs as KFP's driver does, on a sqlite store, and sets the variables as the driv
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -43,15 +44,20 @@ def all_runs(uri: str) -> list[mlflow.entities.Run]:
     return list(client.search_runs(experiments))
 
 
-def test_start_and_the_steps_record_in_the_runs_kfp_made(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def started_by_kfp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str, dict[str, str], Any]:
+    """(tracking URI, KFP's pipeline run, its task runs, the run context start_run made in its task run)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     root, nested = kfp_made_runs(uri)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-
     monkeypatch.setenv("MLFLOW_RUN_ID", nested["start-run"])
     context = steps.Started.model_validate_json(steps.start(pipeline_config(tmp_path))).context
+    return uri, root, nested, context
+
+
+def test_start_and_the_steps_record_in_the_runs_kfp_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri, root, nested, context = started_by_kfp(tmp_path, monkeypatch)
     assert context.parent_run_id == root
     pipeline_run = mlflow.MlflowClient(uri).get_run(root)
     assert (
@@ -75,11 +81,7 @@ def test_start_and_the_steps_record_in_the_runs_kfp_made(
 def test_a_failing_step_marks_the_run_kfp_made_for_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _, nested = kfp_made_runs(uri)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_RUN_ID", nested["start-run"])
-    context = steps.Started.model_validate_json(steps.start(pipeline_config(tmp_path))).context
+    uri, _, nested, context = started_by_kfp(tmp_path, monkeypatch)
     monkeypatch.setenv("MLFLOW_RUN_ID", nested["collect-prompts"])
     with (
         pytest.raises(RuntimeError, match="no prompts"),
