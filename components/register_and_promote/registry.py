@@ -93,7 +93,9 @@ def _production_lock(name: str) -> Iterator[None]:
             )
             break
         except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            # The SQL store answers a duplicate name by reading the holder's lock; a holder that released it
+            # in between turns that into RESOURCE_DOES_NOT_EXIST. Both mean "taken just now": try again.
+            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         age = _age_seconds(lock)
         if age is not None and age > LOCK_STALE_S:

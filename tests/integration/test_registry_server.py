@@ -287,3 +287,28 @@ def test_a_held_lock_is_waited_for_then_one_line_and_a_stale_one_is_taken_over(
     registry.promote(name, "1", "production")
     assert registry.alias_version(name, "production") == "1" and registry.production_history(name) == ["1"]
     assert not mlflow.MlflowClient().search_registered_models(f"name = '{name}.rlhf-lock'")
+
+
+def test_a_lock_released_while_the_server_checks_it_is_taken_on_the_next_try(
+    server: MlflowServer, registered: tuple[str, list[str], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SQL store answers a duplicate name by reading the existing model; when the holder releases the lock
+    in between, the create fails with RESOURCE_DOES_NOT_EXIST. Replayed here with the server's own answer."""
+    name = _copy_versions(registered[0], 1)
+    lock = f"{name}.rlhf-lock"
+    create = mlflow.MlflowClient.create_registered_model
+    raced = []
+
+    def create_after_a_release(self: mlflow.MlflowClient, model: str, *args: Any, **kwargs: Any) -> Any:
+        if model == lock and not raced:
+            raced.append(model)
+            create(self, model)  # another holder's lock ...
+            self.delete_registered_model(model)  # ... released before the server reads it back
+            self.get_registered_model(model)  # the server's answer: RESOURCE_DOES_NOT_EXIST
+        return create(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "create_registered_model", create_after_a_release)
+    registry.promote(name, "1", "production")
+    assert raced == [lock]
+    assert registry.alias_version(name, "production") == "1" and registry.production_history(name) == ["1"]
+    assert not mlflow.MlflowClient().search_registered_models(f"name = '{name}.rlhf-lock'")
